@@ -1,0 +1,128 @@
+"""The command line: parses arguments, calls the API, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from deadrelu.errors import DeadReluError, ExitCode, UsageError
+from deadrelu.judge import Thresholds
+from deadrelu.outputs import write_atomic
+from deadrelu.report import ScanReport
+from deadrelu.scan import ScanOptions, scan
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Find dead ReLU units in trained neural networks.")
+
+
+@app.callback()
+def _root() -> None:
+    """Find dead ReLU units in trained neural networks."""
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Known errors become one line on stderr and exit 2; never a traceback (unless DEADRELU_DEBUG=1)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except DeadReluError as exc:
+        _fail(str(exc), exc, exc.exit_code)
+    except KeyboardInterrupt as exc:
+        _fail("interrupted", exc, ExitCode.INTERRUPTED)
+    except Exception as exc:  # a bug of ours: still one line, exit 2
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set DEADRELU_DEBUG=1 for the traceback)", exc, ExitCode.ERROR)
+
+
+def _fail(message: str, exc: BaseException, code: int) -> None:
+    if os.environ.get("DEADRELU_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    stderr_console().print(f"deadrelu: error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--input-shape '{text}': expected integers like 3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape '{text}': expected positive integers like 3,224,224")
+    return shape
+
+
+@app.command("scan")
+def scan_command(
+    model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch) or pickle.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, or 'random' (with --input-shape).")],
+    arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict: pkg.module:fn or path/file.py:fn (runs your code).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")] = 32,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample shape for --data random, e.g. 3,224,224.")] = None,
+    near_dead: Annotated[float, typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this.")] = 0.01,
+    tau: Annotated[float, typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this.")] = 0.1,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
+) -> None:
+    """Scan a model's ReLU sites over calibration data and report dead units."""
+    with reported_errors():
+        options = ScanOptions(
+            arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size, samples=samples,
+            input_shape=parse_shape(input_shape), thresholds=Thresholds(near_dead=near_dead, tau=tau),
+        )
+        report = _scan_with_progress(model, data, options)
+        emit(report, json_out)
+        if report.partial:
+            raise typer.Exit(int(ExitCode.INTERRUPTED))
+
+
+def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanReport:
+    console = stderr_console()
+    columns = (TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
+        task = bar.add_task("scan", total=None, rate="")
+
+        def started(total: int | None) -> None:
+            bar.update(task, total=total)
+
+        def advanced(count: int) -> None:
+            bar.advance(task, count)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:,.0f}/s" if speed else "")
+
+        return scan(model, data, options, progress=advanced, on_start=started)
+
+
+def emit(report: ScanReport, json_out: str | None) -> None:
+    """The report to stdout (table, or JSON with --json -) and to the --json file."""
+    from deadrelu.formats.table import render
+
+    if json_out == "-":
+        sys.stdout.write(report.to_json())
+        return
+    render(report, Console())
+    if json_out:
+        write_atomic(Path(json_out), report.to_json())
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,44 @@
+"""One exception hierarchy for everything a user can get wrong, mapped to exit codes."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes, the contract with CI."""
+
+    CLEAN = 0
+    FINDINGS = 1  # a gate failed (reserved until gates exist)
+    ERROR = 2  # usage, load, data or internal error
+    INTERRUPTED = 130  # Ctrl-C: a partial report was written
+
+
+class DeadReluError(Exception):
+    """Base of every error deadrelu reports as a one-line message (exit 2)."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class UsageError(DeadReluError):
+    """The command line or the API call is inconsistent."""
+
+
+class ModelLoadError(DeadReluError):
+    """A model file cannot be read, or is not what it claims to be."""
+
+
+class UntrustedPickleError(ModelLoadError):
+    """A file needs full unpickling (code execution) and the user did not allow it."""
+
+
+class ArchitectureError(ModelLoadError):
+    """`--arch` cannot be imported or does not fit the state_dict."""
+
+
+class DataError(DeadReluError):
+    """Calibration data cannot be read or does not fit the model."""
+
+
+class ModelRunError(DeadReluError):
+    """The model's forward pass raised."""

@@ -1,0 +1,58 @@
+"""Loading a model file into something that runs, whatever format it is in.
+
+`load_model` detects the format from the file's content (never its extension) and hands
+back a `LoadedModel`. Nothing from the file is executed unless the user said
+``trust_pickle``: state_dicts and checkpoints are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deadrelu.errors import ModelLoadError
+from deadrelu.load.detect import ModelFormat, detect_format
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A runnable model and where it came from."""
+
+    module: Any  # nn.Module, ScriptModule, or fx.GraphModule (exported program)
+    format: ModelFormat
+    path: str
+    sha256: str
+    exported_program: Any = None  # torch.export.ExportedProgram when format is exported_program
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load a PyTorch model file (TorchScript, exported program, state_dict + arch, pickle)."""
+    from deadrelu.load import torch_formats
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected a model file")
+    fmt = detect_format(path)
+    digest = file_sha256(path)
+    loaders = {
+        ModelFormat.TORCHSCRIPT: lambda: (torch_formats.load_torchscript(path), None),
+        ModelFormat.EXPORTED_PROGRAM: lambda: torch_formats.load_exported(path),
+        ModelFormat.TORCH_SAVE: lambda: (torch_formats.load_torch_save(path, arch, trust_pickle), None),
+    }
+    if fmt not in loaders:
+        raise ModelLoadError(f"{path}: {fmt.value} models are not supported yet")
+    module, program = loaders[fmt]()
+    actual = torch_formats.saved_kind(module, fmt)
+    return LoadedModel(module=module, format=actual, path=str(path), sha256=digest, exported_program=program)

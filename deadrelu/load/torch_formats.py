@@ -1,0 +1,166 @@
+"""PyTorch formats: TorchScript, torch.export programs, state_dicts with an architecture,
+and full pickles (only when trusted)."""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deadrelu.errors import ArchitectureError, ModelLoadError, UntrustedPickleError
+from deadrelu.load.arch import build_architecture
+from deadrelu.load.detect import ModelFormat
+
+# Keys under which training scripts commonly nest the weights.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "ema")
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, zip errors, ...
+        raise ModelLoadError(f"{path}: cannot read TorchScript archive: {_first_line(exc)}") from exc
+
+
+def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read torch.export program: {_first_line(exc)}") from exc
+    return program.module(), program
+
+
+def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:
+    """A torch.save file: a state_dict/checkpoint (with --arch) or a pickled module."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not _needs_full_unpickle(exc):
+            raise ModelLoadError(f"{path}: cannot read torch.save file: {_first_line(exc)}") from exc
+        return _load_pickled_module(path, trust_pickle)
+    state = find_state_dict(obj)
+    if state is None:
+        raise ModelLoadError(
+            f"{path}: holds a {type(obj).__name__}, expected a state_dict, a checkpoint dict with "
+            f"one of the keys {', '.join(CHECKPOINT_KEYS)}, or a pickled nn.Module"
+        )
+    if not arch:
+        raise ArchitectureError(
+            f"{path}: is a state_dict ({len(state)} tensors); pass --arch pkg.module:factory or "
+            "--arch path/to/file.py:factory to build the model it belongs to"
+        )
+    model = build_architecture(arch)
+    load_weights(model, state, path)
+    return model
+
+
+def saved_kind(module: Any, fmt: ModelFormat) -> ModelFormat:
+    """Refine TORCH_SAVE into state_dict or pickle for the report."""
+    if fmt is not ModelFormat.TORCH_SAVE:
+        return fmt
+    return ModelFormat.PICKLE if getattr(module, "_deadrelu_from_pickle", False) else ModelFormat.STATE_DICT
+
+
+def find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor mapping inside a checkpoint, `module.` prefixes (DataParallel/DDP) stripped."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _strip_prefix(dict(obj))
+    for key in CHECKPOINT_KEYS:
+        inner = obj.get(key)
+        found = find_state_dict(inner) if isinstance(inner, Mapping) else None
+        if found:
+            return found
+    return None
+
+
+def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_names(unexpected)}")
+        if wrong:
+            shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5]]
+            parts.append(f"shape mismatch: {', '.join(shapes)}")
+        raise ArchitectureError(f"{path}: state_dict does not fit the --arch model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _needs_full_unpickle(exc: Exception) -> bool:
+    import pickle
+
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
+
+
+def _load_pickled_module(path: Path, trust_pickle: bool) -> torch.nn.Module:
+    classes = pickled_globals(path)
+    shown = ", ".join(sorted(classes)[:4]) or "Python objects"
+    if not trust_pickle:
+        raise UntrustedPickleError(
+            f"{path}: is a full pickle ({shown}); loading it runs code from the file. "
+            "Re-run with --trust-pickle only if you trust its source, or save a state_dict and use --arch"
+        )
+    sys.path[:0] = [str(path.parent.resolve()), str(Path.cwd())]
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot unpickle: {_first_line(exc)}") from exc
+    finally:
+        del sys.path[:2]
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, expected an nn.Module")
+    obj._deadrelu_from_pickle = True  # type: ignore[attr-defined]
+    return obj
+
+
+def pickled_globals(path: Path) -> set[str]:
+    """Qualified names the pickle would import, read with pickletools (nothing executed)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            data = archive.read(name)
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        data = path.read_bytes()
+    found: set[str] = set()
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(str(arg))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.add(f"{strings[-2]}.{strings[-1]}")
+            elif opcode.name == "GLOBAL":
+                found.add(str(arg).replace(" ", "."))
+    except Exception:
+        pass
+    return {g for g in found if not g.startswith(("torch._utils", "collections.OrderedDict", "torch.FloatStorage", "torch._tensor"))}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,1 @@
+"""Tapping ReLU pre-activations while data streams through a model."""

@@ -1,0 +1,180 @@
+"""Tap every ReLU-family call of a PyTorch model at the aten level.
+
+A `TorchDispatchMode` sees each aten op that runs, whatever Python or TorchScript code
+called it (``nn.ReLU``, ``F.relu``, ``Tensor.relu_``, a scripted or exported graph), with
+its input *before* the op runs, so an inplace ReLU is read before it overwrites it. Site
+names come from a *context source*: live module hooks for eager modules, the module
+hierarchy recorded in the graph for TorchScript archives and exported programs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from deadrelu import sites
+from deadrelu.stats import UnitStats
+
+
+class ContextSource(Protocol):
+    """Says in which module a candidate op is running."""
+
+    def reset(self) -> None: ...
+
+    def next(self, functional: str) -> sites.CallContext: ...
+
+
+class StaticContexts:
+    """Contexts read from a graph (TorchScript, FX), matched to calls in graph order.
+
+    Each call takes the next graph entry of the same functional; entries skipped by
+    control flow are passed over. A call with no entry left is placed at the root.
+    """
+
+    def __init__(self, entries: list[tuple[str, sites.CallContext]]) -> None:
+        self._entries = entries
+        self._cursor = 0
+
+    def reset(self) -> None:
+        self._cursor = 0
+
+    def next(self, functional: str) -> sites.CallContext:
+        for index in range(self._cursor, len(self._entries)):
+            entry_functional, ctx = self._entries[index]
+            if entry_functional == functional:
+                self._cursor = index + 1
+                return ctx
+        return sites.CallContext("", "")
+
+
+class ModuleStack:
+    """Contexts from forward hooks on every submodule of an eager model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._stack: list[sites.CallContext] = []
+        self._handles: list[Any] = []
+        for path, module in model.named_modules():
+            ctx = sites.CallContext(path, type(module).__name__)
+            self._handles.append(module.register_forward_pre_hook(self._enter(ctx)))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, ctx: sites.CallContext) -> Any:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            self._stack.append(ctx)
+
+        return hook
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def reset(self) -> None:
+        self._stack.clear()
+
+    def next(self, functional: str) -> sites.CallContext:
+        return self._stack[-1] if self._stack else sites.CallContext("", "")
+
+    def failing_module(self) -> str | None:
+        """After a forward raised: the innermost module that did not return."""
+        return self._stack[-1].module_path if self._stack else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass
+class SiteTap:
+    """One site as it is being observed."""
+
+    name: str
+    op: str
+    functional: str
+    axis: sites.AxisChoice
+    stats: UnitStats
+    order: int
+
+
+class ReluProbe(TorchDispatchMode):
+    """Accumulates per-unit statistics of every ReLU site while active."""
+
+    def __init__(self, contexts: ContextSource) -> None:
+        super().__init__()
+        self.contexts = contexts
+        self.taps: dict[str, SiteTap] = {}
+        self._namer = sites.SiteNamer()
+        self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+    def begin_pass(self) -> None:
+        """Call before each forward pass: names and graph cursors restart."""
+        self._namer.reset()
+        self.contexts.reset()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        op_name = sites.packet_name(func)
+        functional = sites.CANDIDATE_OPS.get(op_name)
+        if functional is not None:
+            self._observe(functional, args, kwargs)
+        out = func(*args, **kwargs)
+        self._track_producer(op_name, args, out)
+        return out
+
+    def _observe(self, functional: str, args: tuple, kwargs: dict) -> None:
+        ctx = self.contexts.next(functional)
+        call_args = (args[0], kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
+                     kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)) if functional == "hardtanh" else args
+        op = sites.site_op(functional, call_args)
+        x = args[0]
+        if op is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return
+        name = self._namer.name(sites.base_name(ctx, functional))
+        tap = self.taps.get(name)
+        if tap is None:
+            axis = sites.choose_axis(x.ndim, self._producers.get(x))
+            units = x.shape[axis.axis] if x.ndim else 1
+            tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps))
+            self.taps[name] = tap
+        tap.stats.update(x, tap.axis.axis)
+
+    def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(first, torch.Tensor):
+            return
+        kind = sites.producer_kind(op_name)
+        if kind is None and (op_name in sites.LAYOUT_PRESERVING or op_name in sites.RESHAPES):
+            kind = next((self._producers.get(a) for a in args
+                         if isinstance(a, torch.Tensor) and a in self._producers), None)
+            if op_name in sites.RESHAPES and kind != "linear":
+                kind = None
+        if kind is not None:
+            self._producers[first] = kind
+
+
+@contextmanager
+def probing(model: Any) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
+    """A probe for a model of any PyTorch flavour; hooks are removed on exit."""
+    stack: ModuleStack | None = None
+    if isinstance(model, torch.jit.ScriptModule):
+        contexts: ContextSource = StaticContexts(sites.torchscript_candidate_contexts(model))
+    elif isinstance(model, torch.fx.GraphModule) and _is_exported(model):
+        contexts = StaticContexts(sites.fx_candidate_contexts(model))
+    else:
+        stack = ModuleStack(model)
+        contexts = stack
+    try:
+        yield ReluProbe(contexts), stack
+    finally:
+        if stack is not None:
+            stack.remove()
+
+
+def _is_exported(model: torch.fx.GraphModule) -> bool:
+    return any("nn_module_stack" in node.meta for node in model.graph.nodes)

@@ -1,0 +1,208 @@
+"""ReLU call sites: which ops are ReLUs, what a site is called, and its unit axis.
+
+A *site* is one application of a ReLU-family op during a forward pass. A module called
+three times is three sites. Names follow torchvision's feature-extraction node names:
+
+* applied by an activation module (``nn.ReLU``, ``nn.ReLU6``, ``nn.LeakyReLU``,
+  ``nn.PReLU``, ``nn.Hardtanh``) registered at path ``P``: the base name is ``P``;
+* a functional call (``F.relu``, ``torch.relu``, ``Tensor.relu_``, ``F.relu6``,
+  ``F.hardtanh``, ...) inside the forward of the module at path ``P``: ``P.<op>``
+  (just ``<op>`` at the root), with ``<op>`` the functional's name;
+* a base name that repeats within one forward pass gets ``_1``, ``_2``, ... from its
+  second call on, in call order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+aten = torch.ops.aten
+
+# Activation module classes whose calls are named after the module itself.
+ACTIVATION_MODULE_TYPES = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "Hardtanh"})
+
+# aten overload packet name -> the functional name used in site names.
+CANDIDATE_OPS: dict[str, str] = {
+    "relu": "relu",
+    "relu_": "relu",
+    "relu6": "relu6",
+    "relu6_": "relu6",
+    "hardtanh": "hardtanh",
+    "hardtanh_": "hardtanh",
+    "leaky_relu": "leaky_relu",
+    "leaky_relu_": "leaky_relu",
+    "prelu": "prelu",
+    "_prelu_kernel": "prelu",
+}
+
+LEAKY_OPS = frozenset({"leaky_relu", "prelu"})
+
+
+def packet_name(func: Any) -> str:
+    """'relu_' for aten.relu_.default, torch.ops.aten.relu_ or the string 'aten::relu_'."""
+    if isinstance(func, str):
+        return func.split("::")[-1].split(".")[0]
+    packet = getattr(func, "overloadpacket", func)
+    return getattr(packet, "__name__", str(packet)).split(".")[-1]
+
+
+def site_op(functional: str, args: tuple[Any, ...]) -> str | None:
+    """The report's op for a candidate call, or None when the call is not a ReLU.
+
+    hardtanh is a ReLU only as hardtanh(x, 0, 6), which is relu6.
+    """
+    if functional == "hardtanh":
+        low = args[1] if len(args) > 1 else -1.0
+        high = args[2] if len(args) > 2 else 1.0
+        return "relu6" if (float(low), float(high)) == (0.0, 6.0) else None
+    return functional
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Where a candidate op ran: the innermost module's path and class name."""
+
+    module_path: str
+    module_type: str
+
+
+def base_name(ctx: CallContext, functional: str) -> str:
+    """Name of a site before its repeat suffix."""
+    if ctx.module_type in ACTIVATION_MODULE_TYPES and ctx.module_path:
+        return ctx.module_path
+    return f"{ctx.module_path}.{functional}" if ctx.module_path else functional
+
+
+class SiteNamer:
+    """Hands out repeat-suffixed names within one forward pass; `reset()` between passes."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self._seen.clear()
+
+    def name(self, base: str) -> str:
+        index = self._seen.get(base, 0)
+        self._seen[base] = index + 1
+        return base if index == 0 else f"{base}_{index}"
+
+
+# --- static call contexts from TorchScript and FX graphs -------------------------------
+
+_HIERARCHY_PART = re.compile(r"^(?P<name>.*?)\((?P<type>[^()]*)\)$")
+
+
+def context_from_torchscript(hierarchy: str) -> CallContext:
+    """Parse Node.getModuleHierarchy(), e.g. 'layer1(Sequential).0(B).relu(ReLU)'."""
+    names: list[str] = []
+    module_type = ""
+    for part in hierarchy.split(".") if hierarchy else []:
+        match = _HIERARCHY_PART.match(part)
+        name, kind = (match.group("name"), match.group("type")) if match else (part, "")
+        if name == "UNKNOWN_INSTANCE":
+            continue
+        names.append(name)
+        module_type = kind
+    return CallContext(".".join(names), module_type)
+
+
+def torchscript_candidate_contexts(module: torch.jit.ScriptModule) -> list[tuple[str, CallContext]]:
+    """(functional, context) for every candidate op of a TorchScript module, graph order."""
+    graph = module.inlined_graph
+    found: list[tuple[str, CallContext]] = []
+
+    def walk(block: Any) -> None:
+        for node in block.nodes():
+            functional = CANDIDATE_OPS.get(packet_name(node.kind()))
+            if node.kind().startswith("aten::") and functional:
+                found.append((functional, context_from_torchscript(node.getModuleHierarchy())))
+            for sub in node.blocks():
+                walk(sub)
+
+    walk(graph)
+    return found
+
+
+def fx_candidate_contexts(graph_module: torch.fx.GraphModule) -> list[tuple[str, CallContext]]:
+    """(functional, context) for every candidate op of an FX graph (exported program)."""
+    found: list[tuple[str, CallContext]] = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        functional = CANDIDATE_OPS.get(packet_name(node.target))
+        if not functional:
+            continue
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if stack:
+            path, kind = stack[-1]
+            ctx = CallContext(_clean_fx_path(path), str(getattr(kind, "__name__", kind)).split(".")[-1])
+        else:
+            ctx = CallContext("", "")
+        found.append((functional, ctx))
+    return found
+
+
+def _clean_fx_path(path: str) -> str:
+    """nn_module_stack paths look like 'L__self__.layer1.0' or 'layer1.0'."""
+    path = re.sub(r"^L__self__\.?", "", path)
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    return path
+
+
+# --- unit axis ----------------------------------------------------------------------------
+
+CONV_PRODUCERS = frozenset(
+    {
+        "convolution", "_convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d", "cudnn_convolution", "mkldnn_convolution",
+        "_convolution_mode", "conv_tbc",
+    }
+)
+LINEAR_PRODUCERS = frozenset(
+    {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "embedding", "_unsafe_view_mm", "einsum"}
+)
+# Ops whose output keeps the layout of their first tensor input.
+LAYOUT_PRESERVING = frozenset(
+    {
+        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "batch_norm",
+        "native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+        "cudnn_batch_norm", "miopen_batch_norm", "instance_norm", "group_norm", "native_group_norm",
+        "layer_norm", "native_layer_norm", "clone", "contiguous", "dropout", "alias", "detach",
+        "_to_copy", "to", "neg", "relu", "relu_", "hardtanh", "hardtanh_", "relu6", "leaky_relu",
+        "leaky_relu_", "prelu", "_prelu_kernel", "clamp", "clamp_min", "addcmul", "where",
+    }
+)
+# Reshapes keep the last dim as features when the input came from a linear op.
+RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "expand"})
+
+
+@dataclass(frozen=True)
+class AxisChoice:
+    """The unit axis of a site and why it was chosen."""
+
+    axis: int  # non-negative
+    source: str  # "conv", "linear", or "default"
+
+
+def choose_axis(ndim: int, producer: str | None) -> AxisChoice:
+    """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear."""
+    if ndim <= 1:
+        return AxisChoice(0, "default")
+    if producer == "linear":
+        return AxisChoice(ndim - 1, "linear")
+    if producer == "conv":
+        return AxisChoice(1, "conv")
+    return AxisChoice(1, "default")
+
+
+def producer_kind(op: str) -> str | None:
+    if op in CONV_PRODUCERS:
+        return "conv"
+    if op in LINEAR_PRODUCERS:
+        return "linear"
+    return None
