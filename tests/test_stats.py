@@ -1,0 +1,112 @@
+"""UnitStats against numpy brute force on random tensors, including hard cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deadrelu.stats import UnitStats
+
+
+def brute(x: np.ndarray, axis: int) -> dict[str, np.ndarray]:
+    moved = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+    finite = np.isfinite(moved)
+    vals = [row[f] for row, f in zip(moved, finite)]
+    return {
+        "count": finite.sum(1),
+        "positive": (moved > 0).sum(1),
+        "nan": np.isnan(moved).sum(1),
+        "inf": np.isinf(moved).sum(1),
+        "min": np.array([v.min() if v.size else np.inf for v in vals]),
+        "max": np.array([v.max() if v.size else -np.inf for v in vals]),
+        "mean": np.array([v.mean() if v.size else 0.0 for v in vals]),
+        "std": np.array([v.std() if v.size else 0.0 for v in vals]),
+        "relu_mean": np.array([np.maximum(v, 0).mean() if v.size else 0.0 for v in vals]),
+    }
+
+
+def accumulate(batches: list[torch.Tensor], axis: int) -> UnitStats:
+    stats = UnitStats(batches[0].shape[axis])
+    for batch in batches:
+        stats.update(batch, axis)
+    return stats
+
+
+def check(result, expected, rtol=1e-6, atol=1e-6) -> None:
+    np.testing.assert_array_equal(result.count, expected["count"])
+    np.testing.assert_array_equal(result.positive, expected["positive"])
+    np.testing.assert_array_equal(result.nan, expected["nan"])
+    np.testing.assert_array_equal(result.inf, expected["inf"])
+    np.testing.assert_allclose(result.minimum, expected["min"], rtol=rtol)
+    np.testing.assert_allclose(result.maximum, expected["max"], rtol=rtol)
+    np.testing.assert_allclose(result.mean, expected["mean"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(result.std, expected["std"], rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(result.relu_mean, expected["relu_mean"], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((5, 3, 4, 4), 1), ((7, 6), 1), ((4, 9, 5), 2), ((3, 2, 8), 1), ((2, 3, 2, 2, 2), 1)])
+def test_matches_brute_force_over_batches(shape: tuple[int, ...], axis: int) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    batches = [torch.randn(shape, generator=gen) * 3 - 1 for _ in range(4)]
+    stats = accumulate(batches, axis)
+    whole = torch.cat(batches).numpy()
+    check(stats.result(), brute(whole, axis))
+
+
+def test_large_offset_keeps_variance() -> None:
+    """Pre-activations of 1e4 with std 1: naive sum-of-squares in float32 would give garbage."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [1e4 + torch.randn(64, 3, 8, 8, generator=gen) for _ in range(5)]
+    result = accumulate(batches, 1).result()
+    whole = torch.cat(batches).numpy()
+    np.testing.assert_allclose(result.std, brute(whole, 1)["std"], rtol=1e-3)
+
+
+def test_non_finite_values_are_counted_apart() -> None:
+    x = torch.randn(6, 4, 3, 3)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1, 1, 1] = float("inf")
+    x[2, 2, 2, 2] = float("-inf")
+    x[:, 3] = float("nan")  # a unit with no finite value at all
+    clean = torch.randn(6, 4, 3, 3)
+    stats = accumulate([clean, x], 1)
+    result = stats.result()
+    expected = brute(torch.cat([clean, x]).numpy(), 1)
+    check(result, expected)
+    assert result.nan[0] == 1 and result.inf[1] == 1 and result.inf[2] == 1
+    assert np.isfinite(result.mean).all() and np.isfinite(result.std).all()
+
+
+def test_dead_is_strictly_positive() -> None:
+    x = torch.zeros(4, 3)
+    x[:, 1] = -1e-45  # a negative denormal is not > 0
+    x[0, 2] = 1e-45  # a positive denormal is
+    result = accumulate([x], 1).result()
+    assert list(result.positive) == [0, 0, 1]
+
+
+def test_merge_equals_one_pass() -> None:
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 5, 2, generator=gen) + i for i in range(6)]
+    one = accumulate(batches, 1)
+    left, right = accumulate(batches[:2], 1), accumulate(batches[2:], 1)
+    left.merge(right)
+    a, b = one.result(), left.result()
+    for field in ("count", "positive", "minimum", "maximum"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
+    np.testing.assert_allclose(a.m2, b.m2, rtol=1e-10)
+
+
+def test_empty_batch_is_a_no_op() -> None:
+    stats = UnitStats(3)
+    stats.update(torch.empty(0, 3), 1)
+    assert stats.result().count.sum() == 0
+
+
+def test_half_precision_is_accumulated_in_float64() -> None:
+    x = (torch.randn(16, 4, 8) * 100).half()
+    result = accumulate([x, x], 1).result()
+    np.testing.assert_allclose(result.mean, brute(torch.cat([x, x]).float().numpy(), 1)["mean"], rtol=1e-4, atol=1e-3)
+    assert result.mean.dtype == np.float64
