@@ -14,8 +14,10 @@ from deadrelu.data import CalibrationSource, ModelInput, open_data
 from deadrelu.errors import DataError, ModelRunError, UsageError
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
+from deadrelu.load.detect import ModelFormat
+from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_probe import ReluProbe, probing
-from deadrelu.report import DataInfo, ModelInfo, ScanReport, SiteReport, site_report
+from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
 
@@ -62,22 +64,21 @@ def scan(model: str | Path | torch.nn.Module, data: str | Path | CalibrationSour
     total = _expected_samples(source, options.samples)
     if on_start:
         on_start(total)
-    with prepared(loaded.module, device) as module, probing(module) as (probe, stack):
-        dtype = model_dtype(module)
-        samples, partial = _stream(module, probe, stack, _capped(_batches(source, options.batch_size), options.samples),
-                                   device, dtype, progress)
-    if samples == 0 and not partial:
+    batches = _capped(_batches(source, options.batch_size), options.samples)
+    stream = stream_onnx if loaded.format is ModelFormat.ONNX else stream_torch
+    result = stream(loaded, batches, device, progress)
+    if result.samples == 0 and not result.partial:
         raise DataError(f"{_describe(source)}: no samples to scan")
-    sites = tuple(_site_reports(probe, options.thresholds))
-    warnings = _warnings(source, samples, options.samples)
+    sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
+                  for o in result.sites)
     return ScanReport(
         model=ModelInfo(loaded.path, loaded.format.value, loaded.sha256),
-        data=DataInfo(_describe(source), samples, bool(getattr(source, "is_random", False))),
+        data=DataInfo(_describe(source), result.samples, bool(getattr(source, "is_random", False))),
         sites=sites,
         thresholds=options.thresholds,
         device=str(device),
-        partial=partial,
-        warnings=warnings,
+        partial=result.partial,
+        warnings=_warnings(source, result.samples, options.samples) + result.notes,
     )
 
 
@@ -109,9 +110,7 @@ def _load(model: str | Path | torch.nn.Module, options: ScanOptions) -> LoadedMo
     return load_model(model, arch=options.arch, trust_pickle=options.trust_pickle)
 
 
-def _in_memory_format(model: torch.nn.Module) -> Any:
-    from deadrelu.load.detect import ModelFormat
-
+def _in_memory_format(model: torch.nn.Module) -> ModelFormat:
     return ModelFormat.TORCHSCRIPT if isinstance(model, torch.jit.ScriptModule) else ModelFormat.PICKLE
 
 
@@ -207,21 +206,31 @@ def _describe(source: Any) -> str:
 
 # --- stream --------------------------------------------------------------------------------
 
-def _stream(module: Any, probe: ReluProbe, stack: Any, batches: Iterator[ModelInput], device: torch.device,
-            dtype: torch.dtype, progress: ProgressFn | None) -> tuple[int, bool]:
-    """Run every batch through the model under the probe. Returns (samples, interrupted)."""
-    samples = 0
-    with torch.inference_mode():
-        try:
-            for batch in batches:
-                inputs = batch.map(lambda t: _to_model(t, device, dtype))
-                _forward(module, probe, stack, inputs)
-                samples += batch.size
-                if progress:
-                    progress(batch.size)
-        except KeyboardInterrupt:
-            return samples, True
-    return samples, False
+def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
+                 progress: ProgressFn | None) -> StreamResult:
+    """Run every batch through a PyTorch model under the probe."""
+    with prepared(loaded.module, device) as module, probing(module) as (probe, stack):
+        dtype = model_dtype(module)
+        samples, partial = 0, False
+        with torch.inference_mode():
+            try:
+                for batch in batches:
+                    inputs = batch.map(lambda t: _to_model(t, device, dtype))
+                    _forward(module, probe, stack, inputs)
+                    samples += batch.size
+                    if progress:
+                        progress(batch.size)
+            except KeyboardInterrupt:
+                partial = True
+        observed = tuple(_observations(probe))
+    return StreamResult(observed, samples, partial)
+
+
+def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
+                progress: ProgressFn | None) -> StreamResult:
+    from deadrelu.probe.onnx_probe import stream_onnx as run
+
+    return run(loaded, batches, device, progress)
 
 
 def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -242,17 +251,33 @@ def _forward(module: Any, probe: ReluProbe, stack: Any, inputs: ModelInput) -> N
         message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
         if stack is not None:
             stack.reset()
+        expected = _declared_input_shapes(module)
+        if expected:
+            message += f" (the program was exported for input shape {expected})"
         raise ModelRunError(f"model forward failed{location} on input of shape {inputs.shapes()}: {message}") from exc
+
+
+def _declared_input_shapes(module: Any) -> str:
+    """Input shapes an exported program declares, symbolic dims by name ('' if unknown)."""
+    if not _is_exported(module):
+        return ""
+    shapes = []
+    for node in module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor) and not node.name.startswith(("p_", "b_", "c_")):
+            shapes.append("(" + ", ".join(str(d) for d in value.shape) + ")")
+    return ", ".join(shapes)
 
 
 # --- report --------------------------------------------------------------------------------
 
-def _site_reports(probe: ReluProbe, thresholds: Thresholds) -> Iterator[SiteReport]:
+def _observations(probe: ReluProbe) -> Iterator[SiteObservation]:
     for tap in sorted(probe.taps.values(), key=lambda t: t.order):
-        yield site_report(tap.name, tap.op, tap.axis.axis, tap.axis.source, tap.stats.result(), thresholds)
+        yield SiteObservation(tap.name, tap.op, tap.axis.axis, tap.axis.source, tap.stats.result())
 
 
 def _warnings(source: Any, samples: int, cap: int | None) -> tuple[str, ...]:
+    """What the reader of the report should know about the data."""
     warnings = []
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")

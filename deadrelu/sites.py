@@ -111,6 +111,35 @@ def context_from_torchscript(hierarchy: str) -> CallContext:
     return CallContext(".".join(names), module_type)
 
 
+def resolve_module_path(root: Any, names: list[str]) -> str:
+    """Full module path for a hierarchy whose containers may have been inlined away.
+
+    Tracing inlines ``nn.Sequential.forward``, so a ReLU at ``layers.1`` is recorded as
+    ``1(ReLU)``. Each name is looked up as a child of the current module, or else as a
+    child of one of its descendants, breadth first.
+    """
+    path: list[str] = []
+    current = root
+    for index, name in enumerate(names):
+        found = _find_child(current, name)
+        if found is None:  # not in the module tree: keep the recorded names as they are
+            return ".".join([*path, *names[index:]])
+        prefix, current = found
+        path.extend([*prefix, name])
+    return ".".join(path)
+
+
+def _find_child(module: Any, name: str) -> tuple[list[str], Any] | None:
+    queue: list[tuple[list[str], Any]] = [([], module)]
+    while queue:
+        prefix, current = queue.pop(0)
+        children = dict(current.named_children())
+        if name in children:
+            return prefix, children[name]
+        queue.extend(([*prefix, child_name], child) for child_name, child in children.items())
+    return None
+
+
 def torchscript_candidate_contexts(module: torch.jit.ScriptModule) -> list[tuple[str, CallContext]]:
     """(functional, context) for every candidate op of a TorchScript module, graph order."""
     graph = module.inlined_graph
@@ -120,7 +149,9 @@ def torchscript_candidate_contexts(module: torch.jit.ScriptModule) -> list[tuple
         for node in block.nodes():
             functional = CANDIDATE_OPS.get(packet_name(node.kind()))
             if node.kind().startswith("aten::") and functional:
-                found.append((functional, context_from_torchscript(node.getModuleHierarchy())))
+                ctx = context_from_torchscript(node.getModuleHierarchy())
+                names = ctx.module_path.split(".") if ctx.module_path else []
+                found.append((functional, CallContext(resolve_module_path(module, names), ctx.module_type)))
             for sub in node.blocks():
                 walk(sub)
 

@@ -10,7 +10,7 @@ cancel. Non-finite values (NaN, +-Inf) are counted apart and kept out of min/max
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,34 +36,13 @@ class BatchMoments:
     relu_sum: torch.Tensor  # sum of max(x, 0) over finite values, float64
 
 
-def _fast_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int) -> BatchMoments:
-    """One batch, assuming every value is finite: few passes, no temporaries of float64."""
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    units = mean.shape[0]
-    zeros = torch.zeros(units, dtype=torch.int64, device=x.device)
-    return BatchMoments(
-        count=torch.full((units,), float(per_unit), dtype=torch.float64, device=x.device),
-        positive=(x > 0).sum(dim=dims, dtype=torch.int32).to(torch.int64),
-        nan=zeros,
-        inf=zeros,
-        minimum=x.amin(dim=dims).double(),
-        maximum=x.amax(dim=dims).double(),
-        mean=mean.double(),
-        m2=var.double() * per_unit,
-        relu_sum=x.clamp_min(0).sum(dim=dims, dtype=torch.float64),
-    )
-
-
 def _masked_moments(x: torch.Tensor, dims: tuple[int, ...]) -> BatchMoments:
     """One batch that may hold NaN/Inf: moments over the finite values only (two-pass)."""
     finite = torch.isfinite(x)
     count = finite.sum(dim=dims, dtype=torch.float64)
-    shape = [1] * x.ndim
-    axis = next(d for d in range(x.ndim) if d not in dims)
-    shape[axis] = -1
     zeroed = torch.where(finite, x, 0).double()
     mean = zeroed.sum(dim=dims) / count.clamp_min(1)
-    centred = torch.where(finite, zeroed - mean.view(shape), 0)
+    centred = torch.where(finite, zeroed - mean.view(_unit_shape(x.ndim, dims)), 0)
     return BatchMoments(
         count=count,
         positive=(x > 0).sum(dim=dims, dtype=torch.int64),
@@ -77,13 +56,108 @@ def _masked_moments(x: torch.Tensor, dims: tuple[int, ...]) -> BatchMoments:
     )
 
 
-def batch_moments(x: torch.Tensor, axis: int) -> BatchMoments:
-    """Per-unit reductions of one pre-activation tensor along its unit axis.
+# The one-pass variance M2 = sum(x^2) - sum(x)^2 / n (float32 sums, float64 difference) is
+# kept only where it is at least this fraction of sum(x^2), i.e. |mean| <= ~8 std, which
+# bounds its relative error near 64 float32 roundings. Elsewhere (a unit far from zero,
+# like a dead unit behind a bias of -50) the centred two-pass sum runs instead.
+_ONE_PASS_MIN_RATIO = 1.0 / 64.0
 
-    On CPU the finite check is free, so the fast path runs and the masked one only when a
-    value is not finite. On an accelerator, branching would need a host sync per batch, so
-    the masked (always correct) path runs unconditionally.
+
+class Scratch:
+    """One reusable float buffer for elementwise temporaries (x*x, x>0, max(x, 0)).
+
+    Fresh temporaries of tens of MB cost more in page faults than the reductions that
+    use them; one buffer, grown to the largest pre-activation seen, avoids that. Memory
+    stays flat: one pre-activation's worth, whatever the dataset size.
     """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._flat
+        if flat is None or flat.numel() < x.numel() or flat.dtype != x.dtype or flat.device != x.device:
+            flat = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+            self._flat = flat
+        return flat[: x.numel()].view(x.shape)
+
+
+# Counting positives as a float32 sum of 0/1 is exact below 2**24 elements per unit.
+_EXACT_FLOAT_COUNT = 1 << 24
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch whose input-side reductions are done; `finish` adds the output side.
+
+    Reading the input first lets a probe tap an inplace ReLU before it overwrites its
+    input; the ReLU-output sum is then read from the op's own output (for a plain relu
+    it is max(x, 0)) instead of computing max(x, 0) again.
+    """
+
+    stats: UnitStats
+    dims: tuple[int, ...]
+    moments: BatchMoments
+    needs_output: bool  # relu_sum still to be read from the output
+
+    def finish(self, output: torch.Tensor | None = None) -> None:
+        if not self.needs_output:
+            self.stats.fold(self.moments)
+            return
+        assert output is not None, "this batch needs the op's output"
+        relu_sum = output.detach().sum(dim=self.dims, dtype=torch.float32).double()
+        self.stats.fold(replace(self.moments, relu_sum=relu_sum))
+
+
+def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scratch: Scratch,
+                    relu_from_output: bool) -> BatchMoments | None:
+    """All moments of an all-finite batch from a few fast reductions; None if a value is
+    not finite. With `relu_from_output`, relu_sum is left for the op's output."""
+    total = x.sum(dim=dims).double()
+    minimum, maximum = x.amin(dim=dims).double(), x.amax(dim=dims).double()
+    if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(minimum).all())
+            and bool(torch.isfinite(maximum).all())):
+        return None
+    buf = scratch.like(x)
+    mean = total / per_unit
+    squares = torch.mul(x, x, out=buf).sum(dim=dims).double()
+    m2 = squares - total * mean
+    if bool((m2 < _ONE_PASS_MIN_RATIO * squares).any()):
+        centred = torch.sub(x, mean.to(x.dtype).view(_unit_shape(x.ndim, dims)), out=buf)
+        m2 = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
+    if per_unit < _EXACT_FLOAT_COUNT:
+        positive = torch.gt(x, 0, out=buf).sum(dim=dims).round().to(torch.int64)
+    else:
+        positive = (x > 0).sum(dim=dims, dtype=torch.int64)
+    units = total.shape[0]
+    relu_sum = (torch.zeros(units, dtype=torch.float64, device=x.device) if relu_from_output
+                else torch.clamp_min(x, 0, out=buf).sum(dim=dims).double())
+    zeros = torch.zeros(units, dtype=torch.int64, device=x.device)
+    return BatchMoments(
+        count=torch.full((units,), float(per_unit), dtype=torch.float64, device=x.device),
+        positive=positive, nan=zeros, inf=zeros, minimum=minimum, maximum=maximum,
+        mean=mean, m2=m2, relu_sum=relu_sum,
+    )
+
+
+def _unit_shape(ndim: int, dims: tuple[int, ...]) -> list[int]:
+    return [1 if d in dims else -1 for d in range(ndim)]
+
+
+def begin_batch(stats: UnitStats, x: torch.Tensor, axis: int, output_is_relu: bool,
+                scratch: Scratch | None = None) -> PendingBatch:
+    """Reduce the input side of one batch now (before an inplace op can overwrite it).
+
+    Args:
+        output_is_relu: the op's output will be max(x, 0) (a plain relu); the ReLU-output
+            sum is then read from it in `finish`.
+        scratch: a reusable temporary buffer (a fresh one if None).
+
+    On CPU the finite check costs nothing, so the fast path runs and the masked one only
+    when a value is not finite. On an accelerator that check would be a host sync per
+    batch, so the masked (always correct) path runs unconditionally.
+    """
+    x = x.detach()
     if x.ndim == 0:
         x = x.reshape(1)
     if x.dtype in (torch.float16, torch.bfloat16):
@@ -93,11 +167,11 @@ def batch_moments(x: torch.Tensor, axis: int) -> BatchMoments:
     units = x.shape[axis]
     per_unit = x.numel() // units if units else 0
     if x.device.type != "cpu":
-        return _masked_moments(x, dims)
-    fast = _fast_moments(x, dims, per_unit)
-    if bool(torch.isfinite(fast.mean).all()) and bool(torch.isfinite(fast.m2).all()):
-        return fast
-    return _masked_moments(x, dims)
+        return PendingBatch(stats, dims, _masked_moments(x, dims), needs_output=False)
+    moments = _finite_moments(x, dims, per_unit, scratch or Scratch(), output_is_relu)
+    if moments is None:
+        return PendingBatch(stats, dims, _masked_moments(x, dims), needs_output=False)
+    return PendingBatch(stats, dims, moments, needs_output=output_is_relu)
 
 
 class UnitStats:
@@ -121,13 +195,13 @@ class UnitStats:
         """Fold one batch of pre-activations (any float dtype) into the accumulators."""
         if x.numel() == 0:
             return
-        self._fold(batch_moments(x.detach(), axis))
+        begin_batch(self, x, axis, output_is_relu=False).finish()
 
     def merge(self, other: UnitStats) -> None:
         """Fold another accumulator of the same site (e.g. another shard) into this one."""
         if other.units != self.units:
             raise ValueError(f"cannot merge statistics of {other.units} units into {self.units}")
-        self._fold(other.as_moments(self.count.device))
+        self.fold(other.as_moments(self.count.device))
 
     def as_moments(self, device: torch.device | str) -> BatchMoments:
         return BatchMoments(
@@ -142,7 +216,8 @@ class UnitStats:
             relu_sum=self.relu_sum.to(device),
         )
 
-    def _fold(self, b: BatchMoments) -> None:
+    def fold(self, b: BatchMoments) -> None:
+        """Chan's parallel merge of one batch's (or shard's) moments into the running ones."""
         total = self.count + b.count
         safe_total = total.clamp_min(1)
         delta = b.mean - self.mean

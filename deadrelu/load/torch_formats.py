@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import pickletools
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,7 +24,9 @@ CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's own notice
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError, zip errors, ...
         raise ModelLoadError(f"{path}: cannot read TorchScript archive: {_first_line(exc)}") from exc
 

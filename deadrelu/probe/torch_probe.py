@@ -19,7 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from deadrelu import sites
-from deadrelu.stats import UnitStats
+from deadrelu.stats import PendingBatch, Scratch, UnitStats, begin_batch
+
+# Ops whose output is max(input, 0): the positive count and the ReLU-output sum are read
+# from it. (relu6's output is clipped at 6, so its sum is not the sum of max(x, 0).)
+OUTPUT_IS_RELU = frozenset({"relu"})
 
 
 class ContextSource(Protocol):
@@ -111,6 +115,7 @@ class ReluProbe(TorchDispatchMode):
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self._scratch = Scratch()
 
     def begin_pass(self) -> None:
         """Call before each forward pass: names and graph cursors restart."""
@@ -121,20 +126,22 @@ class ReluProbe(TorchDispatchMode):
         kwargs = kwargs or {}
         op_name = sites.packet_name(func)
         functional = sites.CANDIDATE_OPS.get(op_name)
-        if functional is not None:
-            self._observe(functional, args, kwargs)
+        pending = self._observe(functional, args, kwargs) if functional is not None else None
         out = func(*args, **kwargs)
+        if pending is not None:
+            pending.finish(out)
         self._track_producer(op_name, args, out)
         return out
 
-    def _observe(self, functional: str, args: tuple, kwargs: dict) -> None:
+    def _observe(self, functional: str, args: tuple, kwargs: dict) -> PendingBatch | None:
+        """Reduce the input of a candidate call (before it runs); None if it is no site."""
         ctx = self.contexts.next(functional)
         call_args = (args[0], kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
                      kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)) if functional == "hardtanh" else args
         op = sites.site_op(functional, call_args)
         x = args[0]
-        if op is None or not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            return
+        if op is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return None
         name = self._namer.name(sites.base_name(ctx, functional))
         tap = self.taps.get(name)
         if tap is None:
@@ -142,7 +149,7 @@ class ReluProbe(TorchDispatchMode):
             units = x.shape[axis.axis] if x.ndim else 1
             tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps))
             self.taps[name] = tap
-        tap.stats.update(x, tap.axis.axis)
+        return begin_batch(tap.stats, x, tap.axis.axis, output_is_relu=op in OUTPUT_IS_RELU, scratch=self._scratch)
 
     def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out

@@ -1,0 +1,162 @@
+"""The command line: exit codes, streams, messages."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deadrelu.cli import app
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner: CliRunner, *args: str, columns: int = 200):
+    return runner.invoke(app, ["scan", *map(str, args)], env={"COLUMNS": str(columns)})
+
+
+def test_table_shows_planted_dead_units(runner: CliRunner) -> None:
+    result = run(runner, FIX / "convnet.ts.pt", "--data", FIX / "convnet.calib.npy")
+    assert result.exit_code == 0, result.output
+    assert "14 dead (6.5%)" in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert rows["stem.relu"][1:6] == ["relu", "1", "8", "1", "0"]
+    assert rows["layer2.relu_2"][4] == "2"
+    assert rows["layer3.act_prelu"][1] == "prelu"
+
+
+def test_table_fits_80_columns_and_folds_names(runner: CliRunner) -> None:
+    result = run(runner, FIX / "convnet.ts.pt", "--data", FIX / "convnet.calib.npy", columns=80)
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    first_column = "".join(line[:14].strip() for line in lines if line.startswith(" "))
+    assert "layer3.act_prelu" in first_column  # folded over lines, never cut
+
+
+def test_json_to_stdout_is_only_json(runner: CliRunner) -> None:
+    result = run(runner, FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--json", "-")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["schema_version"] == 1 and doc["model"]["format"] == "exported_program"
+    assert [s["dead_units"] for s in doc["sites"]] == [[3, 40], [17]]
+    assert doc["sites"][0]["near_dead_units"] == [10]
+
+
+def test_json_file_is_written(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = run(runner, FIX / "seqnet.ts.pt", "--data", FIX / "seqnet.calib.npy", "--json", out)
+    assert result.exit_code == 0
+    doc = json.loads(out.read_text())
+    assert [(s["name"], s["unit_axis"], s["axis_source"]) for s in doc["sites"]] == [
+        ("conv_act", 1, "conv"), ("relu", 2, "linear")]
+    assert "conv_act" in result.stdout  # the table still goes to stdout
+
+
+def test_random_data_warns(runner: CliRunner) -> None:
+    result = run(runner, FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--samples", "10", "--json", "-")
+    assert result.exit_code == 0
+    doc = json.loads(result.stdout)
+    assert doc["data"]["samples"] == 10 and doc["data"]["random"] is True
+    assert any("random data" in w for w in doc["warnings"])
+
+
+def test_samples_caps_the_data(runner: CliRunner) -> None:
+    result = run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--samples", "50", "-b", "16", "--json", "-")
+    doc = json.loads(result.stdout)
+    assert doc["data"]["samples"] == 50
+    assert doc["sites"][0]["per_unit"]["count"][0] == 50
+
+
+def test_no_relu_model_says_so(runner: CliRunner) -> None:
+    result = run(runner, FIX / "norelunet.ts.pt", "--data", FIX / "norelunet.calib.npy")
+    assert result.exit_code == 0
+    assert "No ReLU sites found" in result.stdout
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["missing.pt", "--data", FIX / "mlp.calib.npy"], r"missing\.pt: no such file"),
+        ([FIX / "mlp.ts.pt", "--data", "nothere.npy"], r"nothere\.npy: no such data file"),
+        ([FIX / "mlp.ts.pt", "--data", "random"], r"--input-shape"),
+        ([FIX / "mlp.ts.pt", "--data", FIX / "convnet.calib.npy"], r"input of shape \(32, 3, 16, 16\)"),
+        ([FIX / "mlp.state_dict.pt", "--data", FIX / "mlp.calib.npy"], r"is a state_dict.*--arch"),
+        ([FIX / "mlp.state_dict.pt", "--data", FIX / "mlp.calib.npy", "--arch", "fixtures/fixture_models.py:ConvNet"],
+         r"does not fit the --arch model; missing keys: .*unexpected keys: layers\.0\.bias"),
+        ([FIX / "mlp.state_dict.pt", "--data", FIX / "mlp.calib.npy", "--arch", "fixtures/fixture_models.py:Nope"],
+         r"has no attribute 'Nope'"),
+        ([FIX / "mlp.state_dict.pt", "--data", FIX / "mlp.calib.npy", "--arch", "no_such_pkg.mod:f"], r"cannot import no_such_pkg"),
+        ([FIX / "mlp.pickle.pt", "--data", FIX / "mlp.calib.npy"], r"full pickle \(.*MLP.*\).*--trust-pickle"),
+        ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--device", "tpu"], r"--device 'tpu'"),
+    ],
+)
+def test_errors_are_one_line_exit_2(runner: CliRunner, args: list, pattern: str) -> None:
+    message = _error(run(runner, *args))
+    assert re.search(pattern, message), message
+
+
+def test_bad_model_files(runner: CliRunner, tmp_path: Path) -> None:
+    data = FIX / "mlp.calib.npy"
+    cases = {
+        "empty.pt": b"",
+        "text.pt": b"hello, I am not a model\n",
+        "truncated.pt": (FIX / "mlp.ts.pt").read_bytes()[:2000],
+        "notes.zip": _zip_bytes(tmp_path),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        message = _error(run(runner, path, "--data", data))
+        assert name in message, message
+
+
+def _zip_bytes(tmp_path: Path) -> bytes:
+    import zipfile
+
+    path = tmp_path / "x.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    return path.read_bytes()
+
+
+def test_bad_data_files(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"garbage")
+    assert "bad.npy" in _error(run(runner, FIX / "mlp.ts.pt", "--data", bad))
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 32), np.float32))
+    assert "holds no samples" in _error(run(runner, FIX / "mlp.ts.pt", "--data", empty))
+    wrong = tmp_path / "data.csv"
+    wrong.write_text("1,2,3")
+    assert "expected .npy" in _error(run(runner, FIX / "mlp.ts.pt", "--data", wrong))
+
+
+def test_usage_error_exits_2(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["scan", str(FIX / "mlp.ts.pt")])
+    assert result.exit_code == 2  # --data missing
+
+
+def test_module_entry_point() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
+                           str(FIX / "mlp.calib.npy"), "--json", "-"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["dead"] == 3

@@ -1,0 +1,128 @@
+"""Every way of writing a ReLU is a site, named and given a unit axis, in every flavour of module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deadrelu import ScanOptions, scan
+from deadrelu.sites import context_from_torchscript
+
+
+class Forms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU(inplace=True)
+        self.r6 = nn.ReLU6()
+        self.leaky = nn.LeakyReLU(0.2)
+        self.prelu = nn.PReLU(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(x)))
+        x = self.act(x - 0.5)  # same module, second call
+        x = F.relu(x - 0.1)
+        x = torch.relu(x)
+        x = (x - 0.2).relu()
+        x = (x - 0.3).relu_()
+        x = self.r6(x * 10)
+        x = F.relu6(x - 1)
+        x = F.hardtanh(x - 1, 0.0, 6.0)
+        x = F.hardtanh(x, -1.0, 1.0)  # not a ReLU
+        x = self.leaky(x - 2)
+        x = self.prelu(x)
+        return F.relu(self.fc(x.mean((2, 3))))
+
+
+EXPECTED = [
+    ("act", "relu"), ("act_1", "relu"), ("relu", "relu"), ("relu_1", "relu"), ("relu_2", "relu"),
+    ("relu_3", "relu"), ("r6", "relu6"), ("relu6", "relu6"), ("hardtanh", "relu6"), ("leaky", "leaky_relu"),
+    ("prelu", "prelu"), ("relu_4", "relu"),
+]
+
+
+def data() -> torch.Tensor:
+    return torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("flavour", ["eager", "trace", "script", "export"])
+def test_every_form_is_a_site(flavour: str) -> None:
+    model = Forms().eval()
+    x = data()
+    if flavour == "trace":
+        model = torch.jit.trace(model, x)
+    elif flavour == "script":
+        model = torch.jit.script(model)
+    elif flavour == "export":
+        batch = torch.export.Dim("batch", min=1, max=64)
+        model = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}}).module()
+    report = scan(model, [x[:3], x[3:]], ScanOptions(device="cpu"))
+    assert [(s.name, s.op) for s in report.sites] == EXPECTED
+    assert [s.unit_axis for s in report.sites] == [1] * 11 + [1]
+    assert report.sites[9].leaky and report.sites[10].leaky and not report.sites[0].leaky
+
+
+def test_inplace_relu_is_read_before_it_runs() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True)).eval()
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([-100.0, 0.0, 100.0]))
+    x = torch.randn(10, 4)
+    report = scan(model, [x], ScanOptions(device="cpu"))
+    site = report.sites[0]
+    pre = model[0](x).detach().numpy()
+    np.testing.assert_allclose(site.stats.minimum, pre.min(0), rtol=1e-6)
+    assert site.stats.minimum[0] < -50  # the negative side was seen: read before relu_
+    assert list(site.verdict.dead) == [0]
+
+
+class Shapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3)
+        self.c3 = nn.Conv3d(2, 4, 1)
+        self.seq = nn.Linear(6, 7)
+        self.emb = nn.Embedding(10, 5)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            F.relu(self.c1(a)),  # (N, 3, L): dim 1
+            F.relu(self.c3(b) + 1.0),  # (N, 4, D, H, W) through a bias add: dim 1
+            F.relu(self.seq(s)),  # (N, T, 7): last dim
+            F.relu(self.emb(t)),  # (N, T, 5): last dim
+            F.relu(s.permute(0, 2, 1)),  # unknown producer: dim 1
+        ]
+
+
+def test_unit_axis_follows_the_producer() -> None:
+    batch = (torch.randn(2, 2, 8), torch.randn(2, 2, 3, 3, 3), torch.randn(2, 9, 6), torch.randint(0, 10, (2, 4)))
+    report = scan(Shapes(), [batch], ScanOptions(device="cpu"))
+    got = [(s.unit_axis, s.units, s.axis_source) for s in report.sites]
+    assert got == [(1, 3, "conv"), (1, 4, "conv"), (2, 7, "linear"), (2, 5, "linear"), (1, 6, "default")]
+
+
+def test_keyword_and_positional_inputs() -> None:
+    class TwoInputs(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.relu(a - b)
+
+    a, b = torch.randn(4, 3), torch.zeros(4, 3)
+    by_position = scan(TwoInputs(), [(a, b)], ScanOptions(device="cpu"))
+    by_name = scan(TwoInputs(), [{"a": a, "b": b}], ScanOptions(device="cpu"))
+    np.testing.assert_array_equal(by_position.sites[0].stats.positive, by_name.sites[0].stats.positive)
+
+
+def test_torchscript_hierarchy_parsing() -> None:
+    ctx = context_from_torchscript("layer1(Sequential).0(B).relu(ReLU).UNKNOWN_INSTANCE(UNKNOWN_TYPE)")
+    assert (ctx.module_path, ctx.module_type) == ("layer1.0.relu", "ReLU")
+    assert context_from_torchscript("").module_path == ""
+
+
+def test_names_are_stable_across_runs() -> None:
+    names = [tuple(s.name for s in scan(Forms(), [data()], ScanOptions(device="cpu")).sites) for _ in range(2)]
+    assert names[0] == names[1]
