@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
 from deadrelu.errors import DeadReluError, ExitCode, UsageError
 from deadrelu.judge import Thresholds
 from deadrelu.outputs import write_atomic
@@ -71,22 +72,32 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 @app.command("scan")
 def scan_command(
     model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch) or pickle.")],
-    data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, or 'random' (with --input-shape).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, .safetensors, a folder of images or .npy shards, pkg.module:function or file.py:function (runs your code), or 'random' (with --input-shape).")],
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict: pkg.module:fn or path/file.py:fn (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample shape for --data random, e.g. 3,224,224.")] = None,
+    inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs: positions (0 or 0,1) or dict keys (image,mask). Default: the leading elements the model's forward takes.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the model and its float inputs: float32, float16, bfloat16.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes for image folders and Datasets.")] = 2,
+    image_size: Annotated[int, typer.Option("--image-size", min=1, help="Image folders: resize the shorter side and centre-crop to this.")] = 224,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Image folders: normalisation mean, a preset (imagenet, clip, half, none) or numbers.")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --data random.")] = 0,
     near_dead: Annotated[float, typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this.")] = 0.01,
     tau: Annotated[float, typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this.")] = 0.1,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
 ) -> None:
     """Scan a model's ReLU sites over calibration data and report dead units."""
     with reported_errors():
+        normalise = parse_normalisation(mean, std)
+        data_options = DataOptions(input_shape=parse_shape(input_shape), seed=seed, workers=workers,
+                                   image=ImageOptions(image_size, normalise[0], normalise[1], workers))
         options = ScanOptions(
-            arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size, samples=samples,
-            input_shape=parse_shape(input_shape), thresholds=Thresholds(near_dead=near_dead, tau=tau),
+            arch=arch, trust_pickle=trust_pickle, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
+            inputs=inputs, data=data_options, thresholds=Thresholds(near_dead=near_dead, tau=tau),
         )
         report = _scan_with_progress(model, data, options)
         emit(report, json_out)
@@ -109,7 +120,10 @@ def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanRep
             speed = bar.tasks[task].speed
             bar.update(task, rate=f"{speed:,.0f}/s" if speed else "")
 
-        return scan(model, data, options, progress=advanced, on_start=started)
+        def said(message: str) -> None:
+            console.print(f"deadrelu: {message}", style="yellow", highlight=False, markup=False)
+
+        return scan(model, data, options, progress=advanced, on_start=started, notify=said)
 
 
 def emit(report: ScanReport, json_out: str | None) -> None:

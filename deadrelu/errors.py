@@ -9,7 +9,7 @@ class ExitCode(enum.IntEnum):
     """Process exit codes, the contract with CI."""
 
     CLEAN = 0
-    FINDINGS = 1  # a gate failed (reserved until gates exist)
+    FINDINGS = 1  # a gate failed
     ERROR = 2  # usage, load, data or internal error
     INTERRUPTED = 130  # Ctrl-C: a partial report was written
 
@@ -42,3 +42,11 @@ class DataError(DeadReluError):
 
 class ModelRunError(DeadReluError):
     """The model's forward pass raised."""
+
+
+class ConfigError(UsageError):
+    """`[tool.deadrelu]` (or `--config FILE`) is malformed; the message names the key."""
+
+
+class SavedReportError(DeadReluError):
+    """A saved JSON report (for `report`, `diff`, `--baseline`) cannot be read."""

@@ -87,6 +87,8 @@ class SiteReport:
                 "count": [int(v) for v in s.count],
                 "positive": [int(v) for v in s.positive],
                 "m2": _nums(s.m2),
+                "nan": [int(v) for v in s.nan],
+                "inf": [int(v) for v in s.inf],
             },
             **self.extra,
         }

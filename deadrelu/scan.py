@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deadrelu.data import CalibrationSource, ModelInput, open_data
-from deadrelu.errors import DataError, ModelRunError, UsageError
+from deadrelu.data import CalibrationSource, DataOptions, InputSelector, ModelInput, open_data, source_from_object
+from deadrelu.errors import DataError, UsageError
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
-from deadrelu.probe import SiteObservation, StreamResult
-from deadrelu.probe.torch_probe import ReluProbe, probing
+from deadrelu.probe import StreamResult
+from deadrelu.probe.torch_stream import StreamSettings, stream_torch
 from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -29,57 +31,73 @@ class ScanOptions:
     arch: str | None = None
     trust_pickle: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str | None = None  # float32 | float16 | bfloat16: cast model and float inputs
     batch_size: int = 32
     samples: int | None = None  # cap on the number of samples
-    input_shape: tuple[int, ...] | None = None  # for data 'random'
+    inputs: str | None = None  # which batch elements are model inputs: "0", "0,1", "image,mask"
+    data: DataOptions = field(default_factory=DataOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 def scan(model: str | Path | torch.nn.Module, data: str | Path | CalibrationSource | Iterable[Any],
          options: ScanOptions | None = None, *, progress: ProgressFn | None = None,
-         on_start: Callable[[int | None], None] | None = None) -> ScanReport:
+         on_start: Callable[[int | None], None] | None = None,
+         notify: Callable[[str], None] | None = None) -> ScanReport:
     """Scan a model's ReLU sites over calibration data and return the report.
 
     Args:
         model: a model file (any supported format) or an in-memory ``nn.Module``. An
-            in-memory module is left as it was: hooks removed, train/eval mode and device
-            restored, even when the scan raises.
-        data: a ``--data`` spec (``.npy``/``.npz``/``.pt`` path or ``"random"``), a
-            `CalibrationSource`, or any iterable of batches (tensor, tuple of tensors, or
-            dict of tensors).
+            in-memory module is left as it was: hooks removed, train/eval modes, device
+            and dtype restored, even when the scan raises.
+        data: a ``--data`` spec (see `deadrelu.data.open_data`), a `CalibrationSource`, a
+            tensor (samples along dim 0), a ``Dataset``/``DataLoader``, or any iterable of
+            batches (tensor, tuple of tensors, or dict of tensors).
         options: see `ScanOptions`.
         progress: called after each batch with its number of samples.
         on_start: called once with the number of samples to expect (None if unknown).
+        notify: called with one-off messages worth telling the user at once.
+
+    Returns:
+        The `ScanReport`; ``report.partial`` is True when Ctrl-C ended the stream early
+        (the statistics then cover the batches that completed).
 
     Example:
         >>> report = scan("fixtures/convnet.ts.pt", "fixtures/convnet.calib.npy")
         >>> report.dead, [s.name for s in report.sites if s.dead]
     """
     options = options or ScanOptions()
-    if options.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
+    _check(options)
     device = resolve_device(options.device)
     loaded = _load(model, options)
     source = _open(data, options)
     total = _expected_samples(source, options.samples)
     if on_start:
         on_start(total)
-    batches = _capped(_batches(source, options.batch_size), options.samples)
-    stream = stream_onnx if loaded.format is ModelFormat.ONNX else stream_torch
-    result = stream(loaded, batches, device, progress)
+    selector = InputSelector.parse(options.inputs, count_model_inputs(loaded))
+    batches = _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+    result = _stream(loaded, batches, device, progress, StreamSettings(DTYPES.get(options.dtype or ""), notify))
     if result.samples == 0 and not result.partial:
-        raise DataError(f"{_describe(source)}: no samples to scan")
+        raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
                   for o in result.sites)
     return ScanReport(
         model=ModelInfo(loaded.path, loaded.format.value, loaded.sha256),
-        data=DataInfo(_describe(source), result.samples, bool(getattr(source, "is_random", False))),
+        data=DataInfo(source.description, result.samples, bool(getattr(source, "is_random", False))),
         sites=sites,
         thresholds=options.thresholds,
         device=str(device),
         partial=result.partial,
-        warnings=_warnings(source, result.samples, options.samples) + result.notes,
+        warnings=_warnings(source, result, options.samples),
     )
+
+
+def _check(options: ScanOptions) -> None:
+    if options.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if options.samples is not None and options.samples < 1:
+        raise UsageError("--samples must be at least 1")
+    if options.dtype and options.dtype not in DTYPES:
+        raise UsageError(f"--dtype '{options.dtype}': expected one of {', '.join(DTYPES)}")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -89,96 +107,53 @@ def resolve_device(spec: str) -> torch.device:
         device = torch.device(spec)
     except RuntimeError as exc:
         raise UsageError(f"--device '{spec}': expected auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__})")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device '{spec}': expected auto, cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__})")
     return device
-
-
-def model_dtype(module: Any) -> torch.dtype:
-    """The floating dtype of the model's first floating parameter or buffer (float32 if none)."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 # --- load ----------------------------------------------------------------------------------
 
 def _load(model: str | Path | torch.nn.Module, options: ScanOptions) -> LoadedModel:
     if isinstance(model, torch.nn.Module):
-        return LoadedModel(module=model, format=_in_memory_format(model), path=f"<{type(model).__name__}>", sha256="")
+        fmt = ModelFormat.TORCHSCRIPT if isinstance(model, torch.jit.ScriptModule) else ModelFormat.PICKLE
+        return LoadedModel(module=model, format=fmt, path=f"<{type(model).__name__}>", sha256="", owned=False)
+    if not isinstance(model, (str, Path)):
+        raise UsageError(f"model: expected a path or an nn.Module, got {type(model).__name__}")
     return load_model(model, arch=options.arch, trust_pickle=options.trust_pickle)
 
 
-def _in_memory_format(model: torch.nn.Module) -> ModelFormat:
-    return ModelFormat.TORCHSCRIPT if isinstance(model, torch.jit.ScriptModule) else ModelFormat.PICKLE
-
-
-@contextmanager
-def prepared(module: Any, device: torch.device) -> Iterator[Any]:
-    """The module in eval mode on `device`; its modes and device are restored afterwards."""
-    modes = [(m, m.training) for m in module.modules()] if hasattr(module, "modules") else []
-    original = next((t.device for t in list(module.parameters()) + list(module.buffers())), None)
+def count_model_inputs(loaded: LoadedModel) -> int | None:
+    """How many positional inputs the model's forward requires (None if unknown)."""
+    module = loaded.module
+    if loaded.format is ModelFormat.ONNX:
+        counter = getattr(module, "input_count", None)
+        return counter() if callable(counter) else None
     try:
-        if not _is_exported(module):
-            module.eval()
-        if original is not None and original != device:
-            module.to(device)
-        yield module
-    finally:
-        if original is not None and original != device:
-            module.to(original)
-        for sub, training in modes:
-            sub.training = training
-
-
-def _is_exported(module: Any) -> bool:
-    return isinstance(module, torch.fx.GraphModule) and any("nn_module_stack" in n.meta for n in module.graph.nodes)
+        if isinstance(module, torch.jit.ScriptModule):
+            arguments = module.forward.schema.arguments[1:]
+            return sum(1 for a in arguments if not a.has_default_value())
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
 # --- data ----------------------------------------------------------------------------------
 
-def _open(data: Any, options: ScanOptions) -> Any:
+def _open(data: Any, options: ScanOptions) -> CalibrationSource:
     if isinstance(data, (str, Path)):
-        return open_data(str(data), input_shape=options.input_shape, random_samples=options.samples or 64)
-    if hasattr(data, "batches"):
-        return data
-    if isinstance(data, torch.Tensor):
-        return _IterableSource(list(data.split(options.batch_size)))
-    return _IterableSource(data)
-
-
-class _IterableSource:
-    """Batches from the caller's own iterable (DataLoader, list of tensors, generator)."""
-
-    description = "<iterable>"
-    is_random = False
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        self.iterable = iterable
-
-    def total(self) -> int | None:
-        return None
-
-    def batches(self, batch_size: int) -> Iterator[ModelInput]:
-        for batch in self.iterable:
-            yield as_model_input(batch)
-
-
-def as_model_input(batch: Any) -> ModelInput:
-    if isinstance(batch, ModelInput):
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return ModelInput((batch,))
-    if isinstance(batch, dict):
-        return ModelInput((), dict(batch))
-    if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in batch):
-        return ModelInput(tuple(batch))
-    raise DataError(f"a batch of type {type(batch).__name__}: expected a tensor, a tuple of tensors or a dict")
-
-
-def _batches(source: Any, batch_size: int) -> Iterator[ModelInput]:
-    return iter(source.batches(batch_size))
+        data_options = options.data
+        if options.samples and data_options.random_samples == DataOptions().random_samples:
+            data_options = DataOptions(data_options.input_shape, options.samples, data_options.seed,
+                                       data_options.workers, data_options.image)
+        return open_data(str(data), data_options)
+    return source_from_object(data, f"<{type(data).__name__}>", options.data.workers)
 
 
 def _capped(batches: Iterator[ModelInput], cap: int | None) -> Iterator[ModelInput]:
@@ -193,94 +168,33 @@ def _capped(batches: Iterator[ModelInput], cap: int | None) -> Iterator[ModelInp
         yield batch
 
 
-def _expected_samples(source: Any, cap: int | None) -> int | None:
+def _expected_samples(source: CalibrationSource, cap: int | None) -> int | None:
     total = source.total()
     if total is None:
         return cap
     return min(total, cap) if cap is not None else total
 
 
-def _describe(source: Any) -> str:
-    return str(getattr(source, "description", "<data>"))
-
-
 # --- stream --------------------------------------------------------------------------------
 
-def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
-                 progress: ProgressFn | None) -> StreamResult:
-    """Run every batch through a PyTorch model under the probe."""
-    with prepared(loaded.module, device) as module, probing(module) as (probe, stack):
-        dtype = model_dtype(module)
-        samples, partial = 0, False
-        with torch.inference_mode():
-            try:
-                for batch in batches:
-                    inputs = batch.map(lambda t: _to_model(t, device, dtype))
-                    _forward(module, probe, stack, inputs)
-                    samples += batch.size
-                    if progress:
-                        progress(batch.size)
-            except KeyboardInterrupt:
-                partial = True
-        observed = tuple(_observations(probe))
-    return StreamResult(observed, samples, partial)
+def _stream(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device, progress: ProgressFn | None,
+            settings: StreamSettings) -> StreamResult:
+    if loaded.format is ModelFormat.ONNX:
+        from deadrelu.probe.onnx_probe import stream_onnx
 
-
-def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
-                progress: ProgressFn | None) -> StreamResult:
-    from deadrelu.probe.onnx_probe import stream_onnx as run
-
-    return run(loaded, batches, device, progress)
-
-
-def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    tensor = tensor.to(device, non_blocking=True)
-    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
-
-
-def _forward(module: Any, probe: ReluProbe, stack: Any, inputs: ModelInput) -> None:
-    probe.begin_pass()
-    try:
-        with probe:
-            module(*inputs.args, **inputs.kwargs)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        where = stack.failing_module() if stack is not None else None
-        location = f" in module '{where}'" if where else ""
-        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
-        if stack is not None:
-            stack.reset()
-        expected = _declared_input_shapes(module)
-        if expected:
-            message += f" (the program was exported for input shape {expected})"
-        raise ModelRunError(f"model forward failed{location} on input of shape {inputs.shapes()}: {message}") from exc
-
-
-def _declared_input_shapes(module: Any) -> str:
-    """Input shapes an exported program declares, symbolic dims by name ('' if unknown)."""
-    if not _is_exported(module):
-        return ""
-    shapes = []
-    for node in module.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor) and not node.name.startswith(("p_", "b_", "c_")):
-            shapes.append("(" + ", ".join(str(d) for d in value.shape) + ")")
-    return ", ".join(shapes)
+        return stream_onnx(loaded, batches, device, progress)
+    return stream_torch(loaded, batches, device, progress, settings)
 
 
 # --- report --------------------------------------------------------------------------------
 
-def _observations(probe: ReluProbe) -> Iterator[SiteObservation]:
-    for tap in sorted(probe.taps.values(), key=lambda t: t.order):
-        yield SiteObservation(tap.name, tap.op, tap.axis.axis, tap.axis.source, tap.stats.result())
-
-
-def _warnings(source: Any, samples: int, cap: int | None) -> tuple[str, ...]:
-    """What the reader of the report should know about the data."""
-    warnings = []
+def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None) -> tuple[str, ...]:
+    """What the reader of the report should know about the data and the run."""
+    warnings = list(result.notes)
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
-    if cap is not None and samples < cap:
-        warnings.append(f"asked for {cap} samples, the data held {samples}")
+    if cap is not None and result.samples < cap and not result.partial:
+        warnings.append(f"asked for {cap} samples, the data held {result.samples}: used {result.samples}")
+    if result.partial:
+        warnings.append(f"interrupted: statistics cover the first {result.samples} samples only")
     return tuple(warnings)

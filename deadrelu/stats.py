@@ -95,18 +95,17 @@ class PendingBatch:
     it is max(x, 0)) instead of computing max(x, 0) again.
     """
 
-    stats: UnitStats
     dims: tuple[int, ...]
     moments: BatchMoments
     needs_output: bool  # relu_sum still to be read from the output
 
-    def finish(self, output: torch.Tensor | None = None) -> None:
+    def complete(self, output: torch.Tensor | None = None) -> BatchMoments:
+        """The batch's moments, reading the op's output where needed."""
         if not self.needs_output:
-            self.stats.fold(self.moments)
-            return
+            return self.moments
         assert output is not None, "this batch needs the op's output"
         relu_sum = output.detach().sum(dim=self.dims, dtype=torch.float32).double()
-        self.stats.fold(replace(self.moments, relu_sum=relu_sum))
+        return replace(self.moments, relu_sum=relu_sum)
 
 
 def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scratch: Scratch,
@@ -144,8 +143,7 @@ def _unit_shape(ndim: int, dims: tuple[int, ...]) -> list[int]:
     return [1 if d in dims else -1 for d in range(ndim)]
 
 
-def begin_batch(stats: UnitStats, x: torch.Tensor, axis: int, output_is_relu: bool,
-                scratch: Scratch | None = None) -> PendingBatch:
+def begin_batch(x: torch.Tensor, axis: int, output_is_relu: bool, scratch: Scratch | None = None) -> PendingBatch:
     """Reduce the input side of one batch now (before an inplace op can overwrite it).
 
     Args:
@@ -167,11 +165,11 @@ def begin_batch(stats: UnitStats, x: torch.Tensor, axis: int, output_is_relu: bo
     units = x.shape[axis]
     per_unit = x.numel() // units if units else 0
     if x.device.type != "cpu":
-        return PendingBatch(stats, dims, _masked_moments(x, dims), needs_output=False)
+        return PendingBatch(dims, _masked_moments(x, dims), needs_output=False)
     moments = _finite_moments(x, dims, per_unit, scratch or Scratch(), output_is_relu)
     if moments is None:
-        return PendingBatch(stats, dims, _masked_moments(x, dims), needs_output=False)
-    return PendingBatch(stats, dims, moments, needs_output=output_is_relu)
+        return PendingBatch(dims, _masked_moments(x, dims), needs_output=False)
+    return PendingBatch(dims, moments, needs_output=output_is_relu)
 
 
 class UnitStats:
@@ -195,7 +193,7 @@ class UnitStats:
         """Fold one batch of pre-activations (any float dtype) into the accumulators."""
         if x.numel() == 0:
             return
-        begin_batch(self, x, axis, output_is_relu=False).finish()
+        self.fold(begin_batch(x, axis, output_is_relu=False).complete())
 
     def merge(self, other: UnitStats) -> None:
         """Fold another accumulator of the same site (e.g. another shard) into this one."""

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import io
+from typing import TYPE_CHECKING
+
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from deadrelu.formats.interface import Outcome, ReportFormat
+from deadrelu.gates import GateReport, GateResult
 from deadrelu.report import ScanReport, SiteReport
+
+if TYPE_CHECKING:
+    from deadrelu.diff import ReportDiff, SiteDiff
 
 
 def _num(value: float | None) -> str:
@@ -75,6 +83,10 @@ def summary_lines(report: ScanReport) -> list[str]:
     )
     if s["collapsed_sites"]:
         lines.append(f"COLLAPSED (every unit dead, all later layers see a constant): {', '.join(s['collapsed_sites'])}")
+    nonfinite = [f"{site.name} ({int(site.stats.nan.sum())} NaN, {int(site.stats.inf.sum())} Inf)"
+                 for site in report.sites if site.stats.nan.sum() or site.stats.inf.sum()]
+    if nonfinite:
+        lines.append(f"non-finite pre-activations, kept out of the moments: {', '.join(nonfinite)}")
     lines.append(
         f"A unit that never fired on {report.data.samples} samples fires on fewer than "
         f"{s['never_fired_bound']:.2%} of samples (95% confidence, rule of three)."
@@ -89,3 +101,103 @@ def render(report: ScanReport, console: Console) -> None:
         console.print(line, highlight=False, markup=False)
     for warning in report.warnings:
         console.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
+
+
+# --- the table format (behind formats.interface) ---------------------------------------------
+
+def gate_lines(gates: GateReport) -> list[Text]:
+    """The gate verdict: every global gate, and the site gates that failed."""
+    if not gates.active:
+        return []
+    status = Text("PASSED", style="bold green") if gates.passed else Text("FAILED", style="bold red")
+    against = f", only units not in baseline {gates.baseline}" if gates.baseline else ""
+    lines = [Text.assemble(f"Gates (counting {gates.kind_words} units{against}): ", status)]
+    for result in gates.global_results():
+        lines.append(_result_line(result))
+    site_checks = [r for r in gates.all_results if r.site is not None]
+    failed = [r for r in site_checks if not r.passed]
+    lines.extend(_result_line(r) for r in failed)
+    if site_checks:
+        lines.append(Text(f"  {len(site_checks) - len(failed)} of {len(site_checks)} site checks passed", style="dim"))
+    ignored = [s.name for s in gates.sites if s.ignored]
+    if ignored:
+        lines.append(Text(f"  ignored sites: {', '.join(ignored)}", style="dim"))
+    return lines
+
+
+def _result_line(result: GateResult) -> Text:
+    mark = Text("  pass ", style="green") if result.passed else Text("  FAIL ", style="bold red")
+    return Text.assemble(mark, result.message)
+
+
+class TableFormat(ReportFormat):
+    """The terminal report: site table, summary lines, warnings, gate verdict."""
+
+    name = "table"
+    file_width = 100  # columns of a table written to a file with -o
+
+    def show(self, outcome: Outcome, console: Console) -> None:
+        render(outcome.report, console)
+        for line in gate_lines(outcome.gates):
+            console.print(line, highlight=False)
+
+    def render(self, outcome: Outcome) -> str:
+        return _capture(lambda console: self.show(outcome, console), self.file_width)
+
+    def show_diff(self, diff: ReportDiff, console: Console) -> None:
+        table = Table(title=f"{diff.old_label} -> {diff.new_label}", title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, padding=(0, 1), expand=False)
+        table.add_column("site", overflow="fold", min_width=12)
+        for header in ("units", "dead", "died", "revived", "active"):
+            table.add_column(header, justify="right", no_wrap=True)
+        for site in diff.sites:
+            table.add_row(*_diff_row(site))
+        console.print(table)
+        for line in diff_lines(diff):
+            console.print(line, highlight=False)
+
+    def render_diff(self, diff: ReportDiff) -> str:
+        return _capture(lambda console: self.show_diff(diff, console), self.file_width)
+
+
+def _diff_row(site: SiteDiff) -> list[Text | str]:
+    units = str(site.new_units if site.new_units is not None else site.old_units)
+    if site.status == "both" and site.old_units != site.new_units:
+        units = f"{site.old_units}->{site.new_units}"
+    name = Text(site.name + {"added": " (new)", "removed": " (gone)"}.get(site.status, ""),
+                style="dim" if site.ignored else "")
+    change = site.active_rate_change
+    active = "-" if change is None else f"{site.new_active_rate:.1%} ({change * 100:+.1f})"
+    return [
+        name, units, f"{site.old_dead}->{site.new_dead}",
+        Text(str(len(site.died)), style="bold red" if site.died else "dim"),
+        Text(str(len(site.revived)), style="green" if site.revived else "dim"),
+        active,
+    ]
+
+
+def diff_lines(diff: ReportDiff) -> list[Text]:
+    lines = [Text(f"{diff.died} units died, {diff.revived} revived; dead {diff.old.dead} -> {diff.new.dead} "
+                  f"of {diff.new.units} units")]
+    for site in diff.sites:
+        if site.died and not site.ignored:
+            lines.append(Text(f"  died    {site.name}: {_units(site.died)}"))
+        if site.revived and not site.ignored:
+            lines.append(Text(f"  revived {site.name}: {_units(site.revived)}"))
+    lines.extend(Text(f"note: {note}", style="dim") for note in diff.notes)
+    for result in diff.results:
+        lines.append(_result_line(result))
+    return lines
+
+
+def _units(units: tuple[int, ...], limit: int = 20) -> str:
+    shown = ", ".join(str(u) for u in units[:limit])
+    return shown + (f", ... ({len(units)} in all)" if len(units) > limit else "")
+
+
+def _capture(show, width: int) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False,
+                      emoji=False)
+    show(console)
+    return buffer.getvalue()

@@ -20,11 +20,12 @@ from deadrelu.load.detect import ModelFormat, detect_format
 class LoadedModel:
     """A runnable model and where it came from."""
 
-    module: Any  # nn.Module, ScriptModule, or fx.GraphModule (exported program)
+    module: Any  # nn.Module, ScriptModule, fx.GraphModule (exported program), or onnx_format.OnnxModel
     format: ModelFormat
     path: str
     sha256: str
     exported_program: Any = None  # torch.export.ExportedProgram when format is exported_program
+    owned: bool = True  # False for the caller's in-memory module: it must come back unchanged
 
 
 def file_sha256(path: Path) -> str:
@@ -36,7 +37,7 @@ def file_sha256(path: Path) -> str:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load a PyTorch model file (TorchScript, exported program, state_dict + arch, pickle)."""
+    """Load a model file (TorchScript, exported program, state_dict + arch, pickle, ONNX)."""
     from deadrelu.load import torch_formats
 
     path = Path(path)
@@ -50,9 +51,17 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         ModelFormat.TORCHSCRIPT: lambda: (torch_formats.load_torchscript(path), None),
         ModelFormat.EXPORTED_PROGRAM: lambda: torch_formats.load_exported(path),
         ModelFormat.TORCH_SAVE: lambda: (torch_formats.load_torch_save(path, arch, trust_pickle), None),
+        ModelFormat.SAFETENSORS: lambda: (torch_formats.load_safetensors(path, arch), None),
+        ModelFormat.ONNX: lambda: (_load_onnx(path), None),
     }
     if fmt not in loaders:
         raise ModelLoadError(f"{path}: {fmt.value} models are not supported yet")
     module, program = loaders[fmt]()
     actual = torch_formats.saved_kind(module, fmt)
     return LoadedModel(module=module, format=actual, path=str(path), sha256=digest, exported_program=program)
+
+
+def _load_onnx(path: Path) -> Any:
+    from deadrelu.load.onnx_format import load_onnx  # imports onnx (~0.25 s) only when needed
+
+    return load_onnx(path)

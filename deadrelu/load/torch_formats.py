@@ -42,7 +42,9 @@ def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
 def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:
     """A torch.save file: a state_dict/checkpoint (with --arch) or a pickled module."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's protocol notices are not the user's concern
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         if not _needs_full_unpickle(exc):
             raise ModelLoadError(f"{path}: cannot read torch.save file: {_first_line(exc)}") from exc
@@ -63,8 +65,29 @@ def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.n
     return model
 
 
+def load_safetensors(path: Path, arch: str | None) -> torch.nn.Module:
+    """A state_dict stored as .safetensors (never executes code), built with --arch."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .safetensors file ({_first_line(exc)})") from exc
+    if not arch:
+        raise ArchitectureError(
+            f"{path}: is a .safetensors state_dict ({len(state)} tensors); pass --arch pkg.module:factory "
+            "or --arch path/to/file.py:factory to build the model it belongs to"
+        )
+    model = build_architecture(arch)
+    load_weights(model, _strip_prefix(state), path)
+    return model
+
+
 def saved_kind(module: Any, fmt: ModelFormat) -> ModelFormat:
     """Refine TORCH_SAVE into state_dict or pickle for the report."""
+    if fmt is ModelFormat.SAFETENSORS:
+        return ModelFormat.STATE_DICT
     if fmt is not ModelFormat.TORCH_SAVE:
         return fmt
     return ModelFormat.PICKLE if getattr(module, "_deadrelu_from_pickle", False) else ModelFormat.STATE_DICT

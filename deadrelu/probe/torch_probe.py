@@ -19,11 +19,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from deadrelu import sites
-from deadrelu.stats import PendingBatch, Scratch, UnitStats, begin_batch
+from deadrelu.errors import ModelRunError
+from deadrelu.stats import BatchMoments, PendingBatch, Scratch, UnitStats, begin_batch
 
 # Ops whose output is max(input, 0): the positive count and the ReLU-output sum are read
 # from it. (relu6's output is clipped at 6, so its sum is not the sum of max(x, 0).)
 OUTPUT_IS_RELU = frozenset({"relu"})
+
+
+class SiteShapeError(ModelRunError):
+    """A site's unit count changed between batches (the model is not shape-stable)."""
 
 
 class ContextSource(Protocol):
@@ -104,6 +109,7 @@ class SiteTap:
     axis: sites.AxisChoice
     stats: UnitStats
     order: int
+    batches: int = 0  # committed forward passes that reached this site
 
 
 class ReluProbe(TorchDispatchMode):
@@ -116,24 +122,45 @@ class ReluProbe(TorchDispatchMode):
         self._namer = sites.SiteNamer()
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._scratch = Scratch()
+        self._staged: list[tuple[SiteTap, BatchMoments]] = []
 
     def begin_pass(self) -> None:
         """Call before each forward pass: names and graph cursors restart."""
         self._namer.reset()
         self.contexts.reset()
+        self._staged.clear()
+
+    def commit_pass(self) -> None:
+        """The forward pass completed: fold its staged moments into every site's statistics.
+
+        Staging makes a batch count everywhere or nowhere: a forward that raises (out of
+        memory, Ctrl-C) leaves the statistics as they were before it.
+        """
+        for tap, moments in self._staged:
+            tap.stats.fold(moments)
+            tap.batches += 1
+        self._staged.clear()
+
+    def discard_pass(self) -> None:
+        self._staged.clear()
+
+    def observed_taps(self) -> list[SiteTap]:
+        """Sites that completed at least one batch, in first-call order."""
+        return sorted((t for t in self.taps.values() if t.batches), key=lambda t: t.order)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         op_name = sites.packet_name(func)
         functional = sites.CANDIDATE_OPS.get(op_name)
-        pending = self._observe(functional, args, kwargs) if functional is not None else None
+        observed = self._observe(functional, args, kwargs) if functional is not None else None
         out = func(*args, **kwargs)
-        if pending is not None:
-            pending.finish(out)
+        if observed is not None:
+            tap, pending = observed
+            self._staged.append((tap, pending.complete(out)))
         self._track_producer(op_name, args, out)
         return out
 
-    def _observe(self, functional: str, args: tuple, kwargs: dict) -> PendingBatch | None:
+    def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch] | None:
         """Reduce the input of a candidate call (before it runs); None if it is no site."""
         ctx = self.contexts.next(functional)
         call_args = (args[0], kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
@@ -149,7 +176,10 @@ class ReluProbe(TorchDispatchMode):
             units = x.shape[axis.axis] if x.ndim else 1
             tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps))
             self.taps[name] = tap
-        return begin_batch(tap.stats, x, tap.axis.axis, output_is_relu=op in OUTPUT_IS_RELU, scratch=self._scratch)
+        elif x.ndim <= tap.axis.axis or x.shape[tap.axis.axis] != tap.stats.units:
+            raise SiteShapeError(f"site '{name}' had {tap.stats.units} units along dim {tap.axis.axis}, "
+                                 f"now its pre-activation has shape {tuple(x.shape)}")
+        return tap, begin_batch(x, tap.axis.axis, output_is_relu=op in OUTPUT_IS_RELU, scratch=self._scratch)
 
     def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out

@@ -1,0 +1,805 @@
+"""Per-unit statistics of ONNX ReLU sites, reduced inside the graph while data streams.
+
+Three phases, like ONNX Runtime's calibrators, without their costs:
+
+1. *Augment.* Right after each site, a few nodes reduce its pre-activation over every axis
+   but the unit axis -- max, min, mean, centred sum of squares, count of values > 0, sum of
+   the ReLU output -- and pack them into one small ``(6, units)`` tensor; that tensor and the
+   pre-activation's ``Shape`` become graph outputs (threaded out of ``If`` branches and
+   ``Loop``/``Scan`` bodies). Whole pre-activations never leave ONNX Runtime. The model is
+   built in memory; its weights are appended as serialized protobuf fragments, not copied
+   into a second model, and external data stays where it is.
+2. *Collect.* One session run per batch; each site's packed rows are folded on the host
+   into float64 accumulators with Chan's merge (`deadrelu.stats.UnitStats.fold`).
+3. *Result.* A `UnitSummary` per site.
+
+Graph optimisations stay on. A tapped tensor has consumers besides its ReLU, so ONNX
+Runtime cannot fuse the ReLU into its producer or drop the tensor; the tests check the
+results against a session with every optimisation off. The reductions come right after
+each site in node order, so each pre-activation is reduced while still in cache and freed.
+
+The fast reductions assume finite values. When a batch's statistics come back not finite,
+that batch runs again through a second, lazily built session whose reductions count NaN
+and +-Inf apart and keep them out of min/max/moments (the split of `deadrelu.stats`).
+Per-batch partial sums are float32 (float64 for double models): positive counts are exact
+below 2**24 elements per unit per batch, and "dead" (no value > 0) is exact at any size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from deadrelu.data import ModelInput
+from deadrelu.errors import DataError, ModelLoadError, ModelRunError, UsageError
+from deadrelu.load import LoadedModel
+from deadrelu.load.onnx_format import OnnxModel
+from deadrelu.onnx_sites import OnnxSite, ScopeStep, Survey, copy_field, node_label, survey
+from deadrelu.probe import SiteObservation, StreamResult
+from deadrelu.stats import BatchMoments, UnitStats
+
+ProgressFn = Callable[[int], None]
+
+FAST_ROWS = ("maximum", "minimum", "mean", "m2", "positive", "relu_sum")
+MASKED_ROWS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+PREFIX = "deadrelu::"
+
+
+# --- public entry ----------------------------------------------------------------------------
+
+
+def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
+                progress: ProgressFn | None) -> StreamResult:
+    """Run every batch through the ONNX model with in-graph reductions at each ReLU site."""
+    return scan_batches(loaded.module, batches, execution_providers(device), progress)
+
+
+def scan_batches(model: OnnxModel, batches: Iterator[ModelInput], providers: list[Any],
+                 progress: ProgressFn | None = None, *, optimise: bool = True) -> StreamResult:
+    """`stream_onnx` with explicit providers; ``optimise=False`` turns every ORT graph
+    optimisation off (the reference the tests compare against)."""
+    with OnnxScanner(model, survey(model.proto), providers, optimise) as scanner:
+        samples, partial = 0, False
+        try:
+            for batch in batches:
+                samples += scanner.run(batch)
+                if progress:
+                    progress(batch.size)
+        except KeyboardInterrupt:
+            partial = True
+        return StreamResult(scanner.observations(), samples, partial, scanner.notes())
+
+
+def execution_providers(device: torch.device) -> list[Any]:
+    """ONNX Runtime execution providers for a torch device."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UsageError(
+            f"--device {device}: this onnxruntime ({ort.__version__}) has no CUDA execution provider; "
+            "install the GPU build: pip uninstall onnxruntime && pip install onnxruntime-gpu")
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+
+
+# --- site layout and host-side decoding ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """A site to scan: where its unit axis is and how its statistics come out."""
+
+    id: int
+    site: OnnxSite
+    rank: int
+    axis: int  # unit axis of the pre-activation
+
+    @property
+    def flat(self) -> bool:
+        """A vector or scalar pre-activation is reduced as a (1, units) matrix."""
+        return self.rank < 2
+
+    @property
+    def work_rank(self) -> int:
+        return 2 if self.flat else self.rank
+
+    @property
+    def work_axis(self) -> int:
+        return 1 if self.flat else self.axis
+
+    @property
+    def reduce_axes(self) -> list[int]:
+        return [d for d in range(self.work_rank) if d != self.work_axis]
+
+    @property
+    def pack_axis(self) -> int:
+        """The (reduced, size-1) axis the statistic rows are concatenated along."""
+        return self.reduce_axes[0]
+
+    @property
+    def compute_type(self) -> int:
+        return TensorProto.DOUBLE if self.site.elem_type == TensorProto.DOUBLE else TensorProto.FLOAT
+
+    def unpack(self, packed: np.ndarray, rows: int) -> np.ndarray:
+        """``(n, rows, units)`` float64 from a packed output, n = stacked iterations (1 outside loops)."""
+        if packed.size == 0 or packed.ndim < self.work_rank:
+            return np.zeros((0, rows, 0))
+        lead = packed.shape[: packed.ndim - self.work_rank]
+        batch = packed.reshape(-1, *packed.shape[len(lead):]).astype(np.float64)
+        moved = np.moveaxis(batch, (1 + self.pack_axis, 1 + self.work_axis), (1, 2))
+        return moved.reshape(batch.shape[0], rows, -1)
+
+    def per_unit_counts(self, shapes: np.ndarray, units: int, n: int) -> np.ndarray:
+        """Elements per unit of each of the n stacked rows, from the pre-activation shapes."""
+        shapes = shapes.reshape(n, -1) if shapes.size else np.ones((n, 0), dtype=np.int64)
+        return np.prod(shapes, axis=1, dtype=np.float64) / max(units, 1)
+
+
+def _fast_moments(rows: np.ndarray, counts: np.ndarray) -> list[BatchMoments] | None:
+    """Moments of each row of fast-path statistics; None when a value is not finite."""
+    if not np.isfinite(rows[:, :4]).all():
+        return None
+    found = []
+    for row, count in zip(rows, counts):
+        maximum, minimum, mean, m2, positive, relu_sum = row
+        units = row.shape[1]
+        zeros = torch.zeros(units, dtype=torch.int64)
+        found.append(BatchMoments(
+            count=torch.full((units,), float(count), dtype=torch.float64),
+            positive=torch.from_numpy(np.rint(positive).astype(np.int64)),
+            nan=zeros, inf=zeros,
+            minimum=torch.from_numpy(minimum), maximum=torch.from_numpy(maximum),
+            mean=torch.from_numpy(mean), m2=torch.from_numpy(m2), relu_sum=torch.from_numpy(relu_sum),
+        ))
+    return found
+
+
+def _masked_moments(rows: np.ndarray) -> list[BatchMoments]:
+    found = []
+    for row in rows:
+        count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum = row
+        found.append(BatchMoments(
+            count=torch.from_numpy(np.rint(count)),
+            positive=torch.from_numpy(np.rint(positive).astype(np.int64)),
+            nan=torch.from_numpy(np.rint(nan).astype(np.int64)),
+            inf=torch.from_numpy(np.rint(inf).astype(np.int64)),
+            minimum=torch.from_numpy(minimum), maximum=torch.from_numpy(maximum),
+            mean=torch.from_numpy(mean), m2=torch.from_numpy(m2), relu_sum=torch.from_numpy(relu_sum),
+        ))
+    return found
+
+
+# --- emitting nodes --------------------------------------------------------------------------
+
+
+class Emitter:
+    """Builds nodes that are valid for the model's opset, with names no graph uses."""
+
+    def __init__(self, opset: int, prefix: str) -> None:
+        self.opset = opset
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}#{self._count}"
+
+    def node(self, op: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        return self.node("Constant", [], hint, value=numpy_helper.from_array(np.asarray(value)))
+
+    def reduce(self, op: str, x: str, axes: list[int], hint: str) -> str:
+        """A keepdims reduction over ``axes`` (axes as an input from opset 13/18 on)."""
+        as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if as_input:
+            axes_name = self.const(np.array(axes, dtype=np.int64), "axes")
+            return self.node(op, [x, axes_name], hint, keepdims=1)
+        return self.node(op, [x], hint, axes=axes, keepdims=1)
+
+
+def _work_input(em: Emitter, plan: SitePlan) -> str:
+    """The pre-activation as the reductions read it: float32/64, at least 2-D."""
+    x = plan.site.preact
+    if plan.site.elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        x = em.node("Cast", [x], "cast", to=TensorProto.FLOAT)
+    if plan.flat:
+        x = em.node("Reshape", [x, em.const(np.array([1, -1], dtype=np.int64), "flat")], "flat")
+    return x
+
+
+def _np_type(plan: SitePlan) -> type:
+    return np.float64 if plan.compute_type == TensorProto.DOUBLE else np.float32
+
+
+def emit_fast(em: Emitter, plan: SitePlan) -> tuple[str, str]:
+    """Fast per-unit reductions of one site: (packed statistics, shape) tensor names."""
+    x = _work_input(em, plan)
+    axes, dtype = plan.reduce_axes, _np_type(plan)
+    maximum = em.reduce("ReduceMax", x, axes, "max")
+    minimum = em.reduce("ReduceMin", x, axes, "min")
+    mean = em.reduce("ReduceMean", x, axes, "mean")
+    centred = em.node("Sub", [x, mean], "centred")
+    m2 = em.reduce("ReduceSum", em.node("Mul", [centred, centred], "sq"), axes, "m2")
+    above = em.node("Greater", [x, em.const(np.array(0, dtype=dtype), "zero")], "gt0")
+    positive = em.reduce("ReduceSum", em.node("Cast", [above], "gt0f", to=plan.compute_type), axes, "pos")
+    relu_out = plan.site.output if (plan.site.op_type == "Relu" and x == plan.site.preact) else None
+    relu = relu_out or em.node("Relu", [x], "relu")
+    relu_sum = em.reduce("ReduceSum", relu, axes, "relu_sum")
+    packed = em.node("Concat", [maximum, minimum, mean, m2, positive, relu_sum], "stats", axis=plan.pack_axis)
+    return packed, em.node("Shape", [plan.site.preact], "shape")
+
+
+def emit_masked(em: Emitter, plan: SitePlan) -> tuple[str, str]:
+    """Reductions that count NaN/Inf apart and keep them out of min/max/moments."""
+    x = _work_input(em, plan)
+    axes, dtype, to = plan.reduce_axes, _np_type(plan), plan.compute_type
+    big = em.const(np.array(np.finfo(dtype).max, dtype=dtype), "fmax")
+    zero = em.const(np.array(0, dtype=dtype), "zero")
+    one = em.const(np.array(1, dtype=dtype), "one")
+    is_nan = em.node("IsNaN", [x], "isnan")
+    is_inf = em.node("Greater", [em.node("Abs", [x], "abs"), big], "isinf")
+    finite = em.node("Not", [em.node("Or", [is_nan, is_inf], "bad")], "finite")
+    count = em.reduce("ReduceSum", em.node("Cast", [finite], "finitef", to=to), axes, "count")
+    nan = em.reduce("ReduceSum", em.node("Cast", [is_nan], "nanf", to=to), axes, "nan")
+    inf = em.reduce("ReduceSum", em.node("Cast", [is_inf], "inff", to=to), axes, "inf")
+    zeroed = em.node("Where", [finite, x, zero], "zeroed")
+    mean = em.node("Div", [em.reduce("ReduceSum", zeroed, axes, "sum"), em.node("Max", [count, one], "n")], "mean")
+    centred = em.node("Where", [finite, em.node("Sub", [zeroed, mean], "d"), zero], "centred")
+    m2 = em.reduce("ReduceSum", em.node("Mul", [centred, centred], "sq"), axes, "m2")
+    inf_const = em.const(np.array(np.inf, dtype=dtype), "pinf")
+    ninf_const = em.const(np.array(-np.inf, dtype=dtype), "ninf")
+    minimum = em.reduce("ReduceMin", em.node("Where", [finite, x, inf_const], "minin"), axes, "min")
+    maximum = em.reduce("ReduceMax", em.node("Where", [finite, x, ninf_const], "maxin"), axes, "max")
+    above = em.node("Cast", [em.node("Greater", [x, zero], "gt0")], "gt0f", to=to)
+    positive = em.reduce("ReduceSum", above, axes, "pos")
+    relu_sum = em.reduce("ReduceSum", em.node("Relu", [zeroed], "relu"), axes, "relu_sum")
+    packed = em.node("Concat", [count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum], "stats",
+                     axis=plan.pack_axis)
+    return packed, em.node("Shape", [plan.site.preact], "shape")
+
+
+def emit_shape(em: Emitter, plan: SitePlan) -> tuple[str, str]:
+    """Only the pre-activation's shape (finding ranks that shape inference could not)."""
+    shape = em.node("Shape", [plan.site.preact], "shape")
+    return shape, shape
+
+
+EmitFn = Callable[[Emitter, SitePlan], tuple[str, str]]
+
+
+# --- rewriting the graph -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A site's two statistic tensors as visible in one graph."""
+
+    plan: SitePlan
+    stats: str
+    shape: str
+    stats_type: int
+
+
+class Rewriter:
+    """Adds the reductions of every plan to a copy of the graph and brings them out."""
+
+    def __init__(self, model: OnnxModel, plans: list[SitePlan], emit: EmitFn) -> None:
+        self.model = model
+        self.plans = plans
+        self.emit = emit
+        self._emitters = 0
+
+    def head(self) -> tuple[onnx.ModelProto, dict[int, Exposure]]:
+        """The augmented model without its main-graph initializers, and where each site's
+        statistics come out (graph output names by plan id)."""
+        source = self.model.proto
+        head = onnx.ModelProto()
+        for descriptor, value in source.ListFields():
+            if descriptor.name not in ("graph",):
+                copy_field(head, descriptor, value)
+        graph, exposures = self._graph(source.graph, (), skip=("node", "initializer"))
+        for exposure in exposures:
+            graph.output.append(helper.make_tensor_value_info(exposure.stats, exposure.stats_type, None))
+            if exposure.shape != exposure.stats:
+                graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
+        head.graph.CopyFrom(graph)
+        return head, {e.plan.id: e for e in exposures}
+
+    def _emitter(self) -> Emitter:
+        self._emitters += 1
+        return Emitter(self.model.opset, f"{PREFIX}{self._emitters}::")
+
+    def _graph(self, source: onnx.GraphProto, scope: tuple[ScopeStep, ...],
+               skip: tuple[str, ...] = ("node",)) -> tuple[onnx.GraphProto, list[Exposure]]:
+        graph = onnx.GraphProto()
+        for descriptor, value in source.ListFields():
+            if descriptor.name not in skip:
+                copy_field(graph, descriptor, value)
+        here: dict[int, list[SitePlan]] = {}
+        nested: set[int] = set()
+        for plan in self.plans:
+            site_scope = plan.site.scope
+            if site_scope == scope:
+                here.setdefault(plan.site.node_index, []).append(plan)
+            elif site_scope[: len(scope)] == scope:
+                nested.add(site_scope[len(scope)].node_index)
+        exposures: list[Exposure] = []
+        for position, node in enumerate(source.node):
+            if position in nested:
+                copy, found = self._container(node, position, scope)
+                graph.node.append(copy)
+                exposures.extend(found)
+            else:
+                graph.node.append(node)
+            for plan in here.get(position, []):
+                em = self._emitter()
+                stats, shape = self.emit(em, plan)
+                graph.node.extend(em.nodes)
+                exposures.append(Exposure(plan, stats, shape, plan.compute_type if stats != shape else TensorProto.INT64))
+        return graph, exposures
+
+    def _container(self, node: onnx.NodeProto, position: int,
+                   scope: tuple[ScopeStep, ...]) -> tuple[onnx.NodeProto, list[Exposure]]:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        inner: dict[str, list[Exposure]] = {}
+        for attr in copy.attribute:
+            if not attr.HasField("g"):
+                continue
+            step = ScopeStep(position, node_label(node), node.op_type, attr.name, -1)
+            graph, found = self._graph(attr.g, (*scope, step))
+            attr.g.CopyFrom(graph)
+            inner[attr.name] = found
+        if node.op_type == "If":
+            return copy, self._thread_if(copy, inner)
+        return copy, self._thread_loop(copy, inner.get("body", []))
+
+    def _thread_if(self, node: onnx.NodeProto, inner: dict[str, list[Exposure]]) -> list[Exposure]:
+        """If outputs become [original, then-branch sites, else-branch sites]; each branch
+        gives empty stand-ins for the other branch's sites."""
+        then_found, else_found = inner.get("then_branch", []), inner.get("else_branch", [])
+        branches = {attr.name: attr.g for attr in node.attribute}
+        then_graph, else_graph = branches["then_branch"], branches["else_branch"]
+        em = self._emitter()
+        for exposure in then_found:
+            _add_outputs(then_graph, exposure)
+        for exposure in else_found:
+            _add_outputs(then_graph, _placeholder(em, exposure, then_graph))
+        for exposure in then_found:
+            _add_outputs(else_graph, _placeholder(em, exposure, else_graph))
+        for exposure in else_found:
+            _add_outputs(else_graph, exposure)
+        return [self._node_outputs(node, em, e) for e in then_found + else_found]
+
+    def _thread_loop(self, node: onnx.NodeProto, found: list[Exposure]) -> list[Exposure]:
+        body = next(attr.g for attr in node.attribute if attr.name == "body")
+        em = self._emitter()
+        for exposure in found:
+            _add_outputs(body, exposure)
+        if node.op_type == "Scan":
+            extra = sum(1 if e.shape == e.stats else 2 for e in found)
+            for attr in node.attribute:
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.extend([0] * extra)
+        return [self._node_outputs(node, em, e) for e in found]
+
+    @staticmethod
+    def _node_outputs(node: onnx.NodeProto, em: Emitter, exposure: Exposure) -> Exposure:
+        stats = em.fresh("stats_out")
+        node.output.append(stats)
+        shape = stats
+        if exposure.shape != exposure.stats:
+            shape = em.fresh("shape_out")
+            node.output.append(shape)
+        return Exposure(exposure.plan, stats, shape, exposure.stats_type)
+
+
+def _add_outputs(graph: onnx.GraphProto, exposure: Exposure) -> None:
+    graph.output.append(helper.make_tensor_value_info(exposure.stats, exposure.stats_type, None))
+    if exposure.shape != exposure.stats:
+        graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
+
+
+def _placeholder(em: Emitter, exposure: Exposure, graph: onnx.GraphProto) -> Exposure:
+    """Empty stand-ins for a site that sits in the other branch of an If."""
+    dtype = helper.tensor_dtype_to_np_dtype(exposure.stats_type)
+    em.nodes = []
+    stats = em.const(np.zeros((0,), dtype=dtype), "empty_stats")
+    shape = stats if exposure.shape == exposure.stats else em.const(np.zeros((0,), dtype=np.int64), "empty_shape")
+    graph.node.extend(em.nodes)
+    return Exposure(exposure.plan, stats, shape, exposure.stats_type)
+
+
+def model_bytes(head: onnx.ModelProto, initializers: Any) -> bytes:
+    """Serialized model: the head, then the original initializers as graph fragments.
+
+    Protobuf merges a repeated embedded message field, so ``graph { initializer: ... }``
+    fragments after the head add to its graph without copying the weights into it.
+    """
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    parts = [head.SerializeToString()]
+    inner = [_length_delimited(init_field, t.SerializeToString()) for t in initializers]
+    size = sum(len(p) for p in inner)
+    parts.append(_varint(graph_field << 3 | 2) + _varint(size))
+    parts.extend(inner)
+    return b"".join(parts)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+class SessionFactory:
+    """Builds ONNX Runtime sessions for augmented versions of one model."""
+
+    def __init__(self, model: OnnxModel, providers: list[Any], optimise: bool) -> None:
+        self.model = model
+        self.providers = providers
+        self.optimise = optimise
+        self._stack = contextlib.ExitStack()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def options(self) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimise
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        return options
+
+    def session(self, head: onnx.ModelProto) -> Any:
+        import onnxruntime as ort
+
+        data = model_bytes(head, self.model.proto.graph.initializer)
+        options = self.options()
+        if self.model.has_external_data:
+            options.add_session_config_entry(EXTERNAL_FOLDER_KEY, os.fspath(self.model.base_dir))
+        try:
+            return ort.InferenceSession(data, options, providers=self.providers)
+        except Exception as exc:
+            if self.model.has_external_data and "external" in str(exc).lower():
+                return self.session_in_tempdir(data)
+            raise ModelLoadError(f"{self.model.path}: onnxruntime cannot load the model: {_line(exc)}") from exc
+
+    def session_in_tempdir(self, data: bytes) -> Any:
+        """For onnxruntime builds without the external-data folder option: the augmented
+        model goes to a temporary directory beside links to the external data files."""
+        import onnxruntime as ort
+
+        folder = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="deadrelu-onnx-")))
+        for location in self.model.external_files:
+            link = folder / location
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(self.model.base_dir / location, link)
+        path = folder / "augmented.onnx"
+        path.write_bytes(data)
+        try:
+            return ort.InferenceSession(os.fspath(path), self.options(), providers=self.providers)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.model.path}: onnxruntime cannot load the model: {_line(exc)}") from exc
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+# --- feeding data ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype and declared dims (int, symbol or None)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str | None, ...] | None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        if not self.dims or not isinstance(self.dims[0], int):
+            return None
+        return self.dims[0]
+
+    def describe(self) -> str:
+        if self.dims is None:
+            return "any shape"
+        return "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ")"
+
+    def fits(self, shape: tuple[int, ...], batch_free: bool) -> bool:
+        if self.dims is None:
+            return True
+        if len(shape) != len(self.dims):
+            return False
+        return all(not isinstance(d, int) or d == s or (i == 0 and batch_free)
+                   for i, (d, s) in enumerate(zip(self.dims, shape)))
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor = info.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else np.dtype(np.float32)
+        dims = None
+        if tensor.HasField("shape"):
+            dims = tuple(_dim(d) for d in tensor.shape.dim)
+        specs.append(InputSpec(info.name, np.dtype(dtype), dims))
+    return specs
+
+
+def _dim(dim: Any) -> int | str | None:
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return int(dim.dim_value)
+    if dim.HasField("dim_param") and dim.dim_param:
+        return dim.dim_param
+    return None
+
+
+@dataclass
+class Feeder:
+    """Turns `ModelInput` batches into ONNX Runtime feeds, checked against the graph inputs."""
+
+    specs: list[InputSpec]
+    model_path: Path
+    left_out: int = 0  # samples dropped because the model takes batches of a fixed size
+
+    @property
+    def fixed_batch(self) -> int | None:
+        sizes = {s.fixed_batch for s in self.specs}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def feeds(self, batch: ModelInput) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """(feed, samples) pairs: one, or several when the model's batch size is fixed."""
+        arrays = self._by_name(batch)
+        size = batch.size
+        fixed = self.fixed_batch
+        if fixed is None or fixed == size:
+            yield self._checked(arrays, batch_free=fixed is None), size
+            return
+        whole = size - size % fixed
+        self.left_out += size - whole
+        for start in range(0, whole, fixed):
+            yield self._checked({k: v[start:start + fixed] for k, v in arrays.items()}, batch_free=False), fixed
+
+    def _by_name(self, batch: ModelInput) -> dict[str, np.ndarray]:
+        names = [s.name for s in self.specs]
+        if len(batch.args) > len(names):
+            raise DataError(f"{self.model_path}: the data holds {len(batch.args) + len(batch.kwargs)} arrays, the "
+                            f"model takes {len(names)} input(s) {names}; use an .npz with one array per input name")
+        arrays = {name: _numpy(t) for name, t in zip(names, batch.args)}
+        for key, tensor in batch.kwargs.items():
+            if key not in names:
+                raise DataError(f"{self.model_path}: the data has an array '{key}' but the model's inputs are {names}")
+            arrays[key] = _numpy(tensor)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise DataError(f"{self.model_path}: no data for input(s) {missing}; the model takes {names} "
+                            "(use an .npz with one array per input name)")
+        return arrays
+
+    def _checked(self, arrays: dict[str, np.ndarray], batch_free: bool) -> dict[str, np.ndarray]:
+        feed = {}
+        for spec in self.specs:
+            array = arrays[spec.name]
+            if not spec.fits(array.shape, batch_free):
+                raise DataError(f"{self.model_path}: input '{spec.name}' got data of shape {tuple(array.shape)}, "
+                                f"the model expects {spec.describe()}")
+            feed[spec.name] = _convert(array, spec, self.model_path)
+        return feed
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    return np.asarray(tensor)
+
+
+def _convert(array: np.ndarray, spec: InputSpec, model_path: Path) -> np.ndarray:
+    if array.dtype == spec.dtype:
+        return np.ascontiguousarray(array)
+    if spec.dtype.kind in "iu" and array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise DataError(f"{model_path}: input '{spec.name}' takes {spec.dtype} values, the data holds "
+                        f"non-integral {array.dtype} values")
+    return np.ascontiguousarray(array.astype(spec.dtype))
+
+
+# --- the scanner ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Accumulator:
+    plan: SitePlan
+    stats: UnitStats | None = None
+
+    def fold(self, moments: list[BatchMoments]) -> None:
+        for batch in moments:
+            units = int(batch.mean.shape[0])
+            if self.stats is None:
+                self.stats = UnitStats(units)
+            elif self.stats.units != units:
+                raise ModelRunError(f"site '{self.plan.site.name}': {units} units along axis {self.plan.axis} in "
+                                    f"this batch, {self.stats.units} before; the unit axis must have a fixed size")
+            self.stats.fold(batch)
+
+
+@dataclass
+class OnnxScanner:
+    """Sessions, feeds and accumulators for one scan of one ONNX model."""
+
+    model: OnnxModel
+    survey: Survey
+    providers: list[Any]
+    optimise: bool = True
+    plans: list[SitePlan] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.factory = SessionFactory(self.model, self.providers, self.optimise)
+        self.feeder = Feeder(input_specs(self.model.proto), self.model.path)
+        self._fast: tuple[Any, dict[int, Exposure]] | None = None
+        self._masked: tuple[Any, dict[int, Exposure]] | None = None
+        self._accumulators: dict[int, _Accumulator] = {}
+
+    def __enter__(self) -> OnnxScanner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.factory.close()
+
+    def run(self, batch: ModelInput) -> int:
+        """Stream one batch; returns the samples that went through the model."""
+        done = 0
+        for feed, samples in self.feeder.feeds(batch):
+            if self._fast is None:
+                self._prepare(feed)
+            self._run(feed)
+            done += samples
+        return done
+
+    # building -------------------------------------------------------------------------
+
+    def _prepare(self, first_feed: dict[str, np.ndarray]) -> None:
+        ranks = self._discover_ranks(first_feed)
+        for site in self.survey.sites:
+            obstacle = site.obstacle()
+            rank = site.rank if site.rank is not None else ranks.get(site.name)
+            if obstacle is None and rank is None:
+                obstacle = "the rank of its pre-activation is unknown"
+            if obstacle:
+                self.skipped.append(f"site '{site.name}' ({site.op_type} in {site.where}) was found but not "
+                                    f"scanned: {obstacle}")
+                continue
+            plan = SitePlan(len(self.plans), site, rank, site.axis.resolve(rank))
+            self.plans.append(plan)
+            self._accumulators[plan.id] = _Accumulator(plan)
+        self._fast = self._session(emit_fast)
+
+    def _session(self, emit: EmitFn) -> tuple[Any, dict[int, Exposure]]:
+        head, exposures = Rewriter(self.model, self.plans, emit).head()
+        return self.factory.session(head), exposures
+
+    def _discover_ranks(self, feed: dict[str, np.ndarray]) -> dict[str, int]:
+        """Ranks of main-graph pre-activations that shape inference left unknown, from one run."""
+        unknown = [s for s in self.survey.sites if s.rank is None and not s.scope]
+        if not unknown:
+            return {}
+        plans = [SitePlan(i, s, 2, 1) for i, s in enumerate(unknown)]
+        head, exposures = Rewriter(self.model, plans, emit_shape).head()
+        session = self.factory.session(head)
+        outputs = self._call(session, [exposures[p.id].shape for p in plans], feed)
+        return {p.site.name: int(np.asarray(out).size) for p, out in zip(plans, outputs)}
+
+    # running --------------------------------------------------------------------------
+
+    def _run(self, feed: dict[str, np.ndarray]) -> None:
+        assert self._fast is not None
+        session, exposures = self._fast
+        decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
+        if decoded is None:
+            if self._masked is None:
+                self._masked = self._session(emit_masked)
+            session, exposures = self._masked
+            decoded = self._decode(self._fetch(session, exposures, feed), fast=False)
+        assert decoded is not None
+        for plan_id, moments in decoded.items():
+            self._accumulators[plan_id].fold(moments)
+
+    def _fetch(self, session: Any, exposures: dict[int, Exposure],
+               feed: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        names = []
+        for plan in self.plans:
+            names.extend([exposures[plan.id].stats, exposures[plan.id].shape])
+        if not names:
+            return {}
+        values = self._call(session, names, feed)
+        return {plan.id: (values[2 * i], values[2 * i + 1]) for i, plan in enumerate(self.plans)}
+
+    def _call(self, session: Any, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return session.run(names, feed)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in feed.items())
+            raise ModelRunError(f"{self.model.path}: onnxruntime failed on input {shapes}: {_line(exc)}") from exc
+
+    def _decode(self, fetched: dict[int, tuple[np.ndarray, np.ndarray]],
+                fast: bool) -> dict[int, list[BatchMoments]] | None:
+        decoded = {}
+        for plan in self.plans:
+            packed, shapes = fetched[plan.id]
+            rows = plan.unpack(np.asarray(packed), len(FAST_ROWS if fast else MASKED_ROWS))
+            if rows.shape[0] == 0:
+                decoded[plan.id] = []
+                continue
+            if not fast:
+                decoded[plan.id] = _masked_moments(rows)
+                continue
+            counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])
+            moments = _fast_moments(rows, counts)
+            if moments is None:
+                return None
+            decoded[plan.id] = moments
+        return decoded
+
+    # results --------------------------------------------------------------------------
+
+    def observations(self) -> tuple[SiteObservation, ...]:
+        found = []
+        for plan in self.plans:
+            stats = self._accumulators[plan.id].stats
+            if stats is None:
+                continue
+            site = plan.site
+            found.append(SiteObservation(site.name, site.op, plan.axis, site.axis.source, stats.result(),
+                                         {"onnx": site.describe()}))
+        return tuple(found)
+
+    def notes(self) -> tuple[str, ...]:
+        notes = list(self.survey.findings) + self.skipped
+        for plan in self.plans:
+            if self._accumulators[plan.id].stats is None and self._fast is not None:
+                notes.append(f"site '{plan.site.name}' ({plan.site.op_type} in {plan.site.where}) never ran on "
+                             "this data: no statistics")
+        if self.feeder.left_out:
+            notes.append(f"{self.feeder.left_out} samples were left out: the model takes batches of exactly "
+                         f"{self.feeder.fixed_batch}")
+        return tuple(notes)

@@ -1,0 +1,201 @@
+"""Streaming batches through a PyTorch model under the probe.
+
+Each batch is one forward pass whose statistics count everywhere or nowhere (the probe
+stages them until the pass completes), which is what makes the recoveries here exact:
+an out-of-memory batch is re-run in halves, and Ctrl-C ends the scan with the batches
+that completed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deadrelu.data import ModelInput
+from deadrelu.errors import DataError, ModelRunError
+from deadrelu.load import LoadedModel
+from deadrelu.probe import SiteObservation, StreamResult
+from deadrelu.probe.torch_probe import ModuleStack, ReluProbe, probing
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    dtype: torch.dtype | None = None  # force the model and its float inputs to this dtype
+    notify: Callable[[str], None] | None = None  # one-off messages for the user (stderr)
+
+
+def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
+                 progress: ProgressFn | None, settings: StreamSettings | None = None) -> StreamResult:
+    """Run every batch through a PyTorch model under the probe; statistics per site."""
+    settings = settings or StreamSettings()
+    runner = _Runner(settings)
+    with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, probing(module) as (probe, stack):
+        dtype = settings.dtype or model_dtype(module)
+        samples, partial = 0, False
+        with torch.inference_mode():
+            try:
+                for batch in batches:
+                    check_finite(batch)
+                    runner.run(module, probe, stack, batch.map(lambda t: _to_model(t, device, dtype)))
+                    samples += batch.size
+                    if progress:
+                        progress(batch.size)
+            except KeyboardInterrupt:
+                probe.discard_pass()
+                partial = True
+        observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result())
+                         for t in probe.observed_taps())
+    return StreamResult(observed, samples, partial, tuple(runner.notes))
+
+
+def model_dtype(module: Any) -> torch.dtype:
+    """The floating dtype of the model's first floating parameter or buffer (float32 if none)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+@contextmanager
+def prepared(module: Any, device: torch.device, dtype: torch.dtype | None = None, owned: bool = True) -> Iterator[Any]:
+    """The module in eval mode on `device` (and `dtype`); modes and device restored after.
+
+    A dtype cast is lossy, so a module the caller still holds (`owned` False) is cast as
+    a copy; its own weights are never touched.
+    """
+    tensors = list(module.parameters()) + list(module.buffers())
+    original_dtype = next((t.dtype for t in tensors if t.is_floating_point()), None)
+    if dtype is not None and original_dtype is not None and original_dtype != dtype:
+        if not owned:
+            module = copy.deepcopy(module)
+        module.to(dtype)
+    modes = [(m, m.training) for m in module.modules()]
+    original_device = next((t.device for t in tensors), None)
+    moved = original_device is not None and original_device != device
+    try:
+        if not _is_exported(module):
+            module.eval()
+        if moved:
+            module.to(device)
+        yield module
+    finally:
+        if moved:
+            module.to(original_device)
+        for sub, training in modes:
+            sub.training = training
+
+
+def check_finite(batch: ModelInput) -> None:
+    """Non-finite calibration data is a data error, named by input and sample."""
+    for name, tensor in batch.named():
+        if tensor.is_floating_point() and tensor.device.type == "cpu" and not bool(torch.isfinite(tensor).all()):
+            bad = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(1).nonzero()
+            raise DataError(f"{name} holds NaN or Inf (batch sample {int(bad[0])}): calibration data must be finite")
+
+
+def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
+def _is_exported(module: Any) -> bool:
+    return isinstance(module, torch.fx.GraphModule) and any("nn_module_stack" in n.meta for n in module.graph.nodes)
+
+
+class _Runner:
+    """One forward pass per batch, with out-of-memory retries in halves."""
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self.settings = settings
+        self.notes: list[str] = []
+        self._said_oom = False
+
+    def run(self, module: Any, probe: ReluProbe, stack: ModuleStack | None, inputs: ModelInput) -> None:
+        try:
+            self._forward(module, probe, stack, inputs)
+        except torch.cuda.OutOfMemoryError:
+            probe.discard_pass()
+            if inputs.size <= 1:
+                raise ModelRunError(f"CUDA out of memory even at batch size 1 (input shape {inputs.shapes()}); "
+                                    "try --dtype float16 or a smaller input") from None
+            self._say_oom(inputs.size)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            for half in inputs.split(2):
+                self.run(module, probe, stack, half)
+
+    def _say_oom(self, size: int) -> None:
+        if self._said_oom:
+            return
+        self._said_oom = True
+        message = f"CUDA out of memory at batch size {size}: retrying the batch in halves (down to 1)"
+        self.notes.append(message)
+        if self.settings.notify:
+            self.settings.notify(message)
+
+    def _forward(self, module: Any, probe: ReluProbe, stack: ModuleStack | None, inputs: ModelInput) -> None:
+        probe.begin_pass()
+        try:
+            with probe:
+                module(*inputs.args, **inputs.kwargs)
+        except (KeyboardInterrupt, torch.cuda.OutOfMemoryError):
+            probe.discard_pass()
+            raise
+        except DataError:
+            probe.discard_pass()
+            raise
+        except Exception as exc:
+            probe.discard_pass()
+            where = stack.failing_module() if stack is not None else None
+            if stack is not None:
+                stack.reset()
+            raise ModelRunError(describe_failure(module, inputs, exc, where)) from exc
+        probe.commit_pass()
+
+
+def describe_failure(module: Any, inputs: ModelInput, exc: Exception, where: str | None) -> str:
+    """One line: where the forward failed, on what input, why, and what the model expects."""
+    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    location = f" in module '{where}'" if where else ""
+    hints = [h for h in (_dtype_hint(module, inputs), _shape_hint(module)) if h]
+    suffix = f" ({'; '.join(hints)})" if hints else ""
+    return f"model forward failed{location} on {inputs.shapes() and 'input of shape ' + inputs.shapes()}: {message}{suffix}"
+
+
+def _dtype_hint(module: Any, inputs: ModelInput) -> str:
+    dtype = model_dtype(module)
+    wrong = [f"{name} has dtype {str(t.dtype).replace('torch.', '')}" for name, t in inputs.named()
+             if not t.is_floating_point() and not t.is_complex()]
+    if not wrong:
+        return ""
+    return f"{', '.join(wrong)}; the model's weights are {str(dtype).replace('torch.', '')}: integer data is only right for index inputs such as token ids"
+
+
+def _shape_hint(module: Any) -> str:
+    declared = _declared_input_shapes(module)
+    if declared:
+        return f"the program was exported for input shape {declared}"
+    for name, param in module.named_parameters():
+        if name.endswith("weight") and param.ndim >= 3:
+            spatial = {3: "L", 4: "H, W", 5: "D, H, W"}.get(param.ndim, "...")
+            return f"its first weight {name} {tuple(param.shape)} expects input (N, {param.shape[1]}, {spatial})"
+        if name.endswith("weight") and param.ndim == 2:
+            return f"its first weight {name} {tuple(param.shape)} expects input (..., {param.shape[1]}) if it is a linear layer"
+    return ""
+
+
+def _declared_input_shapes(module: Any) -> str:
+    """Input shapes an exported program declares, symbolic dims by name ('' if unknown)."""
+    if not _is_exported(module):
+        return ""
+    shapes = []
+    for node in module.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            shapes.append("(" + ", ".join(str(d) for d in value.shape) + ")")
+    return ", ".join(shapes)

@@ -1,0 +1,169 @@
+"""Saved JSON reports back into `ScanReport`s, so they can be re-judged and re-rendered.
+
+A report's `per_unit` block holds sufficient statistics (count, positive, mean, M2, min,
+max, ReLU-output mean, and NaN/Inf counts), so `deadrelu report scan.json` and
+`deadrelu diff old.json new.json` need neither the model nor the data: verdicts are
+recomputed from the statistics with the thresholds asked for now, exactly as a scan would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deadrelu.errors import SavedReportError
+from deadrelu.judge import Thresholds
+from deadrelu.report import SCHEMA_VERSION, DataInfo, ModelInfo, ScanReport, site_report
+from deadrelu.stats import UnitSummary
+
+# Keys of a site object that the report itself writes; anything else is backend-specific
+# (e.g. the ONNX tensor name) and is carried through unchanged.
+_SITE_KEYS = frozenset({
+    "name", "op", "leaky", "unit_axis", "axis_source", "units", "dead", "dead_units", "near_dead",
+    "near_dead_units", "dormant", "dormant_units", "collapsed", "active_rate", "nonfinite", "preact",
+    "per_unit",
+})
+_REQUIRED_PER_UNIT = ("count", "positive", "mean", "m2", "min", "max", "relu_mean")
+
+
+def load_report(path: str | Path, thresholds: Thresholds | None = None) -> ScanReport:
+    """Read a JSON report written by `deadrelu scan --json/--format json`.
+
+    Args:
+        path: the JSON file.
+        thresholds: verdict thresholds to judge with; None keeps the report's own.
+
+    Raises:
+        SavedReportError: the file is missing, not JSON, or not a deadrelu report (the
+            message names the file and the offending key).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SavedReportError(f"{path}: no such report file") from None
+    except OSError as exc:
+        raise SavedReportError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SavedReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    return report_from_dict(doc, str(path), thresholds)
+
+
+def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds | None = None) -> ScanReport:
+    """Rebuild a `ScanReport` from a report document (see `load_report`)."""
+    where = _Where(source)
+    if not isinstance(doc, dict):
+        raise where.error("", "expected a JSON object (a deadrelu report)")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise where.error("schema_version", f"expected {SCHEMA_VERSION}, got {version!r}"
+                          + ("" if version is not None else " (is this a deadrelu report?)"))
+    model = where.obj(doc, "model")
+    data = where.obj(doc, "data")
+    saved = where.obj(doc, "thresholds", required=False)
+    judged_with = thresholds or Thresholds(
+        near_dead=float(saved.get("near_dead", Thresholds.near_dead)), tau=float(saved.get("tau", Thresholds.tau)))
+    sites = where.items(doc, "sites")
+    warnings = [str(w) for w in doc.get("warnings", [])]
+    reports = []
+    for index, site in enumerate(sites):
+        at = where.at(f"sites[{index}]")
+        if not isinstance(site, dict):
+            raise at.error("", "expected an object")
+        summary, lacks_nonfinite = _summary(site, at)
+        if lacks_nonfinite:
+            warnings.append(f"{site['name']}: the saved report has no per-unit NaN/Inf counts; "
+                            "active rates of units that saw non-finite values may differ slightly")
+        extra = {k: v for k, v in site.items() if k not in _SITE_KEYS}
+        reports.append(site_report(at.text(site, "name"), at.text(site, "op"), at.integer(site, "unit_axis"),
+                                   str(site.get("axis_source", "default")), summary, judged_with, extra))
+    return ScanReport(
+        model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
+                        str(model.get("sha256", ""))),
+        data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data."),
+                      bool(data.get("random", False))),
+        sites=tuple(reports),
+        thresholds=judged_with,
+        device=str(doc.get("device", "")),
+        partial=bool(doc.get("partial", False)),
+        warnings=tuple(warnings),
+    )
+
+
+def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
+    per_unit = at.obj(site, "per_unit")
+    units = at.integer(site, "units")
+    columns = {}
+    for key in (*_REQUIRED_PER_UNIT, "nan", "inf"):
+        values = per_unit.get(key)
+        if values is None:
+            if key in _REQUIRED_PER_UNIT:
+                raise at.error(f"per_unit.{key}", "missing (a report from an older deadrelu cannot be re-judged)")
+            continue
+        if not isinstance(values, list) or len(values) != units:
+            raise at.error(f"per_unit.{key}", f"expected a list of {units} values (one per unit)")
+        try:
+            columns[key] = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise at.error(f"per_unit.{key}", "expected numbers") from None
+    count = np.nan_to_num(columns["count"], nan=0.0)
+    zeros = np.zeros(units, dtype=np.int64)
+    lacks_nonfinite = "nan" not in columns and bool(site.get("nonfinite", {}).get("nan", 0)
+                                                      or site.get("nonfinite", {}).get("inf", 0))
+    summary = UnitSummary(
+        count=count,
+        positive=np.nan_to_num(columns["positive"], nan=0.0).astype(np.int64),
+        nan=columns["nan"].astype(np.int64) if "nan" in columns else zeros,
+        inf=columns["inf"].astype(np.int64) if "inf" in columns else zeros,
+        minimum=np.nan_to_num(columns["min"], nan=np.inf, posinf=np.inf, neginf=-np.inf),
+        maximum=np.nan_to_num(columns["max"], nan=-np.inf, posinf=np.inf, neginf=-np.inf),
+        mean=np.nan_to_num(columns["mean"], nan=0.0),
+        m2=np.nan_to_num(columns["m2"], nan=0.0),
+        relu_sum=np.nan_to_num(columns["relu_mean"], nan=0.0) * count,
+    )
+    return summary, lacks_nonfinite
+
+
+class _Where:
+    """Error messages that name the file and the key."""
+
+    def __init__(self, source: str, prefix: str = "") -> None:
+        self.source, self.prefix = source, prefix
+
+    def at(self, prefix: str) -> _Where:
+        return _Where(self.source, prefix)
+
+    def error(self, key: str, message: str) -> SavedReportError:
+        name = ".".join(p for p in (self.prefix, key) if p)
+        return SavedReportError(f"{self.source}: {name + ': ' if name else ''}{message}")
+
+    def obj(self, doc: dict, key: str, required: bool = True) -> dict:
+        value = doc.get(key)
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(key, "missing or not an object")
+        return value
+
+    def items(self, doc: dict, key: str) -> list:
+        value = doc.get(key)
+        if not isinstance(value, list):
+            raise self.error(key, "missing or not a list")
+        return value
+
+    def text(self, doc: dict, key: str, prefix: str = "") -> str:
+        value = doc.get(key)
+        if not isinstance(value, str):
+            raise self.error(prefix + key, "missing or not a string")
+        return value
+
+    def integer(self, doc: dict, key: str, prefix: str = "") -> int:
+        value = doc.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(prefix + key, "missing or not an integer")
+        return value

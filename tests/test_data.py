@@ -1,0 +1,178 @@
+"""Calibration data as users hold it: every source gives the same statistics as plain arrays."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fixture_models
+from deadrelu import ScanOptions, scan
+from deadrelu.data import DataOptions, ImageOptions, InputSelector, NpyRows, open_data
+from deadrelu.errors import DataError
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+CALIB = np.load(FIX / "mlp.calib.npy")
+
+
+def mlp() -> torch.nn.Module:
+    model = fixture_models.MLP()
+    model.load_state_dict(torch.load(FIX / "mlp.state_dict.pt", weights_only=True))
+    return model
+
+
+def positives(report) -> list[list[int]]:
+    return [s.stats.positive.tolist() for s in report.sites]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu"))
+
+
+def test_npy_is_read_by_seeking(tmp_path: Path) -> None:
+    rows = NpyRows(FIX / "mlp.calib.npy")
+    assert rows.shape == CALIB.shape
+    np.testing.assert_array_equal(rows[10:20], CALIB[10:20])
+    np.testing.assert_array_equal(rows[250:300], CALIB[250:])
+    truncated = tmp_path / "t.npy"
+    truncated.write_bytes((FIX / "mlp.calib.npy").read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        NpyRows(truncated)
+
+
+def test_folder_of_npy_shards(tmp_path: Path, reference) -> None:
+    for i, (start, stop) in enumerate([(0, 100), (100, 101), (101, 256)]):
+        np.save(tmp_path / f"shard{i:02d}.npy", CALIB[start:stop])
+    report = scan(FIX / "mlp.ts.pt", tmp_path, ScanOptions(device="cpu", batch_size=30))
+    assert report.data.samples == 256
+    assert positives(report) == positives(reference)
+
+
+def test_npz_by_input_name_and_safetensors(tmp_path: Path, reference) -> None:
+    from safetensors.numpy import save_file
+
+    np.savez(tmp_path / "named.npz", x=CALIB)
+    save_file({"x": CALIB}, str(tmp_path / "data.safetensors"))
+    torch.save({"x": torch.from_numpy(CALIB)}, tmp_path / "data.pt")
+    for name in ("named.npz", "data.safetensors", "data.pt"):
+        report = scan(FIX / "mlp.ts.pt", tmp_path / name, ScanOptions(device="cpu"))
+        assert positives(report) == positives(reference), name
+
+
+def test_user_function_returning_loader_dataset_or_generator(tmp_path: Path, reference) -> None:
+    module = tmp_path / "calib_data.py"
+    module.write_text(textwrap.dedent(f"""
+        import numpy as np, torch
+        from torch.utils.data import DataLoader, TensorDataset
+        X = torch.from_numpy(np.load({str(FIX / 'mlp.calib.npy')!r}))
+        Y = torch.zeros(len(X), dtype=torch.long)
+        def loader():          # (inputs, labels) batches, with worker processes
+            return DataLoader(TensorDataset(X, Y), batch_size=50, num_workers=2)
+        def dataset():         # a map-style Dataset of (input, label) pairs
+            return TensorDataset(X, Y)
+        def generator():       # dict batches
+            return ({{"x": X[i:i + 64]}} for i in range(0, len(X), 64))
+        def broken():
+            raise ValueError("no data today")
+    """))
+    for fn in ("loader", "dataset", "generator"):
+        report = scan(FIX / "mlp.ts.pt", f"{module}:{fn}", ScanOptions(device="cpu", data=DataOptions(workers=1)))
+        assert report.data.samples == 256, fn
+        assert positives(report) == positives(reference), fn
+    with pytest.raises(DataError, match="calling it raised ValueError: no data today"):
+        scan(FIX / "mlp.ts.pt", f"{module}:broken", ScanOptions(device="cpu"))
+    with pytest.raises(DataError, match="has no attribute 'nope'"):
+        scan(FIX / "mlp.ts.pt", f"{module}:nope", ScanOptions(device="cpu"))
+
+
+def test_image_folder_class_tree(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 256, size=(20 + i, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (tmp_path / "notes.txt").write_text("ignored")
+    source = open_data(str(tmp_path), DataOptions(workers=2, image=ImageOptions(size=16)))
+    batches = list(source.batches(4))
+    assert [b.shape for b in batches] == [(4, 3, 16, 16), (4, 3, 16, 16), (2, 3, 16, 16)]
+    first = batches[0][0]
+    with Image.open(tmp_path / "cat" / "0.jpg") as image:
+        raw = np.asarray(image.convert("RGB").resize((24, 16), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    crop = raw[:, 4:20].transpose(2, 0, 1)
+    expected = (crop - np.array([0.485, 0.456, 0.406])[:, None, None]) / np.array([0.229, 0.224, 0.225])[:, None, None]
+    np.testing.assert_allclose(first.numpy(), expected, atol=1e-5)
+
+
+def test_image_folder_scan_end_to_end(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    model = fixture_models.ConvNet()
+    report = scan(model, str(tmp_path), ScanOptions(device="cpu", batch_size=4,
+                                                     data=DataOptions(workers=2, image=ImageOptions(size=16))))
+    assert report.data.samples == 6 and len(report.sites) == 13
+
+
+def test_inputs_selector() -> None:
+    x, y = torch.ones(2, 3), torch.zeros(2)
+    assert InputSelector(count=1).select((x, y)).args == (x,)  # (inputs, labels)
+    assert InputSelector(count=2).select((x, y)).args == (x, y)
+    assert InputSelector.parse("1", 1).select((x, y)).args == (y,)
+    chosen = InputSelector.parse("a", None).select({"a": x, "b": y})
+    assert list(chosen.kwargs) == ["a"]
+    with pytest.raises(DataError, match="no key 'c'"):
+        InputSelector.parse("c", None).select({"a": x})
+    with pytest.raises(DataError, match="expected a tensor"):
+        InputSelector(count=2).select((x, "label"))
+
+
+def test_samples_cap_and_short_data_warning(reference) -> None:
+    capped = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", samples=100, batch_size=64))
+    assert capped.data.samples == 100
+    assert capped.sites[0].stats.count[0] == 100
+    short = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", samples=1000))
+    assert short.data.samples == 256
+    assert any("asked for 1000 samples" in w and "used 256" in w for w in short.warnings)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: np.save(p / "e.npy", np.zeros((0, 32), np.float32)) or p / "e.npy",
+    lambda p: (p / "empty").mkdir() or p / "empty",
+    lambda p: p / "nothing.npy",
+])
+def test_empty_or_missing_data_is_an_error(tmp_path: Path, make) -> None:
+    with pytest.raises(DataError):
+        scan(FIX / "mlp.ts.pt", str(make(tmp_path)), ScanOptions(device="cpu"))
+
+
+def test_empty_iterable_is_an_error() -> None:
+    with pytest.raises(DataError, match="no samples"):
+        scan(mlp(), [], ScanOptions(device="cpu"))
+
+
+def test_multi_input_model_from_npz(tmp_path: Path) -> None:
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(2, 3)
+
+        def forward(self, image: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.a(image) + self.b(meta))
+
+    rng = np.random.default_rng(0)
+    image, meta = rng.normal(size=(10, 4)).astype(np.float32), rng.normal(size=(10, 2)).astype(np.float32)
+    np.savez(tmp_path / "named.npz", meta=meta, image=image)  # keyword, any order
+    np.savez(tmp_path / "positional.npz", image, meta)  # arr_0, arr_1
+    model = TwoInputs()
+    a = scan(model, str(tmp_path / "named.npz"), ScanOptions(device="cpu"))
+    b = scan(model, str(tmp_path / "positional.npz"), ScanOptions(device="cpu"))
+    c = scan(model, [(torch.from_numpy(image), torch.from_numpy(meta))], ScanOptions(device="cpu"))
+    assert positives(a) == positives(b) == positives(c)

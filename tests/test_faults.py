@@ -1,0 +1,222 @@
+"""Everything users throw at the tool: a clear answer, exit 2, and nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from deadrelu import ScanOptions, scan
+from deadrelu.cli import app
+from deadrelu.errors import DataError, ModelLoadError, ModelRunError
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def cli(*args: object):
+    return CliRunner().invoke(app, ["scan", *map(str, args)], env={"COLUMNS": "200"})
+
+
+class OomAbove(nn.Module):
+    """Raises CUDA out-of-memory for batches larger than `limit`, like a real GPU would."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 5)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return torch.relu(h - 0.5)
+
+
+def test_out_of_memory_retries_in_halves() -> None:
+    data = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    said: list[str] = []
+    report = scan(OomAbove(5), data, ScanOptions(device="cpu", batch_size=16), notify=said.append)
+    reference = scan(OomAbove(100), data, ScanOptions(device="cpu", batch_size=4))
+    assert len(said) == 1 and "batch size 16" in said[0]
+    assert report.data.samples == 40
+    for a, b in zip(report.sites, reference.sites):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+        np.testing.assert_array_equal(a.stats.count, b.stats.count)  # no batch counted twice
+        np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-6)
+    assert any("out of memory" in w for w in report.warnings)
+
+
+def test_out_of_memory_at_batch_size_one_is_an_error() -> None:
+    with pytest.raises(ModelRunError, match="out of memory even at batch size 1"):
+        scan(OomAbove(0), torch.randn(4, 6), ScanOptions(device="cpu"))
+
+
+class MakesNonFinite(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor([1.0, float("inf"), 1.0, 1.0])
+        y = x * scale  # unit 1: +-inf (or nan where x == 0)
+        y = torch.where(torch.arange(4) == 2, torch.where(x > 1.5, torch.nan, x), y)  # unit 2: some NaN
+        return torch.relu(y)
+
+
+def test_nan_and_inf_preactivations_are_counted_apart() -> None:
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    report = scan(MakesNonFinite(), x, ScanOptions(device="cpu"))
+    site = report.sites[0]
+    s = site.stats
+    assert s.inf[1] == 50 and s.nan[1] == 0
+    nan_rows = (x[:, 2] > 1.5).numpy()
+    assert s.nan[2] == nan_rows.sum() > 0
+    finite2 = x[~torch.from_numpy(nan_rows), 2].double().numpy()
+    np.testing.assert_allclose(s.mean[2], finite2.mean(), rtol=1e-6)
+    np.testing.assert_allclose(s.maximum[2], finite2.max(), rtol=1e-6)
+    np.testing.assert_allclose(s.mean[0], x[:, 0].double().mean().item(), rtol=1e-6)  # unpoisoned
+    doc = site.to_dict()
+    assert doc["nonfinite"] == {"nan": int(nan_rows.sum()), "inf": 50}
+    json.dumps(report.to_dict(), allow_nan=False)  # still valid JSON
+
+
+def test_nonfinite_counts_are_shown_in_the_table() -> None:
+    from deadrelu.formats.table import summary_lines
+
+    report = scan(MakesNonFinite(), torch.randn(8, 4), ScanOptions(device="cpu"))
+    assert any("non-finite" in line and "relu" in line for line in summary_lines(report))
+
+
+def test_half_precision_models() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.ReLU())
+    x = torch.randn(64, 8)
+    reference = scan(model, x, ScanOptions(device="cpu"))
+    for dtype in (torch.float16, torch.bfloat16):
+        half = scan(nn.Sequential(*[m for m in __import__("copy").deepcopy(model)]).to(dtype), x, ScanOptions(device="cpu"))
+        for a, b in zip(half.sites, reference.sites):
+            assert a.stats.mean.dtype == np.float64
+            np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=0.05, atol=0.02)
+    forced = scan(model, x, ScanOptions(device="cpu", dtype="bfloat16"))
+    assert next(model.parameters()).dtype == torch.float32  # restored
+    np.testing.assert_allclose(forced.sites[0].stats.mean, reference.sites[0].stats.mean, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize(("data", "pattern"), [
+    (np.ones((4, 3, 16, 16), np.int64), r"input 0 has dtype int64; the model's weights are float32"),
+    (np.ones((4, 32), np.float32), r"input of shape \(4, 32\).*expects input \(N, 3, H, W\)"),
+    (np.ones((4, 5, 16, 16), np.float32), r"in module 'stem.conv'.*\(4, 5, 16, 16\).*expects input \(N, 3, H, W\)"),
+])
+def test_data_that_does_not_fit(tmp_path: Path, data: np.ndarray, pattern: str) -> None:
+    path = tmp_path / "bad.npy"
+    np.save(path, data)
+    result = cli(FIX / "convnet.state_dict.pt", "--arch", "fixtures/fixture_models.py:ConvNet", "--data", path)
+    assert result.exit_code == 2
+    message = result.stderr.replace("\n", " ")
+    assert __import__("re").search(pattern, message), message
+
+
+def test_nonfinite_input_data(tmp_path: Path) -> None:
+    data = np.ones((10, 32), np.float32)
+    data[7, 3] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    with pytest.raises(DataError, match=r"input 0 holds NaN or Inf \(batch sample 3\)"):
+        scan(FIX / "mlp.ts.pt", tmp_path / "nan.npy", ScanOptions(batch_size=4, device="cpu"))
+
+
+def test_forward_that_raises_names_the_module() -> None:
+    class Inner(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("boom: unsupported input")
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Sequential(nn.Identity(), Inner()))
+    with pytest.raises(ModelRunError, match=r"in module '2\.1' on input of shape \(2, 3\): boom: unsupported input"):
+        scan(model, [torch.randn(2, 3)], ScanOptions(device="cpu"))
+
+
+class Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "torch_legacy", "plain_pickle"])
+def test_code_running_pickle_is_never_unpickled(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    if writer == "torch_zip":
+        torch.save(Evil(marker), path)
+    elif writer == "torch_legacy":
+        torch.save(Evil(marker), path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(Evil(marker)))
+    assert not marker.exists()
+    result = cli(path, "--data", FIX / "mlp.calib.npy")
+    assert result.exit_code == 2
+    assert "--trust-pickle" in result.stderr
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors_and_pt2(tmp_path: Path) -> None:
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes((64).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [9999], "data_offsets": [0, 4]}}' + b" " * 10)
+    result = cli(bad, "--data", FIX / "mlp.calib.npy", "--arch", "fixtures/fixture_models.py:MLP")
+    assert result.exit_code == 2 and "w.safetensors" in result.stderr
+    truncated = tmp_path / "m.pt2"
+    truncated.write_bytes((FIX / "mlp.pt2").read_bytes()[:3000])
+    result = cli(truncated, "--data", FIX / "mlp.calib.npy")
+    assert result.exit_code == 2 and "m.pt2" in result.stderr and "Traceback" not in result.output
+
+
+def test_safetensors_state_dict_with_arch(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = torch.load(FIX / "mlp.state_dict.pt", weights_only=True)
+    save_file(state, str(tmp_path / "mlp.safetensors"))
+    report = scan(tmp_path / "mlp.safetensors", FIX / "mlp.calib.npy", ScanOptions(arch="fixtures/fixture_models.py:MLP"))
+    assert report.model.format == "state_dict"
+    assert [list(s.verdict.dead) for s in report.sites] == [[3, 40], [17]]
+    with pytest.raises(ModelLoadError, match="--arch"):
+        scan(tmp_path / "mlp.safetensors", FIX / "mlp.calib.npy")
+
+
+def test_ctrl_c_writes_a_partial_report(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    feeder = tmp_path / "slow_data.py"
+    feeder.write_text(textwrap.dedent(f"""
+        import time, pathlib, torch
+        def batches():
+            for i in range(10_000):
+                if i == 3:
+                    pathlib.Path({str(started)!r}).touch()
+                time.sleep(0.02)
+                yield torch.randn(4, 32)
+    """))
+    out = tmp_path / "partial.json"
+    proc = subprocess.Popen([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.ts.pt"), "--data", f"{feeder}:batches",
+                             "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=FIX.parent)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True
+    assert doc["data"]["samples"] >= 12 and doc["data"]["samples"] % 4 == 0
+    assert doc["sites"][0]["per_unit"]["count"][0] == doc["data"]["samples"]
+    assert "PARTIAL" in stdout
+    assert "Traceback" not in stderr
