@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +12,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from deadrelu import ci
+from deadrelu.cli_options import (BaselineOpt, ConfigOpt, ExitZeroOpt, FailOnOpt, FormatName, FormatOpt, IgnoreOpt,
+                                   MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, OutputOpt, QuietOpt,
+                                   output_options, settings_from_flags)
 from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
+from deadrelu.distributed import ranks_from_env
 from deadrelu.errors import DeadReluError, ExitCode, UsageError
-from deadrelu.judge import Thresholds
-from deadrelu.outputs import write_atomic
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
 
@@ -86,23 +88,38 @@ def scan_command(
     mean: Annotated[Optional[str], typer.Option("--mean", help="Image folders: normalisation mean, a preset (imagenet, clip, half, none) or numbers.")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --data random.")] = 0,
-    near_dead: Annotated[float, typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this.")] = 0.01,
-    tau: Annotated[float, typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this.")] = 0.1,
+    near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
+    fail_on: FailOnOpt = None,
+    max_dead: MaxDeadOpt = None,
+    max_dead_fraction: MaxDeadFractionOpt = None,
+    max_site_dead_fraction: MaxSiteDeadFractionOpt = None,
+    ignore: IgnoreOpt = None,
+    baseline: BaselineOpt = None,
+    config: ConfigOpt = None,
+    fmt: FormatOpt = FormatName.TABLE,
+    output: OutputOpt = None,
+    exit_zero: ExitZeroOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Scan a model's ReLU sites over calibration data and report dead units."""
     with reported_errors():
+        flags = settings_from_flags(fail_on=fail_on, max_dead=max_dead, max_dead_fraction=max_dead_fraction,
+                                    max_site_dead_fraction=max_site_dead_fraction, ignore=ignore, baseline=baseline,
+                                    near_dead=near_dead, tau=tau)
+        prepared = ci.prepare(flags, config, output_options(fmt, output, quiet, exit_zero, json_out))
         normalise = parse_normalisation(mean, std)
         data_options = DataOptions(input_shape=parse_shape(input_shape), seed=seed, workers=workers,
                                    image=ImageOptions(image_size, normalise[0], normalise[1], workers))
         options = ScanOptions(
             arch=arch, trust_pickle=trust_pickle, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
-            inputs=inputs, data=data_options, thresholds=Thresholds(near_dead=near_dead, tau=tau),
+            inputs=inputs, data=data_options, thresholds=prepared.thresholds,
         )
         report = _scan_with_progress(model, data, options)
-        emit(report, json_out)
-        if report.partial:
-            raise typer.Exit(int(ExitCode.INTERRUPTED))
+        if not ranks_from_env().is_main:
+            raise typer.Exit(0)  # under torchrun, rank 0 alone reports (it holds every rank's statistics)
+        raise typer.Exit(int(ci.finish(report, prepared, Console(), stderr_console())))
 
 
 def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanReport:
@@ -126,17 +143,56 @@ def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanRep
         return scan(model, data, options, progress=advanced, on_start=started, notify=said)
 
 
-def emit(report: ScanReport, json_out: str | None) -> None:
-    """The report to stdout (table, or JSON with --json -) and to the --json file."""
-    from deadrelu.formats.table import render
+@app.command("report")
+def report_command(
+    report: Annotated[Path, typer.Argument(help="A JSON report saved by 'deadrelu scan --json FILE' (or --format json).")],
+    fail_on: FailOnOpt = None,
+    max_dead: MaxDeadOpt = None,
+    max_dead_fraction: MaxDeadFractionOpt = None,
+    max_site_dead_fraction: MaxSiteDeadFractionOpt = None,
+    ignore: IgnoreOpt = None,
+    baseline: BaselineOpt = None,
+    near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Re-judge: near-dead below this active rate (default: the report's own).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Re-judge: dormant at or below this tau score (default: the report's own).")] = None,
+    config: ConfigOpt = None,
+    fmt: FormatOpt = FormatName.TABLE,
+    output: OutputOpt = None,
+    exit_zero: ExitZeroOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-judge and re-render a saved scan with new thresholds, without the model or the data."""
+    with reported_errors():
+        flags = settings_from_flags(fail_on=fail_on, max_dead=max_dead, max_dead_fraction=max_dead_fraction,
+                                    max_site_dead_fraction=max_site_dead_fraction, ignore=ignore, baseline=baseline,
+                                    near_dead=near_dead, tau=tau)
+        code = ci.saved_report(report, flags, config, output_options(fmt, output, quiet, exit_zero),
+                               Console(), stderr_console())
+        raise typer.Exit(int(code))
 
-    if json_out == "-":
-        sys.stdout.write(report.to_json())
-        return
-    render(report, Console())
-    if json_out:
-        write_atomic(Path(json_out), report.to_json())
+
+@app.command("diff")
+def diff_command(
+    old: Annotated[Path, typer.Argument(help="The earlier JSON report (e.g. the previous checkpoint's).")],
+    new: Annotated[Path, typer.Argument(help="The later JSON report.")],
+    max_new_dead: Annotated[Optional[int], typer.Option("--max-new-dead", min=0, help="Fail when more than N units died (dead in NEW, not in OLD).")] = None,
+    ignore: IgnoreOpt = None,
+    config: ConfigOpt = None,
+    fmt: FormatOpt = FormatName.TABLE,
+    output: OutputOpt = None,
+    exit_zero: ExitZeroOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per site: units that died, units that revived, and the change in active rate between two reports."""
+    with reported_errors():
+        flags = settings_from_flags(ignore=ignore, max_new_dead=max_new_dead)
+        code = ci.compare(old, new, flags, config, output_options(fmt, output, quiet, exit_zero),
+                          Console(), stderr_console())
+        raise typer.Exit(int(code))
 
 
 def main() -> None:
     app()
+
+
+from deadrelu import cli_fix  # noqa: E402,F401  registers `deadrelu fix` on the app
+from deadrelu import cli_merge  # noqa: E402,F401  registers `deadrelu merge` on the app

@@ -111,14 +111,14 @@ def parse_settings(table: dict[str, Any], path: Path, where: str = SECTION) -> S
     values: dict[str, Any] = {"source": path}
     for raw_key, value in table.items():
         key = raw_key.replace("_", "-")
-        spec = _KEYS.get(key)
-        if spec is None:
-            known = ", ".join(sorted(_KEYS))
-            raise ConfigError(f"{place}{raw_key}: unknown key (known keys: {known})")
         if key == "sites":
             values["site_rules"] = _site_rules(value, path, where)
-        else:
-            values[key.replace("-", "_")] = spec(value, f"{place}{raw_key}", path)
+            continue
+        spec = _KEYS.get(key)
+        if spec is None:
+            known = ", ".join(sorted((*_KEYS, "sites")))
+            raise ConfigError(f"{place}{raw_key}: unknown key (known keys: {known})")
+        values[key.replace("-", "_")] = spec(value, f"{place}{raw_key}", path)
     return Settings(**values)
 
 
@@ -174,8 +174,7 @@ _KEYS = {
     "tau": _non_negative,
     "ignore": _globs,
     "baseline": _path,
-    "sites": None,  # per-site rules, see _site_rules
-}
+}  # and "sites": per-site rules, see _site_rules
 _SITE_KEYS = {"max-dead": _count, "max-dead-fraction": _fraction}
 
 

@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, replace
 from typing import Any
 
-from deadrelu.gates import GateResult
+from deadrelu.gates import GateResult, plural
 from deadrelu.report import ScanReport, SiteReport
 
 DIFF_VERSION = 1
@@ -77,7 +77,7 @@ class ReportDiff:
             return ()
         ok = self.died <= self.max_new_dead
         return (GateResult("max-new-dead", None, self.max_new_dead, self.died, ok,
-                           f"{self.died} units died {'<=' if ok else '>'} max-new-dead {self.max_new_dead}"),)
+                           f"{self.died} {plural(self.died, 'unit')} died {'<=' if ok else '>'} max-new-dead {self.max_new_dead}"),)
 
     @property
     def failures(self) -> tuple[GateResult, ...]:

@@ -259,7 +259,7 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
     if policy.max_dead is not None:
         ok = g.counted <= policy.max_dead
         results.append(GateResult("max-dead", None, policy.max_dead, g.counted, ok,
-                                  f"{g.counted} {words} units {_cmp(ok)} max-dead {policy.max_dead}"))
+                                  f"{g.counted} {words} {plural(g.counted, 'unit')} {_cmp(ok)} max-dead {policy.max_dead}"))
     if policy.max_dead_fraction is not None:
         ok = g.counted_fraction <= policy.max_dead_fraction
         results.append(GateResult(
@@ -272,6 +272,10 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
         count_limit, fraction_limit, rule = policy.site_limits(site.name)
         n = len(site.counted)
         from_rule = f' (sites."{rule}")' if rule else ""
+        results.append(GateResult(
+            "collapsed", site.name, 0, int(site.collapsed), not site.collapsed,
+            f"{site.name}: collapsed: all {site.units} units dead, everything after it sees a constant"
+            if site.collapsed else f"{site.name}: not collapsed"))
         if fraction_limit is not None:
             fraction = n / site.units if site.units else 0.0
             ok = fraction <= fraction_limit
@@ -282,17 +286,17 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
         if count_limit is not None:
             ok = n <= count_limit
             results.append(GateResult("site-max-dead", site.name, count_limit, n, ok,
-                                      f"{site.name}: {n} {words} units {_cmp(ok)} max-dead {count_limit}{from_rule}"))
-        results.append(GateResult(
-            "collapsed", site.name, 0, int(site.collapsed), not site.collapsed,
-            f"{site.name}: collapsed: all {site.units} units dead, everything after it sees a constant"
-            if site.collapsed else f"{site.name}: not collapsed"))
+                                      f"{site.name}: {n} {words} {plural(n, 'unit')} {_cmp(ok)} max-dead {count_limit}{from_rule}"))
     return results
 
 
 def pct(fraction: float) -> str:
     """A fraction as a short percentage: 0.065 -> '6.5%', 0.0004 -> '0.04%'."""
     return f"{fraction * 100:.3g}%"
+
+
+def plural(count: int, word: str) -> str:
+    return word if count == 1 else word + "s"
 
 
 def _cmp(ok: bool) -> str:

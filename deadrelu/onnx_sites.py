@@ -220,7 +220,17 @@ class GraphIndex:
         return self.parent.constant(name) if self.parent else None
 
     def is_constant(self, name: str) -> bool:
-        return self.constant(name) is not None
+        """Whether ``name`` is an initializer or a Constant node's output (value not read)."""
+        if not name:
+            return False
+        if name in self.initializers:
+            return True
+        found = self.producers.get(name)
+        if found is not None:
+            return found[0].op_type == "Constant" and found[0].domain in ("", "ai.onnx")
+        if self._defines(name):
+            return False
+        return self.parent.is_constant(name) if self.parent else False
 
     def tensor_type(self, name: str) -> onnx.TypeProto | None:
         if name in self.types:
@@ -357,7 +367,7 @@ class _Finder:
                 self._consider(node, position, index, scope)
             elif node.op_type in FUSED_ACTIVATION_OPS:
                 self._fused(node)
-            for attr_position, attr in enumerate(node.attribute):
+            for attr_position, attr in _graph_attributes(node):
                 subgraphs = [(attr.g, -1)] if attr.HasField("g") else [(g, i) for i, g in enumerate(attr.graphs)]
                 for sub, graph_index in subgraphs:
                     step = ScopeStep(position, node_label(node), node.op_type, attr.name, graph_index)
@@ -404,6 +414,15 @@ class _Finder:
                 f"node '{node_label(node)}' ({node.domain or 'ai.onnx'} {node.op_type} with a fused {activation}) "
                 "hides its pre-activation and was not scanned; scan the model as exported, before ONNX Runtime's "
                 "offline optimisation")
+
+
+_BRANCH_ORDER = {"then_branch": 0, "else_branch": 1}
+
+
+def _graph_attributes(node: onnx.NodeProto) -> list[tuple[int, onnx.AttributeProto]]:
+    """(position, attribute) of the node's graph attributes, an If's then-branch first."""
+    found = [(i, a) for i, a in enumerate(node.attribute) if a.HasField("g") or len(a.graphs)]
+    return sorted(found, key=lambda item: _BRANCH_ORDER.get(item[1].name, 2))
 
 
 def _matching_subgraph(inferred: onnx.GraphProto | None, position: int, attr_position: int,

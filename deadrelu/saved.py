@@ -167,3 +167,13 @@ class _Where:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(prefix + key, "missing or not an integer")
         return value
+
+
+def rejudge(report: ScanReport, thresholds: Thresholds) -> ScanReport:
+    """The same statistics judged with other verdict thresholds."""
+    from dataclasses import replace
+
+    from deadrelu.judge import judge
+
+    sites = tuple(replace(s, verdict=judge(s.stats, thresholds)) for s in report.sites)
+    return replace(report, sites=sites, thresholds=thresholds)

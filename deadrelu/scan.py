@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from deadrelu.data import CalibrationSource, DataOptions, InputSelector, ModelInput, open_data, source_from_object
+from deadrelu.distributed import gather, ranks_from_env, shard, start
 from deadrelu.errors import DataError, UsageError
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
@@ -39,7 +40,7 @@ class ScanOptions:
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
-def scan(model: str | Path | torch.nn.Module, data: str | Path | CalibrationSource | Iterable[Any],
+def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | CalibrationSource | Iterable[Any],
          options: ScanOptions | None = None, *, progress: ProgressFn | None = None,
          on_start: Callable[[int | None], None] | None = None,
          notify: Callable[[str], None] | None = None) -> ScanReport:
@@ -67,15 +68,16 @@ def scan(model: str | Path | torch.nn.Module, data: str | Path | CalibrationSour
     """
     options = options or ScanOptions()
     _check(options)
-    device = resolve_device(options.device)
+    ranks = ranks_from_env()
+    device = start(ranks, resolve_device(options.device))
     loaded = _load(model, options)
     source = _open(data, options)
     total = _expected_samples(source, options.samples)
     if on_start:
         on_start(total)
-    selector = InputSelector.parse(options.inputs, count_model_inputs(loaded))
-    batches = _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+    batches = shard(model_batches(loaded, source, options), ranks)
     result = _stream(loaded, batches, device, progress, StreamSettings(DTYPES.get(options.dtype or ""), notify))
+    result = gather(result, ranks)
     if result.samples == 0 and not result.partial:
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
@@ -116,7 +118,9 @@ def resolve_device(spec: str) -> torch.device:
 
 # --- load ----------------------------------------------------------------------------------
 
-def _load(model: str | Path | torch.nn.Module, options: ScanOptions) -> LoadedModel:
+def _load(model: str | Path | torch.nn.Module | LoadedModel, options: ScanOptions) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
     if isinstance(model, torch.nn.Module):
         fmt = ModelFormat.TORCHSCRIPT if isinstance(model, torch.jit.ScriptModule) else ModelFormat.PICKLE
         return LoadedModel(module=model, format=fmt, path=f"<{type(model).__name__}>", sha256="", owned=False)
@@ -154,6 +158,17 @@ def _open(data: Any, options: ScanOptions) -> CalibrationSource:
                                        data_options.workers, data_options.image)
         return open_data(str(data), data_options)
     return source_from_object(data, f"<{type(data).__name__}>", options.data.workers)
+
+
+def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> Iterator[ModelInput]:
+    """The source's batches as model inputs (`--inputs`), capped at `--samples`."""
+    selector = InputSelector.parse(options.inputs, count_model_inputs(loaded))
+    return _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+
+
+def open_source(data: Any, options: ScanOptions) -> CalibrationSource:
+    """`data` as a `CalibrationSource` (a --data spec, a source, a tensor or any iterable)."""
+    return _open(data, options)
 
 
 def _capped(batches: Iterator[ModelInput], cap: int | None) -> Iterator[ModelInput]:

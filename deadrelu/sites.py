@@ -208,6 +208,19 @@ LAYOUT_PRESERVING = frozenset(
         "leaky_relu_", "prelu", "_prelu_kernel", "clamp", "clamp_min", "addcmul", "where",
     }
 )
+# Normalisation ops: a ReLU fed by one (directly or through elementwise ops such as a
+# residual add) has "normalisation upstream", which the fix planner uses.
+NORM_OPS = frozenset(
+    {
+        "batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+        "cudnn_batch_norm", "miopen_batch_norm", "instance_norm", "group_norm", "native_group_norm",
+        "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+    }
+)
+ELEMENTWISE = frozenset(
+    {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "clone", "contiguous", "dropout", "alias",
+     "detach", "_to_copy", "to", "neg"}
+)
 # Reshapes keep the last dim as features when the input came from a linear op.
 RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "expand"})
 

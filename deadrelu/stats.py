@@ -189,6 +189,15 @@ class UnitStats:
         self.m2 = torch.zeros(units, **f64)
         self.relu_sum = torch.zeros(units, **f64)
 
+    @classmethod
+    def from_summary(cls, summary: UnitSummary, device: torch.device | str = "cpu") -> UnitStats:
+        """Accumulators holding a saved site's statistics (e.g. from a JSON report), to merge."""
+        stats = cls(summary.units, device)
+        for name in _FIELDS:
+            current = getattr(stats, name)
+            setattr(stats, name, torch.as_tensor(np.asarray(getattr(summary, name)), dtype=current.dtype).to(device))
+        return stats
+
     def update(self, x: torch.Tensor, axis: int) -> None:
         """Fold one batch of pre-activations (any float dtype) into the accumulators."""
         if x.numel() == 0:

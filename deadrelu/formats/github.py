@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from deadrelu.formats.interface import Outcome, ReportFormat
 from deadrelu.formats.summary import diff_summary, scan_summary
-from deadrelu.gates import FailOn, findings
+from deadrelu.gates import FailOn, findings, plural
 
 if TYPE_CHECKING:
     from deadrelu.diff import ReportDiff
@@ -30,6 +30,7 @@ def command(level: str, title: str, message: str) -> str:
 
 class GithubFormat(ReportFormat):
     name = "github"
+    supports_diff = True
 
     def render(self, outcome: Outcome) -> str:
         report, gates = outcome.report, outcome.gates
@@ -37,7 +38,7 @@ class GithubFormat(ReportFormat):
                  for r in gates.failures]
         failed_sites = {r.site for r in gates.failures if r.site}
         kind = gates.policy.kind if gates.policy.kind is not FailOn.COLLAPSED else FailOn.DEAD
-        for site, found in zip(report.sites, gates.sites):
+        for site, found in zip(report.sites, gates.sites, strict=True):
             units = findings(site, kind)
             if found.ignored or site.name in failed_sites or not units:
                 continue
@@ -55,7 +56,7 @@ class GithubFormat(ReportFormat):
         for site in diff.sites:
             if site.died and not site.ignored:
                 lines.append(command("warning", f"deadrelu: {site.name}",
-                                     f"{site.name}: {len(site.died)} units died (units {_list(site.died)})"))
+                                     f"{site.name}: {len(site.died)} {plural(len(site.died), 'unit')} died (units {_list(site.died)})"))
         lines.append(diff_summary(diff)[0])
         return "\n".join(lines) + "\n"
 

@@ -28,6 +28,7 @@ class ReportFormat(ABC):
     """An output format: a name, and the text of a scan outcome (and, optionally, of a diff)."""
 
     name: ClassVar[str]
+    supports_diff: ClassVar[bool] = False  # renders `deadrelu diff` too
     diff_formats: ClassVar[str] = "table, json, markdown or github"
 
     def check_available(self) -> None:
@@ -39,7 +40,7 @@ class ReportFormat(ABC):
         """The whole document, as text (what `-o FILE` receives)."""
 
     def render_diff(self, diff: ReportDiff) -> str:
-        raise UsageError(f"deadrelu diff: --format {self.name} is not supported (use {self.diff_formats})")
+        raise UsageError(f"deadrelu diff: --format {self.name} is not supported (use {self.diff_formats})")  # see supports_diff
 
     def show(self, outcome: Outcome, console: Console) -> None:
         """Write the document to a terminal or pipe (stdout). The table format prints in colour."""

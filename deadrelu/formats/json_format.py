@@ -17,6 +17,7 @@ def document(outcome: Outcome) -> dict[str, Any]:
 
 class JsonFormat(ReportFormat):
     name = "json"
+    supports_diff = True
 
     def render(self, outcome: Outcome) -> str:
         return _dump(document(outcome))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from deadrelu.formats.interface import Outcome, ReportFormat
-from deadrelu.gates import GateReport, GateResult, pct
+from deadrelu.gates import GateReport, GateResult, pct, plural
 from deadrelu.report import ScanReport, SiteReport
 
 if TYPE_CHECKING:
@@ -15,12 +15,13 @@ PASS, FAIL = "✅", "❌"
 MAX_LISTED_UNITS = 12
 
 
-def code(text: str) -> str:
-    """`text` as an inline code span that is safe inside a table cell."""
+def code(text: str, table: bool = True) -> str:
+    """`text` as an inline code span; in a table cell, its pipes escaped (GFM splits cells first)."""
     text = " ".join(str(text).split())
     fence = "``" if "`" in text else "`"
     pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+    span = f"{fence}{pad}{text}{pad}{fence}"
+    return span.replace("|", "\\|") if table else span
 
 
 def cell(text: str) -> str:
@@ -38,30 +39,31 @@ def units_list(units: tuple[int, ...]) -> str:
 
 class MarkdownFormat(ReportFormat):
     name = "markdown"
+    supports_diff = True
 
     def render(self, outcome: Outcome) -> str:
         report, gates = outcome.report, outcome.gates
-        out = [f"## deadrelu: {code(report.model.path)}", "", _verdict(gates), "", _summary(report), ""]
+        out = [f"## deadrelu: {code(report.model.path, table=False)}", "", _verdict(gates), "", _summary(report), ""]
         if gates.active:
             out += ["### Gates", "", *_gate_table(gates), ""]
         flagged = [s for s in report.sites if s.dead or s.verdict.near_dead or s.verdict.collapsed]
         if flagged:
             out += ["### Sites with dead or near-dead units", "", *_site_table(flagged, gates), ""]
-        if report.sites:
+        if report.sites and len(flagged) < len(report.sites):
             out += [f"<details><summary>All {len(report.sites)} sites</summary>", "",
                     *_site_table(report.sites, gates), "", "</details>", ""]
         if report.warnings:
             out += ["### Warnings", "", *[f"- {cell(w)}" for w in report.warnings], ""]
-        out.append(f"<sub>deadrelu {_version()} · model sha256 {code(report.model.sha256[:16] or '-')} · "
-                   f"data {code(report.data.source)}</sub>")
+        out.append(f"<sub>deadrelu {_version()} · model sha256 {code(report.model.sha256[:16] or '-', table=False)} · "
+                   f"data {code(report.data.source, table=False)}</sub>")
         return "\n".join(out) + "\n"
 
     def render_diff(self, diff: ReportDiff) -> str:
-        out = [f"## deadrelu diff: {code(diff.old_label)} → {code(diff.new_label)}", ""]
+        out = [f"## deadrelu diff: {code(diff.old_label, table=False)} → {code(diff.new_label, table=False)}", ""]
         if diff.results:
             out += [f"{PASS if diff.passed else FAIL} **{'PASSED' if diff.passed else 'FAILED'}**: "
                     + "; ".join(cell(r.message) for r in diff.results), ""]
-        out += [f"**{diff.died}** units died, **{diff.revived}** revived; dead {diff.old.dead} → {diff.new.dead} "
+        out += [f"**{diff.died}** {plural(diff.died, 'unit')} died, **{diff.revived}** revived; dead {diff.old.dead} → {diff.new.dead} "
                 f"of {diff.new.units} units.", ""]
         changed = [s for s in diff.sites if s.changed]
         if changed:
@@ -97,7 +99,7 @@ def _summary(report: ScanReport) -> str:
             f"{s['near_dead']} near-dead, {s['dormant']} dormant; {report.data.samples} samples "
             f"(a unit that never fired fires on fewer than {s['never_fired_bound']:.2%} of samples, 95% confidence).")
     if s["collapsed_sites"]:
-        line += "\n\n**Collapsed** (every unit dead): " + ", ".join(code(n) for n in s["collapsed_sites"])
+        line += "\n\n**Collapsed** (every unit dead): " + ", ".join(code(n, table=False) for n in s["collapsed_sites"])
     if report.partial:
         line = f"**PARTIAL**: interrupted after {report.data.samples} samples.\n\n" + line
     return line
@@ -116,10 +118,10 @@ def _gate_table(gates: GateReport) -> list[str]:
     passed = sum(1 for r in site_checks if r.passed)
     rows += ["", f"{passed} of {len(site_checks)} site checks passed."]
     if gates.baseline:
-        rows.append(f"Counting only units not in the baseline {code(gates.baseline)}.")
+        rows.append(f"Counting only units not in the baseline {code(gates.baseline, table=False)}.")
     ignored = [s.name for s in gates.sites if s.ignored]
     if ignored:
-        rows.append("Ignored: " + ", ".join(code(n) for n in ignored))
+        rows.append("Ignored: " + ", ".join(code(n, table=False) for n in ignored))
     return rows
 
 
@@ -131,7 +133,7 @@ def _site_table(sites: list[SiteReport] | tuple[SiteReport, ...], gates: GateRep
         gate = "-" if not results else (PASS if all(r.passed for r in results) else FAIL)
         name = code(s.name) + (" **collapsed**" if s.verdict.collapsed else "")
         rows.append(f"| {name} | {s.op} | {s.units} | {s.dead} | {len(s.verdict.near_dead)} | "
-                    f"{len(s.verdict.dormant)} | {s.active_rate:.1%} | {units_list(s.verdict.dead)} | {gate} |")
+                    f"{len(s.verdict.dormant)} | {s.active_rate:.1%} | {units_list(s.verdict.dead) or '-'} | {gate} |")
     return rows
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deadrelu.diff import ReportDiff
-from deadrelu.gates import GateReport, GateResult, pct
+from deadrelu.gates import GateReport, GateResult, pct, plural
 from deadrelu.report import ScanReport
 
 
@@ -21,7 +21,7 @@ def scan_summary(report: ScanReport, gates: GateReport) -> tuple[str, str]:
 
 
 def diff_summary(diff: ReportDiff) -> tuple[str, str]:
-    found = (f"{diff.died} units died, {diff.revived} revived; dead {diff.old.dead} -> {diff.new.dead} "
+    found = (f"{diff.died} {plural(diff.died, 'unit')} died, {diff.revived} revived; dead {diff.old.dead} -> {diff.new.dead} "
              f"of {diff.new.units} units in {len(diff.new.sites)} sites")
     return _with_gates(found, diff.results if diff.max_new_dead is not None else None, prefix="deadrelu diff")
 

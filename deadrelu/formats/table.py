@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deadrelu.formats.interface import Outcome, ReportFormat
-from deadrelu.gates import GateReport, GateResult
+from deadrelu.gates import GateReport, GateResult, plural
 from deadrelu.report import ScanReport, SiteReport
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ class TableFormat(ReportFormat):
     """The terminal report: site table, summary lines, warnings, gate verdict."""
 
     name = "table"
+    supports_diff = True
     file_width = 100  # columns of a table written to a file with -o
 
     def show(self, outcome: Outcome, console: Console) -> None:
@@ -177,7 +178,7 @@ def _diff_row(site: SiteDiff) -> list[Text | str]:
 
 
 def diff_lines(diff: ReportDiff) -> list[Text]:
-    lines = [Text(f"{diff.died} units died, {diff.revived} revived; dead {diff.old.dead} -> {diff.new.dead} "
+    lines = [Text(f"{diff.died} {plural(diff.died, 'unit')} died, {diff.revived} revived; dead {diff.old.dead} -> {diff.new.dead} "
                   f"of {diff.new.units} units")]
     for site in diff.sites:
         if site.died and not site.ignored:
@@ -200,4 +201,4 @@ def _capture(show, width: int) -> str:
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False,
                       emoji=False)
     show(console)
-    return buffer.getvalue()
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())

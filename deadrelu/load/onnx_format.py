@@ -4,11 +4,17 @@ The graph is parsed with ``load_external_data=False``: weights kept in external 
 (models over 2 GB must keep them there) stay on disk, and ONNX Runtime reads them itself
 when the session is built. Only their presence and size are checked here, so a missing
 or truncated data file is a one-line error at load time rather than a crash later.
+
+Weights embedded in the model file are treated the same way: each large initializer's
+``raw_data`` is replaced by an external-data reference to its own bytes inside the model
+file (found by walking the protobuf wire format), so the loaded graph holds no weights and
+ONNX Runtime reads them from the file once, instead of from a second in-memory copy.
 """
 
 from __future__ import annotations
 
-import os
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from deadrelu.errors import ModelLoadError
 
 MIN_OPSET = 9
 DEFAULT_DOMAINS = ("", "ai.onnx")
+MIN_OFFLOAD_BYTES = 1024  # smaller initializers (shapes, axes, Clip bounds) stay in the graph
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,15 @@ class OnnxModel:
     def has_external_data(self) -> bool:
         return bool(self.external_files)
 
+    def input_names(self) -> list[str]:
+        """The graph inputs data must be fed to (initializers listed as inputs excluded)."""
+        initializers = {t.name for t in self.proto.graph.initializer}
+        return [i.name for i in self.proto.graph.input if i.name not in initializers]
+
+    def input_count(self) -> int:
+        """How many inputs the model takes (see `deadrelu.scan.count_model_inputs`)."""
+        return len(self.input_names())
+
 
 def load_onnx(path: Path) -> OnnxModel:
     """Parse and check an ONNX file; raise `ModelLoadError` with a one-line reason."""
@@ -52,6 +68,7 @@ def load_onnx(path: Path) -> OnnxModel:
     if opset < MIN_OPSET:
         raise ModelLoadError(f"{path}: ONNX opset {opset} is not supported; expected opset {MIN_OPSET} or later "
                              "(upgrade it with onnx.version_converter)")
+    offload_embedded_weights(proto, path)
     files = check_external_data(proto, path)
     return OnnxModel(proto=proto, path=path, opset=opset, external_files=files)
 
@@ -97,6 +114,87 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> tuple[str, ...]:
     return tuple(files)
 
 
+def offload_embedded_weights(proto: onnx.ModelProto, path: Path) -> int:
+    """Point large embedded main-graph initializers at their bytes in the model file.
+
+    Returns how many were offloaded. Initializers stored other than as ``raw_data`` (typed
+    fields such as ``float_data``) stay embedded.
+    """
+    big = [t for t in proto.graph.initializer
+           if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= MIN_OFFLOAD_BYTES]
+    if not big:
+        return 0
+    spans = initializer_spans(path)
+    moved = 0
+    for tensor in big:
+        span = spans.get(tensor.name)
+        if span is None or span[1] != len(tensor.raw_data):
+            continue
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", path.name), ("offset", str(span[0])), ("length", str(span[1]))):
+            tensor.external_data.add(key=key, value=value)
+        moved += 1
+    return moved
+
+
+def initializer_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """(offset, length) in the file of each main-graph initializer's ``raw_data``."""
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    name_field = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
+    raw_field = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    spans: dict[str, tuple[int, int]] = {}
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for field, start, end in _length_delimited_fields(data, 0, len(data)):
+            if field != graph_field:
+                continue
+            for inner, tensor_start, tensor_end in _length_delimited_fields(data, start, end):
+                if inner != init_field:
+                    continue
+                name, raw = None, None
+                for leaf, leaf_start, leaf_end in _length_delimited_fields(data, tensor_start, tensor_end):
+                    if leaf == name_field:
+                        name = bytes(data[leaf_start:leaf_end]).decode("utf-8", "replace")
+                    elif leaf == raw_field:
+                        raw = (leaf_start, leaf_end - leaf_start)
+                if name is not None and raw is not None:
+                    spans[name] = raw
+    return spans
+
+
+def _length_delimited_fields(data: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, payload start, payload end) of each length-delimited field in a range."""
+    position = start
+    while position < end:
+        key, position = _varint(data, position)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _varint(data, position)
+        elif wire == 1:
+            position += 8
+        elif wire == 5:
+            position += 4
+        elif wire == 2:
+            size, position = _varint(data, position)
+            yield field, position, position + size
+            position += size
+        else:  # groups are not used by ONNX: stop rather than guess
+            return
+
+
+def _varint(data: mmap.mmap, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+
+
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
     found: list[onnx.TensorProto] = []
 
@@ -117,8 +215,3 @@ def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def _line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def external_data_dir(model: OnnxModel) -> str:
-    """The folder ONNX Runtime must resolve external data locations against."""
-    return os.fspath(model.base_dir)

@@ -4,11 +4,13 @@ and full pickles (only when trusted)."""
 from __future__ import annotations
 
 import io
+import logging
 import pickletools
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,29 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
 
 def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
     try:
-        program = torch.export.load(str(path))
+        with quiet_torch_logs():
+            program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read torch.export program: {_first_line(exc)}") from exc
     return program.module(), program
+
+
+@contextmanager
+def quiet_torch_logs() -> Iterator[None]:
+    """torch.export's (de)serialiser logs notices (unused symbols, archive names) that are
+    not the user's concern; keep them off stderr."""
+    names = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch._export", "torch.export")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:

@@ -15,8 +15,9 @@ Three phases, like ONNX Runtime's calibrators, without their costs:
 
 Graph optimisations stay on. A tapped tensor has consumers besides its ReLU, so ONNX
 Runtime cannot fuse the ReLU into its producer or drop the tensor; the tests check the
-results against a session with every optimisation off. The reductions come right after
-each site in node order, so each pre-activation is reduced while still in cache and freed.
+results against a session with every optimisation off. The reduction nodes are listed so
+that ONNX Runtime runs each site's right after the site (see `Rewriter._graph`): each
+pre-activation is reduced while in cache and freed at once, not kept to the end.
 
 The fast reductions assume finite values. When a batch's statistics come back not finite,
 that batch runs again through a second, lazily built session whose reductions count NaN
@@ -54,6 +55,7 @@ FAST_ROWS = ("maximum", "minimum", "mean", "m2", "positive", "relu_sum")
 MASKED_ROWS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 PREFIX = "deadrelu::"
+EXACT_FLOAT_COUNT = 1 << 24  # a float32 sum of 0/1 values is exact up to here
 
 
 # --- public entry ----------------------------------------------------------------------------
@@ -151,37 +153,41 @@ def _fast_moments(rows: np.ndarray, counts: np.ndarray) -> list[BatchMoments] | 
     """Moments of each row of fast-path statistics; None when a value is not finite."""
     if not np.isfinite(rows[:, :4]).all():
         return None
-    found = []
-    for row, count in zip(rows, counts):
-        maximum, minimum, mean, m2, positive, relu_sum = row
-        units = row.shape[1]
-        zeros = torch.zeros(units, dtype=torch.int64)
-        found.append(BatchMoments(
-            count=torch.full((units,), float(count), dtype=torch.float64),
-            positive=torch.from_numpy(np.rint(positive).astype(np.int64)),
-            nan=zeros, inf=zeros,
-            minimum=torch.from_numpy(minimum), maximum=torch.from_numpy(maximum),
-            mean=torch.from_numpy(mean), m2=torch.from_numpy(m2), relu_sum=torch.from_numpy(relu_sum),
-        ))
-    return found
+    table = torch.from_numpy(rows)  # (n, FAST_ROWS, units), views below
+    positive = torch.from_numpy(np.rint(rows[:, 4]).astype(np.int64))
+    zeros = torch.zeros(rows.shape[2], dtype=torch.int64)
+    return [
+        BatchMoments(
+            count=torch.full((rows.shape[2],), float(counts[i]), dtype=torch.float64),
+            positive=positive[i], nan=zeros, inf=zeros, minimum=table[i, 1], maximum=table[i, 0],
+            mean=table[i, 2], m2=table[i, 3], relu_sum=table[i, 5],
+        )
+        for i in range(rows.shape[0])
+    ]
 
 
 def _masked_moments(rows: np.ndarray) -> list[BatchMoments]:
-    found = []
-    for row in rows:
-        count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum = row
-        found.append(BatchMoments(
-            count=torch.from_numpy(np.rint(count)),
-            positive=torch.from_numpy(np.rint(positive).astype(np.int64)),
-            nan=torch.from_numpy(np.rint(nan).astype(np.int64)),
-            inf=torch.from_numpy(np.rint(inf).astype(np.int64)),
-            minimum=torch.from_numpy(minimum), maximum=torch.from_numpy(maximum),
-            mean=torch.from_numpy(mean), m2=torch.from_numpy(m2), relu_sum=torch.from_numpy(relu_sum),
-        ))
-    return found
+    table = torch.from_numpy(rows)  # (n, MASKED_ROWS, units)
+    counts = torch.from_numpy(np.rint(rows[:, :4]).astype(np.int64))  # count, positive, nan, inf
+    return [
+        BatchMoments(
+            count=counts[i, 0].double(), positive=counts[i, 1], nan=counts[i, 2], inf=counts[i, 3],
+            minimum=table[i, 4], maximum=table[i, 5], mean=table[i, 6], m2=table[i, 7], relu_sum=table[i, 8],
+        )
+        for i in range(rows.shape[0])
+    ]
 
 
 # --- emitting nodes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """The two tensors a site's reductions produce, in the graph that holds the site."""
+
+    stats: str  # packed statistics, one row per statistic along the pack axis
+    shape: str  # the pre-activation's shape (int64)
+    stats_type: int  # onnx data type of ``stats``
 
 
 class Emitter:
@@ -228,8 +234,8 @@ def _np_type(plan: SitePlan) -> type:
     return np.float64 if plan.compute_type == TensorProto.DOUBLE else np.float32
 
 
-def emit_fast(em: Emitter, plan: SitePlan) -> tuple[str, str]:
-    """Fast per-unit reductions of one site: (packed statistics, shape) tensor names."""
+def emit_fast(em: Emitter, plan: SitePlan) -> Emitted:
+    """Fast per-unit reductions of one site, packed as `FAST_ROWS`, and its shape."""
     x = _work_input(em, plan)
     axes, dtype = plan.reduce_axes, _np_type(plan)
     maximum = em.reduce("ReduceMax", x, axes, "max")
@@ -243,11 +249,11 @@ def emit_fast(em: Emitter, plan: SitePlan) -> tuple[str, str]:
     relu = relu_out or em.node("Relu", [x], "relu")
     relu_sum = em.reduce("ReduceSum", relu, axes, "relu_sum")
     packed = em.node("Concat", [maximum, minimum, mean, m2, positive, relu_sum], "stats", axis=plan.pack_axis)
-    return packed, em.node("Shape", [plan.site.preact], "shape")
+    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type)
 
 
-def emit_masked(em: Emitter, plan: SitePlan) -> tuple[str, str]:
-    """Reductions that count NaN/Inf apart and keep them out of min/max/moments."""
+def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
+    """Reductions that count NaN/Inf apart and keep them out of min/max/moments (`MASKED_ROWS`)."""
     x = _work_input(em, plan)
     axes, dtype, to = plan.reduce_axes, _np_type(plan), plan.compute_type
     big = em.const(np.array(np.finfo(dtype).max, dtype=dtype), "fmax")
@@ -272,16 +278,16 @@ def emit_masked(em: Emitter, plan: SitePlan) -> tuple[str, str]:
     relu_sum = em.reduce("ReduceSum", em.node("Relu", [zeroed], "relu"), axes, "relu_sum")
     packed = em.node("Concat", [count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum], "stats",
                      axis=plan.pack_axis)
-    return packed, em.node("Shape", [plan.site.preact], "shape")
+    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type)
 
 
-def emit_shape(em: Emitter, plan: SitePlan) -> tuple[str, str]:
+def emit_shape(em: Emitter, plan: SitePlan) -> Emitted:
     """Only the pre-activation's shape (finding ranks that shape inference could not)."""
     shape = em.node("Shape", [plan.site.preact], "shape")
-    return shape, shape
+    return Emitted(em.node("Identity", [shape], "shape_copy"), shape, TensorProto.INT64)
 
 
-EmitFn = Callable[[Emitter, SitePlan], tuple[str, str]]
+EmitFn = Callable[[Emitter, SitePlan], "Emitted"]
 
 
 # --- rewriting the graph -----------------------------------------------------------------------
@@ -289,7 +295,7 @@ EmitFn = Callable[[Emitter, SitePlan], tuple[str, str]]
 
 @dataclass(frozen=True)
 class Exposure:
-    """A site's two statistic tensors as visible in one graph."""
+    """A site's two statistic tensors as visible in one graph (its own, or an enclosing one)."""
 
     plan: SitePlan
     stats: str
@@ -316,9 +322,7 @@ class Rewriter:
                 copy_field(head, descriptor, value)
         graph, exposures = self._graph(source.graph, (), skip=("node", "initializer"))
         for exposure in exposures:
-            graph.output.append(helper.make_tensor_value_info(exposure.stats, exposure.stats_type, None))
-            if exposure.shape != exposure.stats:
-                graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
+            _add_outputs(graph, exposure)
         head.graph.CopyFrom(graph)
         return head, {e.plan.id: e for e in exposures}
 
@@ -341,6 +345,7 @@ class Rewriter:
             elif site_scope[: len(scope)] == scope:
                 nested.add(site_scope[len(scope)].node_index)
         exposures: list[Exposure] = []
+        blocks: list[list[onnx.NodeProto]] = []
         for position, node in enumerate(source.node):
             if position in nested:
                 copy, found = self._container(node, position, scope)
@@ -350,9 +355,14 @@ class Rewriter:
                 graph.node.append(node)
             for plan in here.get(position, []):
                 em = self._emitter()
-                stats, shape = self.emit(em, plan)
-                graph.node.extend(em.nodes)
-                exposures.append(Exposure(plan, stats, shape, plan.compute_type if stats != shape else TensorProto.INT64))
+                emitted = self.emit(em, plan)
+                blocks.append(em.nodes)
+                exposures.append(Exposure(plan, emitted.stats, emitted.shape, emitted.stats_type))
+        # Main graph: the blocks go last, the first site's last. ONNX Runtime orders nodes by
+        # a depth-first walk from the graph's leaves, the last-listed leaf first, so each
+        # site's reductions then run right after the site, while its tensor is in cache, and
+        # the tensor is freed at once; listed after their sites they would all run at the end.
+        graph.node.extend(node for block in (blocks if scope else reversed(blocks)) for node in block)
         return graph, exposures
 
     def _container(self, node: onnx.NodeProto, position: int,
@@ -393,36 +403,30 @@ class Rewriter:
         em = self._emitter()
         for exposure in found:
             _add_outputs(body, exposure)
-        if node.op_type == "Scan":
-            extra = sum(1 if e.shape == e.stats else 2 for e in found)
+        if node.op_type == "Scan":  # new scan outputs: stacked along axis 0, forward
             for attr in node.attribute:
                 if attr.name in ("scan_output_axes", "scan_output_directions"):
-                    attr.ints.extend([0] * extra)
+                    attr.ints.extend([0] * (2 * len(found)))
         return [self._node_outputs(node, em, e) for e in found]
 
     @staticmethod
     def _node_outputs(node: onnx.NodeProto, em: Emitter, exposure: Exposure) -> Exposure:
-        stats = em.fresh("stats_out")
-        node.output.append(stats)
-        shape = stats
-        if exposure.shape != exposure.stats:
-            shape = em.fresh("shape_out")
-            node.output.append(shape)
+        """New outputs of a container node carrying one site's tensors out of its subgraph."""
+        stats, shape = em.fresh("stats_out"), em.fresh("shape_out")
+        node.output.extend([stats, shape])
         return Exposure(exposure.plan, stats, shape, exposure.stats_type)
 
 
 def _add_outputs(graph: onnx.GraphProto, exposure: Exposure) -> None:
     graph.output.append(helper.make_tensor_value_info(exposure.stats, exposure.stats_type, None))
-    if exposure.shape != exposure.stats:
-        graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
+    graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
 
 
 def _placeholder(em: Emitter, exposure: Exposure, graph: onnx.GraphProto) -> Exposure:
-    """Empty stand-ins for a site that sits in the other branch of an If."""
-    dtype = helper.tensor_dtype_to_np_dtype(exposure.stats_type)
+    """Empty stand-ins, in one If branch, for a site that sits in the other branch."""
     em.nodes = []
-    stats = em.const(np.zeros((0,), dtype=dtype), "empty_stats")
-    shape = stats if exposure.shape == exposure.stats else em.const(np.zeros((0,), dtype=np.int64), "empty_shape")
+    stats = em.const(np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(exposure.stats_type)), "empty_stats")
+    shape = em.const(np.zeros((0,), dtype=np.int64), "empty_shape")
     graph.node.extend(em.nodes)
     return Exposure(exposure.plan, stats, shape, exposure.stats_type)
 
@@ -506,13 +510,23 @@ class SessionFactory:
         for location in self.model.external_files:
             link = folder / location
             link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(self.model.base_dir / location, link)
+            _link(self.model.base_dir / location, link)
         path = folder / "augmented.onnx"
         path.write_bytes(data)
         try:
             return ort.InferenceSession(os.fspath(path), self.options(), providers=self.providers)
         except Exception as exc:
             raise ModelLoadError(f"{self.model.path}: onnxruntime cannot load the model: {_line(exc)}") from exc
+
+
+def _link(target: Path, link: Path) -> None:
+    """A hard link where the file system allows it (newer onnxruntime builds refuse
+    external data reached through a symbolic link out of the model's folder), else a
+    symbolic link."""
+    try:
+        os.link(target, link)
+    except OSError:
+        os.symlink(target, link)
 
 
 def _line(exc: BaseException) -> str:
@@ -677,6 +691,7 @@ class OnnxScanner:
         self._fast: tuple[Any, dict[int, Exposure]] | None = None
         self._masked: tuple[Any, dict[int, Exposure]] | None = None
         self._accumulators: dict[int, _Accumulator] = {}
+        self._inexact: set[str] = set()  # sites whose float32 positive counts may be off
 
     def __enter__(self) -> OnnxScanner:
         return self
@@ -778,6 +793,8 @@ class OnnxScanner:
             if moments is None:
                 return None
             decoded[plan.id] = moments
+            if counts.max(initial=0) > EXACT_FLOAT_COUNT and plan.compute_type == TensorProto.FLOAT:
+                self._inexact.add(plan.site.name)
         return decoded
 
     # results --------------------------------------------------------------------------
@@ -799,6 +816,10 @@ class OnnxScanner:
             if self._accumulators[plan.id].stats is None and self._fast is not None:
                 notes.append(f"site '{plan.site.name}' ({plan.site.op_type} in {plan.site.where}) never ran on "
                              "this data: no statistics")
+        if self._inexact:
+            notes.append(f"sites {sorted(self._inexact)} see more than 2**24 values per unit in one batch: their "
+                         "positive counts are float32 sums and may be off by a few (dead units stay exact); "
+                         "a smaller --batch-size avoids it")
         if self.feeder.left_out:
             notes.append(f"{self.feeder.left_out} samples were left out: the model takes batches of exactly "
                          f"{self.feeder.fixed_batch}")

@@ -110,6 +110,8 @@ class SiteTap:
     stats: UnitStats
     order: int
     batches: int = 0  # committed forward passes that reached this site
+    normalised: bool = False  # a normalisation op feeds the pre-activation
+    ndim: int = 0  # rank of the pre-activation
 
 
 class ReluProbe(TorchDispatchMode):
@@ -121,6 +123,7 @@ class ReluProbe(TorchDispatchMode):
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self._normalised: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._scratch = Scratch()
         self._staged: list[tuple[SiteTap, BatchMoments]] = []
 
@@ -174,7 +177,8 @@ class ReluProbe(TorchDispatchMode):
         if tap is None:
             axis = sites.choose_axis(x.ndim, self._producers.get(x))
             units = x.shape[axis.axis] if x.ndim else 1
-            tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps))
+            tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps),
+                          normalised=bool(self._normalised.get(x, False)), ndim=x.ndim)
             self.taps[name] = tap
         elif x.ndim <= tap.axis.axis or x.shape[tap.axis.axis] != tap.stats.units:
             raise SiteShapeError(f"site '{name}' had {tap.stats.units} units along dim {tap.axis.axis}, "
@@ -193,6 +197,9 @@ class ReluProbe(TorchDispatchMode):
                 kind = None
         if kind is not None:
             self._producers[first] = kind
+        if op_name in sites.NORM_OPS or (op_name in sites.ELEMENTWISE and any(
+                isinstance(a, torch.Tensor) and self._normalised.get(a, False) for a in args)):
+            self._normalised[first] = True
 
 
 @contextmanager

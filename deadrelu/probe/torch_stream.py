@@ -50,7 +50,8 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
             except KeyboardInterrupt:
                 probe.discard_pass()
                 partial = True
-        observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result())
+        observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result(),
+                                         {"normalised_input": t.normalised, "preact_ndim": t.ndim})
                          for t in probe.observed_taps())
     return StreamResult(observed, samples, partial, tuple(runner.notes))
 

@@ -1,0 +1,126 @@
+"""What `scan`, `report` and `diff` do around a report: settings, gates, output, exit code.
+
+The CLI parses flags into a `Settings` (flags) and an `OutputOptions`, and calls these
+functions; everything that can fail on the user's input (configuration, baseline, format,
+output folder) is checked by `prepare` before a scan starts, so a long scan never ends in
+a usage error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from deadrelu.config import Settings, load_settings
+from deadrelu.diff import ReportDiff, diff_reports
+from deadrelu.errors import ExitCode, UsageError
+from deadrelu.formats import Outcome, ReportFormat, deliver, deliver_diff, get_format
+from deadrelu.formats.summary import diff_summary, scan_summary
+from deadrelu.gates import GateReport, evaluate
+from deadrelu.judge import Thresholds
+from deadrelu.outputs import write_atomic
+from deadrelu.report import ScanReport
+from deadrelu.saved import load_report, rejudge
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    format: str = "table"
+    output: Path | None = None  # -o FILE; None: stdout
+    json_out: str | None = None  # --json PATH ('-': stdout): the report without gates, as report.to_json()
+    quiet: bool = False  # -q: only the summary line (stderr) and the exit code
+    exit_zero: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything resolved before the scan."""
+
+    settings: Settings
+    thresholds: Thresholds
+    fmt: ReportFormat
+    out: OutputOptions
+    baseline: ScanReport | None
+
+
+def prepare(flags: Settings, config: Path | None, out: OutputOptions, *, load_baseline: bool = True,
+            default_thresholds: Thresholds | None = None) -> Prepared:
+    """Merge the flags over the configuration file, and check the format, the output folder
+    and the baseline, before any work starts."""
+    settings = load_settings(config).overridden_by(flags)
+    out = _resolve_json_stdout(out)
+    fmt = get_format(out.format)
+    fmt.check_available()
+    for target in (out.output, Path(out.json_out) if out.json_out and out.json_out != "-" else None):
+        if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
+            raise UsageError(f"{target}: directory {target.parent} does not exist")
+    thresholds = settings.thresholds(default_thresholds)
+    baseline = None
+    if settings.baseline is not None and load_baseline:
+        baseline = load_report(settings.baseline, thresholds)
+    return Prepared(settings, thresholds, fmt, out, baseline)
+
+
+def _resolve_json_stdout(out: OutputOptions) -> OutputOptions:
+    """`--json -` (it predates --format) puts the report's JSON document on stdout, alone."""
+    if out.json_out == "-" and (out.format != "table" or out.output is not None):
+        raise UsageError("--json - writes the JSON report to stdout: use --json FILE together with --format/-o, "
+                         "or --format json for the JSON with the gate results")
+    return out
+
+
+def judge_report(report: ScanReport, prepared: Prepared) -> GateReport:
+    label = str(prepared.settings.baseline) if prepared.settings.baseline is not None else None
+    return evaluate(report, prepared.settings.policy(), prepared.baseline, label)
+
+
+def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Console) -> ExitCode:
+    """Gate, write the report where it was asked for, print the summary line; the exit code."""
+    gates = judge_report(report, prepared)
+    outcome = Outcome(report, gates)
+    out = prepared.out
+    if out.json_out == "-":  # exactly the Python API's report.to_dict(), as before --format existed
+        stdout.file.write(report.to_json())
+        stdout.file.flush()
+    else:
+        deliver(prepared.fmt, outcome, out.output, quiet=out.quiet, stdout=stdout)
+        if out.json_out:
+            write_atomic(Path(out.json_out), report.to_json())
+    line, style = scan_summary(report, gates)
+    stderr.print(line, style=style or None, highlight=False, markup=False)
+    if report.partial:
+        return ExitCode.INTERRUPTED
+    return gates.exit_code(out.exit_zero)
+
+
+def saved_report(path: Path, flags: Settings, config: Path | None, out: OutputOptions,
+                 stdout: Console, stderr: Console) -> ExitCode:
+    """`deadrelu report`: re-judge and re-render a saved report (thresholds: flags, then the
+    configuration, then the report's own)."""
+    prepared = prepare(flags, config, out, load_baseline=False)
+    report = load_report(path)
+    if prepared.settings.sets_thresholds:
+        report = rejudge(report, prepared.settings.thresholds(report.thresholds))
+    baseline = None
+    if prepared.settings.baseline is not None:
+        baseline = load_report(prepared.settings.baseline, report.thresholds)
+    return finish(report, replace(prepared, thresholds=report.thresholds, baseline=baseline), stdout, stderr)
+
+
+def compare(old: Path, new: Path, flags: Settings, config: Path | None, out: OutputOptions,
+            stdout: Console, stderr: Console) -> ExitCode:
+    """`deadrelu diff`: units that died and revived between two saved reports."""
+    if not get_format(out.format).supports_diff:
+        raise UsageError(f"deadrelu diff: --format {out.format} is not supported (use {ReportFormat.diff_formats})")
+    prepared = prepare(flags, config, out, load_baseline=False)
+    new_report = load_report(new)
+    old_report = rejudge(load_report(old), new_report.thresholds)
+    result: ReportDiff = diff_reports(old_report, new_report, old_label=str(old), new_label=str(new),
+                                      ignore=prepared.settings.ignore or (),
+                                      max_new_dead=prepared.settings.max_new_dead)
+    deliver_diff(prepared.fmt, result, out.output, quiet=out.quiet, stdout=stdout)
+    line, style = diff_summary(result)
+    stderr.print(line, style=style or None, highlight=False, markup=False)
+    return ExitCode.FINDINGS if result.failures and not out.exit_zero else ExitCode.CLEAN

@@ -1,0 +1,60 @@
+"""`deadrelu fix`: the command line over `deadrelu.fix.run_fix`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from deadrelu.cli import app, reported_errors, stderr_console
+from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
+from deadrelu.outputs import write_atomic
+from deadrelu.scan import ScanOptions
+
+
+@app.command("fix")
+def fix_command(
+    model: Annotated[Path, typer.Argument(help="The model to fix (never modified).")],
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Calibration data (as for scan): scanned first, and used to verify.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="A saved scan (--json) of this same model, instead of scanning.")] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help="Force one change for every chosen site: leaky, prelu or bn.")] = None,
+    sites: Annotated[Optional[list[str]], typer.Option("--sites", help="Change the sites whose names match this glob (repeatable).")] = None,
+    min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", min=0.0, max=1.0, help="Choose sites with at least this fraction of dead units (default: any dead unit).")] = 0.0,
+    slope: Annotated[Optional[float], typer.Option("--slope", help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25).")] = None,
+    bn_init: Annotated[str, typer.Option("--bn-init", help="identity: outputs unchanged; revive: centre each unit so dead units fire.")] = "identity",
+    apply: Annotated[bool, typer.Option("--apply", help="Write the fixed model to -o and verify it.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where --apply writes (.pt2 for PyTorch models, .onnx for ONNX).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write plan, changes and verification as JSON to PATH ('-' for stdout).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict (runs your code).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
+    inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs (as for scan).")] = None,
+) -> None:
+    """Suggest, and with --apply write and verify, LeakyReLU/PReLU swaps or BatchNorm insertion for dead units."""
+    with reported_errors():
+        if bn_init not in ("identity", "revive"):
+            raise typer.BadParameter("expected identity or revive", param_hint="--bn-init")
+        options = FixOptions(
+            plan=PlanOptions(to=to, sites=tuple(sites or ()), min_dead_fraction=min_dead_fraction),
+            rewrite=RewriteOptions(slope=slope, bn_init=bn_init),
+            apply=apply, output=output, report=report,
+        )
+        scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
+                                   samples=samples, inputs=inputs)
+        console = stderr_console()
+        result = run_fix(model, data, options, scan_options,
+                         notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))
+        document = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+        if json_out == "-":
+            typer.echo(document, nl=False)
+            return
+        from deadrelu.formats.fix_table import render_fix
+
+        render_fix(result, Console())
+        if json_out:
+            write_atomic(Path(json_out), document)

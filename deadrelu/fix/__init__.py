@@ -1,0 +1,208 @@
+"""`deadrelu fix`: plan per-site changes for dead units, apply them to a copy of the
+model, and verify what they did.
+
+The flow: load -> scan (or a saved report of the same model) -> plan -> rewrite -> write
+atomically -> reload the written file -> re-scan and compare outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deadrelu.data import ModelInput
+from deadrelu.errors import UsageError
+from deadrelu.fix.plan import PlanOptions, SiteFix, plan_fixes
+from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
+from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
+from deadrelu.load import LoadedModel, load_model
+from deadrelu.load.detect import ModelFormat
+from deadrelu.report import ScanReport
+from deadrelu.scan import ScanOptions, model_batches, open_source, scan
+
+__all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
+
+REWRITTEN_BY_EXPORT = (ModelFormat.STATE_DICT, ModelFormat.PICKLE, ModelFormat.TORCHSCRIPT)
+
+
+@dataclass(frozen=True)
+class FixOptions:
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    rewrite: RewriteOptions = field(default_factory=RewriteOptions)
+    apply: bool = False
+    output: Path | None = None
+    report: Path | None = None  # a saved scan of the same model instead of scanning
+
+
+@dataclass(frozen=True)
+class FixReport:
+    """The plan, and after --apply what was written and what it did."""
+
+    model: str
+    model_format: str
+    sha256: str
+    plan: tuple[SiteFix, ...]
+    scan: ScanReport
+    applied: bool = False
+    output: str | None = None
+    changes: tuple[SiteChange, ...] = ()
+    deviation: OutputDeviation | None = None
+    instructions: tuple[str, ...] = ()
+    state_dict: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from deadrelu import __version__
+
+        return {
+            "deadrelu_version": __version__,
+            "model": {"path": self.model, "format": self.model_format, "sha256": self.sha256},
+            "plan": [f.to_dict() for f in self.plan],
+            "applied": self.applied,
+            "output": self.output,
+            "verification": None if not self.applied else {
+                "sites": [c.to_dict() for c in self.changes],
+                "outputs": self.deviation.to_dict() if self.deviation else None,
+            },
+            "class_changes": list(self.instructions),
+            "state_dict": self.state_dict,
+        }
+
+
+def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_options: ScanOptions,
+            notify: Callable[[str], None] | None = None) -> FixReport:
+    """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units."""
+    model = Path(model)
+    output = _check_output(model, options)
+    loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle)
+    report = _baseline_scan(loaded, data, options, scan_options, notify)
+    plan = plan_fixes(report, options.plan)
+    base = FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report)
+    if not plan or not options.apply or output is None:
+        return base
+    data = data or _data_of(report)
+    moments = {f.index: UnitMoments(report.sites[f.index].stats.mean, report.sites[f.index].stats.std ** 2) for f in plan}
+    writer = _write_onnx if loaded.format is ModelFormat.ONNX else _write_torch
+    extras = writer(loaded, report, plan, moments, options, scan_options, data, output)
+    after = scan(output, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
+    zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(moments[f.index].var <= 0))
+                     for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
+    changes = site_changes(plan, report, after, zero_variance)
+    deviation = _deviation(loaded, output, data, scan_options)
+    return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
+                     deviation, *extras)
+
+
+def _check_output(model: Path, options: FixOptions) -> Path | None:
+    if not options.apply:
+        return options.output
+    if options.output is None:
+        raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
+    output = options.output
+    if output.resolve() == model.resolve() or (output.exists() and model.exists() and os.path.samefile(output, model)):
+        raise UsageError(f"-o {output}: that is the input model; deadrelu never overwrites it, choose another path")
+    if not output.parent.resolve().is_dir():
+        raise UsageError(f"-o {output}: directory {output.parent} does not exist")
+    return output
+
+
+def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, scan_options: ScanOptions,
+                   notify: Callable[[str], None] | None) -> ScanReport:
+    if options.report is not None:
+        from deadrelu.saved import load_report
+
+        report = load_report(options.report, scan_options.thresholds)
+        if report.model.sha256 and report.model.sha256 != loaded.sha256:
+            raise UsageError(f"--report {options.report}: it is a scan of another model (sha256 {report.model.sha256[:12]}…, "
+                             f"{loaded.path} is {loaded.sha256[:12]}…); re-scan with --data")
+        return report
+    if data is None:
+        raise UsageError("fix needs --data (to scan the model) or --report (a saved scan of it)")
+    return scan(loaded, data, scan_options, notify=notify)
+
+
+def _data_of(report: ScanReport) -> str:
+    source = report.data.source
+    if source == "random" or source.startswith("random[") or Path(source).exists():
+        return source
+    raise UsageError(f"--apply verifies on the calibration data; the report's data '{source}' is not here: pass --data")
+
+
+def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> ModelInput:
+    options = ScanOptions(**{**vars(scan_options), "batch_size": min(scan_options.batch_size, 8), "samples": None})
+    for batch in model_batches(loaded, open_source(data, options), options):
+        return batch
+    raise UsageError(f"--data {data}: no samples")
+
+
+def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
+                 options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
+    from deadrelu import sites
+    from deadrelu.fix import instructions as how
+    from deadrelu.fix.torch_rewrite import rewrite_program, save_program, to_program
+    from deadrelu.outputs import write_atomic
+
+    example = _example(loaded, data, scan_options)
+    contexts = ()
+    if loaded.format is ModelFormat.TORCHSCRIPT:
+        contexts = tuple((c.module_path, c.module_type) for _, c in sites.torchscript_candidate_contexts(loaded.module))
+    program = to_program(loaded, example, contexts)
+    moments = _downstream_moments(program, plan, moments, options.rewrite, data, scan_options)
+    rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example)
+    save_program(rewritten, output)
+    if loaded.format not in REWRITTEN_BY_EXPORT:
+        return (), None
+    types = how.module_types(loaded.module)
+    ndims = {f.index: int(report.sites[f.index].extra.get("preact_ndim", 4)) for f in plan}
+    lines = tuple(how.instructions(plan, types, options.rewrite, ndims))
+    state = how.fixed_state_dict(dict(loaded.module.state_dict()), plan, added, types)
+    target = output.with_name(output.name.removesuffix(".pt2") + ".state_dict.pt")
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(target, buffer.getvalue())
+    return lines, str(target)
+
+
+def _downstream_moments(program: Any, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
+                        options: RewriteOptions, data: str, scan_options: ScanOptions) -> dict[int, UnitMoments]:
+    """BatchNorm statistics measured where the inserted BatchNorm will see them.
+
+    Once an earlier change alters what flows downstream (a non-zero slope, a revived
+    BatchNorm), a later site's pre-activations are no longer those of the original scan:
+    they are re-measured on the model with the earlier changes applied.
+    """
+    from deadrelu.fix.torch_rewrite import changes_outputs, rewrite_graph
+
+    moments = dict(moments)
+    altered = False
+    for position, fix in enumerate(plan):
+        if fix.change == "bn" and altered:
+            graph_module, _ = rewrite_graph(program, plan[:position], moments, options)
+            site = scan(graph_module, data, scan_options).sites[fix.index]
+            moments[fix.index] = UnitMoments(site.stats.mean, site.stats.std ** 2)
+        altered = altered or changes_outputs(fix, options)
+    return moments
+
+
+def _write_onnx(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
+                options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
+    from deadrelu.fix.onnx_rewrite import rewrite_onnx
+
+    rewrite_onnx(loaded, plan, moments, options.rewrite, output)
+    return (), None
+
+
+def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanOptions) -> OutputDeviation:
+    from deadrelu.fix.outputs import output_function
+
+    original = output_function(loaded)
+    rewritten = output_function(load_model(output))
+    options = ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False})
+    return output_deviation(model_batches(loaded, open_source(data, options), options), original, rewritten)

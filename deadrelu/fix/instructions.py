@@ -1,0 +1,129 @@
+"""What to change in the user's own model class, and the state_dict that class can load.
+
+Written for models the tool cannot rewrite in the user's source (state_dict + --arch,
+pickles, TorchScript): the rewritten exported program runs without their code, and these
+instructions plus the state_dict carry the change back into it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deadrelu.fix.plan import SiteFix
+from deadrelu.fix.torch_rewrite import NewTensor, RewriteOptions
+from deadrelu.sites import ACTIVATION_MODULE_TYPES
+
+_REPEAT = re.compile(r"^(?P<base>.*?)_(?P<index>\d+)$")
+_BN_CLASS = {2: "nn.BatchNorm1d", 3: "nn.BatchNorm1d", 4: "nn.BatchNorm2d", 5: "nn.BatchNorm3d"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a site lives in the user's module tree."""
+
+    module_path: str  # the activation module, or the module whose forward makes the call
+    call: int  # 0 for the first call of that module / functional, 1 for the second, ...
+    functional: str | None  # None: an activation module; else relu, relu6, hardtanh, ...
+
+    def new_module_path(self) -> str:
+        """Where the new module goes (its parameters' key prefix)."""
+        if self.functional is None and self.call == 0:
+            return self.module_path
+        leaf = (self.module_path.rsplit(".", 1)[-1] if self.functional is None else self.functional)
+        attr = f"{leaf}_{self.call}_fix" if self.call else f"{leaf}_fix"
+        parent = self.module_path.rsplit(".", 1)[0] if self.functional is None and "." in self.module_path else (
+            "" if self.functional is None else self.module_path)
+        return f"{parent}.{attr}" if parent else attr
+
+
+def place(site: str, module_types: dict[str, str]) -> Placement:
+    """Module path / call index / functional of a site name (see deadrelu.sites naming)."""
+    for base, call in _candidates(site):
+        if module_types.get(base) in ACTIVATION_MODULE_TYPES:
+            return Placement(base, call, None)
+    base, call = _candidates(site)[0]
+    parent, _, functional = base.rpartition(".")
+    return Placement(parent, call, functional)
+
+
+def _candidates(site: str) -> list[tuple[str, int]]:
+    found = [(site, 0)]
+    match = _REPEAT.match(site)
+    if match:
+        found.insert(0, (match.group("base"), int(match.group("index"))))
+    return found
+
+
+def instructions(fixes: Sequence[SiteFix], module_types: dict[str, str], options: RewriteOptions,
+                 ndims: dict[int, int]) -> list[str]:
+    """One line per change, naming the module or call to swap and what to put there."""
+    lines = []
+    for fix in fixes:
+        where = place(fix.site, module_types)
+        new = _new_module(fix, options, ndims.get(fix.index, 4))
+        target = where.new_module_path()
+        if where.functional is None and where.call == 0:
+            lines.append(f"{fix.site}: replace the module `{where.module_path}` ({module_types.get(where.module_path)}) "
+                         f"with `{new}`")
+        elif where.functional is None:
+            lines.append(f"{fix.site}: `{where.module_path}` is called more than once; give call #{where.call + 1} its "
+                         f"own module `self.{target.rsplit('.', 1)[-1]} = {new}` (in `{target.rpartition('.')[0] or 'the root'}`) "
+                         "and leave the other calls alone")
+        else:
+            owner = where.module_path or "the root module"
+            lines.append(f"{fix.site}: in the forward of `{owner}`, call #{where.call + 1} of `{where.functional}`: "
+                         f"add `self.{target.rsplit('.', 1)[-1]} = {new}` to `{owner}` and call it instead")
+        if fix.unit_axis != 1 and fix.change in ("prelu", "bn"):
+            lines.append(f"    units are on dim {fix.unit_axis}: apply it as `m(x.movedim({fix.unit_axis}, 1)).movedim(1, {fix.unit_axis})`")
+    return lines
+
+
+def _new_module(fix: SiteFix, options: RewriteOptions, ndim: int) -> str:
+    cap = " (then clamp at 6, as ReLU6 did)" if fix.op == "relu6" else ""
+    if fix.change == "leaky":
+        return f"nn.LeakyReLU({options.leaky_slope()})" + cap
+    if fix.change == "prelu":
+        return f"nn.PReLU({fix.units}, init={options.prelu_slope()})" + cap
+    bn = _BN_CLASS.get(ndim, "nn.BatchNorm1d")
+    act = "nn.ReLU6()" if fix.op == "relu6" else "nn.ReLU()"
+    return f"nn.Sequential({bn}({fix.units}, eps={options.eps}), {act})"
+
+
+def fixed_state_dict(original: dict[str, torch.Tensor], fixes: Sequence[SiteFix], added: Sequence[NewTensor],
+                     module_types: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The original weights plus the new parameters under the names the instructions give."""
+    state = dict(original)
+    by_site = {fix.site: fix for fix in fixes}
+    for tensor in added:
+        fix = by_site[tensor.site]
+        prefix = place(fix.site, module_types).new_module_path()
+        kind, _, role = tensor.role.partition(".")
+        if kind == "bn":
+            state[f"{prefix}.0.{role}" if _replaces_module(fix, module_types) else f"{prefix}.{role}"] = tensor.value.detach().clone()
+        else:
+            state[f"{prefix}.{role}"] = tensor.value.detach().clone()
+    for fix in fixes:
+        if fix.change == "bn":
+            prefix = place(fix.site, module_types).new_module_path()
+            key = f"{prefix}.0.num_batches_tracked" if _replaces_module(fix, module_types) else f"{prefix}.num_batches_tracked"
+            state[key] = torch.tensor(0)
+    return state
+
+
+def _replaces_module(fix: SiteFix, module_types: dict[str, str]) -> bool:
+    """BatchNorm at a module site comes as nn.Sequential(BN, ReLU): keys under '.0.'."""
+    return place(fix.site, module_types).functional is None
+
+
+def module_types(module: Any) -> dict[str, str]:
+    """Module path -> class name, for eager and TorchScript modules."""
+    types = {}
+    for path, sub in module.named_modules():
+        name = getattr(sub, "original_name", None) or type(sub).__name__
+        types[path] = str(name)
+    return types

@@ -1,0 +1,79 @@
+"""Verifying a rewrite: re-scan the written model, and compare its outputs to the original's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from deadrelu.data import ModelInput
+from deadrelu.fix.plan import SiteFix
+from deadrelu.report import ScanReport
+
+OutputFn = Callable[[ModelInput], np.ndarray]  # a model's first output for a batch, on the host
+
+
+@dataclass(frozen=True)
+class SiteChange:
+    """Dead units of one changed site, before and after."""
+
+    site: str
+    site_after: str
+    change: str
+    units: int
+    dead_before: int
+    dead_after: int
+    zero_variance_units: tuple[int, ...] = ()  # BatchNorm revive cannot move these
+
+    def to_dict(self) -> dict:
+        return {"site": self.site, "site_after": self.site_after, "change": self.change, "units": self.units,
+                "dead_before": self.dead_before, "dead_after": self.dead_after,
+                "zero_variance_units": list(self.zero_variance_units)}
+
+
+@dataclass(frozen=True)
+class OutputDeviation:
+    """New model's outputs against the original's on the calibration data."""
+
+    samples: int
+    max_abs: float
+    mean_abs: float
+    relative: float  # mean |new - old| / mean |old|
+    top1_agreement: float | None  # when outputs are (N, classes)
+
+    def to_dict(self) -> dict:
+        return vars(self).copy()
+
+
+def site_changes(fixes: Sequence[SiteFix], before: ScanReport, after: ScanReport,
+                 zero_variance: dict[int, tuple[int, ...]]) -> tuple[SiteChange, ...]:
+    """Per changed site, dead units before -> after. Sites keep their position: a rewrite
+    replaces one ReLU call by one ReLU-family call, so site k stays site k."""
+    if len(after.sites) != len(before.sites):
+        raise ValueError(f"the rewritten model has {len(after.sites)} sites, the original {len(before.sites)}")
+    return tuple(
+        SiteChange(fix.site, after.sites[fix.index].name, fix.change, fix.units, before.sites[fix.index].dead,
+                   after.sites[fix.index].dead, zero_variance.get(fix.index, ()))
+        for fix in fixes
+    )
+
+
+def output_deviation(batches: Iterable[ModelInput], original: OutputFn, rewritten: OutputFn) -> OutputDeviation:
+    samples, max_abs, abs_sum, ref_sum, elements, agree = 0, 0.0, 0.0, 0.0, 0, 0
+    classes = True
+    for batch in batches:
+        old, new = np.asarray(original(batch), dtype=np.float64), np.asarray(rewritten(batch), dtype=np.float64)
+        diff = np.abs(new - old)
+        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
+        abs_sum += float(diff.sum())
+        ref_sum += float(np.abs(old).sum())
+        elements += diff.size
+        samples += batch.size
+        classes = classes and old.ndim == 2 and old.shape[1] > 1
+        if classes:
+            agree += int((old.argmax(1) == new.argmax(1)).sum())
+    mean_abs = abs_sum / elements if elements else 0.0
+    reference = ref_sum / elements if elements else 0.0
+    return OutputDeviation(samples, max_abs, mean_abs, mean_abs / reference if reference else 0.0,
+                           agree / samples if classes and samples else None)

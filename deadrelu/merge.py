@@ -1,0 +1,59 @@
+"""Combining scans of disjoint shards of the data into the scan of all of it, exactly.
+
+A report's per-unit block holds sufficient statistics (count, positive, NaN/Inf counts,
+min, max, mean, M2, ReLU-output mean), so counts and extremes add up exactly and moments
+combine with Chan's formula. Reports of different models (sha256) or with different site
+lists are refused: their units are not the same units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from deadrelu.errors import UsageError
+from deadrelu.judge import Thresholds
+from deadrelu.report import DataInfo, ScanReport, site_report
+from deadrelu.stats import UnitStats
+
+
+def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], thresholds: Thresholds | None = None) -> ScanReport:
+    """One report over the union of the reports' data."""
+    if len(reports) < 1:
+        raise UsageError("merge needs at least one report")
+    first = reports[0]
+    for report, name in zip(reports[1:], names[1:]):
+        _check_same_model(first, report, names[0], name)
+    judged_with = thresholds or first.thresholds
+    sites = []
+    for index, site in enumerate(first.sites):
+        stats = UnitStats.from_summary(site.stats)
+        for other in reports[1:]:
+            stats.merge(UnitStats.from_summary(other.sites[index].stats))
+        sites.append(site_report(site.name, site.op, site.unit_axis, site.axis_source, stats.result(), judged_with,
+                                 dict(site.extra)))
+    samples = sum(r.data.samples for r in reports)
+    warnings = [w for r in reports for w in r.warnings if "interrupted" not in w]
+    if any(r.partial for r in reports):
+        warnings.append("a merged report was partial (interrupted): the merge covers only what it saw")
+    return ScanReport(
+        model=first.model,
+        data=DataInfo("merged: " + ", ".join(f"{n} ({r.data.source})" for n, r in zip(names, reports)), samples,
+                      all(r.data.random for r in reports)),
+        sites=tuple(sites),
+        thresholds=judged_with,
+        device=first.device,
+        partial=any(r.partial for r in reports),
+        warnings=tuple(dict.fromkeys(warnings)),
+    )
+
+
+def _check_same_model(first: ScanReport, other: ScanReport, first_name: str, name: str) -> None:
+    if first.model.sha256 != other.model.sha256:
+        raise UsageError(f"{name}: a scan of another model (sha256 {other.model.sha256[:12]}… vs "
+                         f"{first.model.sha256[:12]}… in {first_name}); merge combines scans of one model")
+    mine = [(s.name, s.op, s.units, s.unit_axis) for s in first.sites]
+    theirs = [(s.name, s.op, s.units, s.unit_axis) for s in other.sites]
+    if mine != theirs:
+        difference = next((f"{a} vs {b}" for a, b in zip(mine, theirs) if a != b),
+                          f"{len(mine)} sites vs {len(theirs)}")
+        raise UsageError(f"{name}: its sites differ from {first_name}'s ({difference}); merge needs the same site list")

@@ -1,0 +1,169 @@
+"""deadrelu fix on PyTorch models: plan, apply, verify; wiring checked by exact reproduction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import fixture_models
+from deadrelu.cli import app
+from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
+from deadrelu.scan import ScanOptions
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+FORMATS = {
+    "exported_program": ("convnet.pt2", {}),
+    "torchscript": ("convnet.ts.pt", {}),
+    "state_dict": ("convnet.state_dict.pt", {"arch": "fixtures/fixture_models.py:ConvNet"}),
+    "pickle": ("convnet.pickle.pt", {"trust_pickle": True}),
+}
+CALIB = str(FIX / "convnet.calib.npy")
+
+
+def fix(model: str, tmp_path: Path, to: str | None = None, slope: float | None = None, bn_init: str = "identity",
+        sites: tuple[str, ...] = (), **scan_kw):
+    out = tmp_path / "fixed.pt2"
+    options = FixOptions(PlanOptions(to=to, sites=sites), RewriteOptions(slope=slope, bn_init=bn_init), True, out)
+    return run_fix(FIX / model, CALIB, options, ScanOptions(device="cpu", **scan_kw)), out
+
+
+def graph_ops(path: Path) -> list[str]:
+    program = torch.export.load(str(path))
+    return [str(n.target).split(".")[1] for n in program.graph.nodes if n.op == "call_function" and "aten" in str(n.target)]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("to", ["leaky", "prelu"])
+def test_slope_zero_swap_reproduces_outputs_exactly(fmt: str, to: str, tmp_path: Path) -> None:
+    model, kw = FORMATS[fmt]
+    before = (FIX / model).read_bytes()
+    result, out = fix(model, tmp_path, to=to, slope=0.0, **kw)
+    assert (FIX / model).read_bytes() == before  # the input is never touched
+    assert result.applied and len(result.plan) == 10  # 13 sites, 2 already leaky, 1 without dead units
+    assert result.deviation.max_abs == 0.0 and result.deviation.top1_agreement == 1.0
+    ops = graph_ops(out)
+    swapped = "leaky_relu" if to == "leaky" else "prelu"
+    # the planned sites became the new op; the untouched relu6 site and the 2 leaky sites keep theirs
+    assert ops.count(swapped) == 10 + (1 if swapped == "leaky_relu" else 0) + (1 if swapped == "prelu" else 0)
+    assert ops.count("relu6") == 1
+    assert [c.site for c in result.changes] == [f.site for f in result.plan]
+
+
+@pytest.mark.parametrize("fmt", ["exported_program", "state_dict"])
+def test_batchnorm_identity_keeps_outputs(fmt: str, tmp_path: Path) -> None:
+    model, kw = FORMATS[fmt]
+    result, out = fix(model, tmp_path, to="bn", **kw)
+    assert result.deviation.relative <= 1e-5
+    assert result.deviation.top1_agreement == 1.0
+    def norms(ops: list[str]) -> int:
+        return ops.count("_native_batch_norm_legit_no_training") + ops.count("batch_norm")
+
+    assert norms(graph_ops(out)) == norms(graph_ops(FIX / "convnet.pt2")) + len(result.plan) == 3 + 10
+
+
+def test_batchnorm_revive_brings_dead_units_back(tmp_path: Path) -> None:
+    result, _ = fix("convnet.pt2", tmp_path, to="bn", bn_init="revive")
+    for change in result.changes:
+        assert change.dead_before > 0
+        assert change.dead_after == len(change.zero_variance_units), change
+
+
+def test_only_chosen_sites_change(tmp_path: Path) -> None:
+    result, out = fix("convnet.pt2", tmp_path, to="leaky", sites=("layer2.*",))
+    assert [f.site for f in result.plan] == ["layer2.relu", "layer2.relu_1", "layer2.relu_2"]
+    ops = graph_ops(out)
+    assert ops.count("leaky_relu") == 3 + 1  # plus the model's own LeakyReLU
+    assert ops.count("relu") == 8 - 3  # of 8 plain relu sites, the 3 in layer2 were swapped
+
+
+def test_sequence_site_prelu_broadcasts_over_the_last_dim(tmp_path: Path) -> None:
+    out = tmp_path / "seq.pt2"
+    options = FixOptions(PlanOptions(to="prelu"), RewriteOptions(slope=0.0), True, out)
+    result = run_fix(FIX / "seqnet.pt2", str(FIX / "seqnet.calib.npy"), options, ScanOptions(device="cpu"))
+    assert result.deviation.max_abs == 0.0
+    weights = [v for k, v in torch.export.load(str(out)).state_dict.items() if "prelu_weight" in k]
+    assert sorted(w.shape[0] for w in weights) == [8, 12]  # conv channels, sequence features
+
+
+def test_state_dict_loads_into_the_modified_class(tmp_path: Path) -> None:
+    out = tmp_path / "mlp.pt2"
+    options = FixOptions(PlanOptions(to="prelu"), RewriteOptions(), True, out)
+    result = run_fix(FIX / "mlp.state_dict.pt", str(FIX / "mlp.calib.npy"), options,
+                     ScanOptions(device="cpu", arch="fixtures/fixture_models.py:MLP"))
+    assert any("replace the module `layers.1` (ReLU) with `nn.PReLU(64, init=0.25)`" in line for line in result.instructions)
+    modified = fixture_models.MLP()
+    modified.layers[1] = torch.nn.PReLU(64, init=0.25)
+    modified.layers[3] = torch.nn.PReLU(32, init=0.25)
+    modified.load_state_dict(torch.load(result.state_dict, weights_only=True), strict=True)
+    x = torch.from_numpy(np.load(FIX / "mlp.calib.npy"))
+    with torch.inference_mode():
+        np.testing.assert_allclose(modified.eval()(x), torch.export.load(str(out)).module()(x), rtol=1e-5, atol=1e-5)
+
+
+def cli(*args: object):
+    return CliRunner().invoke(app, ["fix", *map(str, args)], env={"COLUMNS": "200"})
+
+
+def test_cli_plan_only_and_json(tmp_path: Path) -> None:
+    result = cli(FIX / "convnet.pt2", "--data", CALIB, "--json", "-")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["applied"] is False and doc["verification"] is None
+    changes = {p["site"]: p["change"] for p in doc["plan"]}
+    assert changes["stem.relu"] == "leaky"  # BatchNorm upstream
+    assert changes["layer2.relu"] == "bn"  # none upstream
+    assert "layer3.act_leaky" not in changes and "layer3.relu6" not in changes
+
+
+def test_cli_apply_writes_and_verifies(tmp_path: Path) -> None:
+    out = tmp_path / "f.pt2"
+    result = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--to", "leaky", "--apply", "-o", out,
+                 "--json", tmp_path / "fix.json")
+    assert result.exit_code == 0, result.output
+    assert "Verification" in result.stdout and "top-1 agreement" in result.stdout
+    doc = json.loads((tmp_path / "fix.json").read_text())
+    assert doc["output"] == str(out) and [s["dead_before"] for s in doc["verification"]["sites"]] == [2, 1]
+
+
+def test_refusals(tmp_path: Path) -> None:
+    copy = tmp_path / "m.pt2"
+    copy.write_bytes((FIX / "mlp.pt2").read_bytes())
+    same = cli(copy, "--data", FIX / "mlp.calib.npy", "--apply", "-o", copy)
+    assert same.exit_code == 2 and "never overwrites" in same.stderr
+    assert copy.read_bytes() == (FIX / "mlp.pt2").read_bytes()
+    no_out = cli(copy, "--data", FIX / "mlp.calib.npy", "--apply")
+    assert no_out.exit_code == 2 and "-o OUT" in no_out.stderr
+    glob = cli(copy, "--data", FIX / "mlp.calib.npy", "--sites", "nothing.*")
+    assert glob.exit_code == 2 and "matches no site" in glob.stderr
+    report = tmp_path / "convnet.json"
+    scan = CliRunner().invoke(app, ["scan", str(FIX / "convnet.pt2"), "--data", CALIB, "--json", str(report)])
+    assert scan.exit_code == 0
+    other = cli(copy, "--report", report)
+    assert other.exit_code == 2 and "another model" in other.stderr
+
+
+def test_saved_report_of_the_same_model_is_used(tmp_path: Path) -> None:
+    report = tmp_path / "mlp.json"
+    CliRunner().invoke(app, ["scan", str(FIX / "mlp.pt2"), "--data", str(FIX / "mlp.calib.npy"), "--json", str(report)])
+    result = cli(FIX / "mlp.pt2", "--report", report, "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert [p["site"] for p in json.loads(result.stdout)["plan"]] == ["layers.1", "layers.3"]
+
+
+def test_nothing_to_do(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(10.0)
+    program = torch.export.export(model, (torch.randn(2, 4),))
+    torch.export.save(program, str(tmp_path / "alive.pt2"))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
+    result = cli(tmp_path / "alive.pt2", "--data", tmp_path / "x.npy", "--batch-size", "2", "--apply", "-o", tmp_path / "o.pt2")
+    assert result.exit_code == 0
+    assert "Nothing to fix" in result.stdout
+    assert not (tmp_path / "o.pt2").exists()

@@ -1,0 +1,79 @@
+"""Shards scanned apart and merged, or scanned by torchrun ranks, equal one scan of all the data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deadrelu.cli import app
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def scan_json(tmp_path: Path, model: str, data: Path, name: str, *extra: str) -> dict:
+    out = tmp_path / name
+    result = CliRunner().invoke(app, ["scan", str(FIX / model), "--data", str(data), "--json", str(out), "-b", "16", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def assert_same_scan(got: dict, want: dict) -> None:
+    assert got["data"]["samples"] == want["data"]["samples"]
+    assert [s["name"] for s in got["sites"]] == [s["name"] for s in want["sites"]]
+    for a, b in zip(got["sites"], want["sites"]):
+        for key in ("dead_units", "near_dead_units", "dormant_units"):
+            assert a[key] == b[key], (a["name"], key)
+        for key in ("count", "positive", "max", "min"):
+            assert a["per_unit"][key] == b["per_unit"][key], (a["name"], key)
+        for key in ("mean", "std", "m2", "relu_mean", "active_rate"):
+            np.testing.assert_allclose(a["per_unit"][key], b["per_unit"][key], rtol=1e-9, atol=1e-9, err_msg=a["name"])
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> tuple[Path, Path]:
+    data = np.load(FIX / "convnet.calib.npy")
+    np.save(tmp_path / "a.npy", data[:32])
+    np.save(tmp_path / "b.npy", data[32:])
+    return tmp_path / "a.npy", tmp_path / "b.npy"
+
+
+def test_merge_equals_one_scan(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    whole = scan_json(tmp_path, "convnet.pt2", FIX / "convnet.calib.npy", "all.json")
+    scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
+    scan_json(tmp_path, "convnet.pt2", shards[1], "b.json")
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert_same_scan(merged, whole)
+    assert merged["summary"]["dead"] == 14
+
+
+def test_merge_refuses_other_models_and_sites(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
+    scan_json(tmp_path, "convnet.ts.pt", shards[1], "ts.json")
+    other = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json"), str(tmp_path / "ts.json")])
+    assert other.exit_code == 2 and "another model" in other.stderr
+    doc = json.loads((tmp_path / "a.json").read_text())
+    doc["sites"] = doc["sites"][1:]
+    (tmp_path / "fewer.json").write_text(json.dumps(doc))
+    fewer = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json"), str(tmp_path / "fewer.json")])
+    assert fewer.exit_code == 2 and "sites differ" in fewer.stderr
+
+
+def test_torchrun_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    whole = scan_json(tmp_path, "convnet.pt2", FIX / "convnet.calib.npy", "all.json", "--device", "cpu")
+    out = tmp_path / "dist.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deadrelu",
+         "scan", str(FIX / "convnet.pt2"), "--data", str(FIX / "convnet.calib.npy"), "-b", "16", "--device", "cpu",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ReLU sites of") == 1  # rank 0 alone reports
+    assert_same_scan(json.loads(out.read_text()), whole)

@@ -1,0 +1,601 @@
+"""ONNX models: loading, sites and axes, in-graph statistics, data feeds, errors.
+
+References are independent of deadrelu's in-graph reductions: the PyTorch scan and the
+eager brute force for the exported fixtures; for the hand-built cases, the unmodified model
+run by ONNX Runtime with every optimisation off and its pre-activations exposed as outputs,
+reduced with numpy in float64 (subgraph bodies are recomputed in numpy).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+import bruteforce
+from deadrelu import ScanOptions, scan
+from deadrelu.cli import app
+from deadrelu.data import ModelInput
+from deadrelu.errors import DataError, ModelLoadError, UsageError
+from deadrelu.load import load_model
+from deadrelu.load.onnx_format import initializer_spans, load_onnx
+from deadrelu.onnx_sites import GraphIndex, survey, trace_axis
+from deadrelu.probe import onnx_probe
+from deadrelu.probe.onnx_probe import SessionFactory, execution_providers, scan_batches
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+ONNX_DIR = FIX / "onnx"
+EXPORTED = ("convnet", "seqnet", "mlp")
+CASES = json.loads((FIX / "expected.json").read_text())["onnx_cases"]
+BATCH = 16
+CPU = ["CPUExecutionProvider"]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def options(**kwargs: Any) -> ScanOptions:
+    return ScanOptions(device="cpu", batch_size=BATCH, **kwargs)
+
+
+def case_arrays(name: str, samples: int = 64) -> dict[str, np.ndarray]:
+    """Seeded calibration data for a hand-built case (see fixtures/expected.json)."""
+    case = CASES[name]
+    if case["calib"]:
+        return {next(iter(case["inputs"])): np.load(FIX / case["calib"])}
+    rng = np.random.default_rng(sum(map(ord, name)))
+    arrays = {}
+    for key, (shape, dtype) in case["inputs"].items():
+        if dtype == "int64":
+            arrays[key] = rng.integers(0, 10, (samples, *shape))
+        else:
+            arrays[key] = rng.standard_normal((samples, *shape)).astype(dtype)
+    if name == "subgraphs":  # feature 0's sign alternates per batch: both If branches run
+        sign = np.where(np.arange(samples) // BATCH % 2 == 0, 1.0, -1.0)
+        arrays["x"][:, 0] = np.abs(arrays["x"][:, 0]) * sign
+    return arrays
+
+
+def write_data(folder: Path, arrays: dict[str, np.ndarray]) -> Path:
+    if len(arrays) == 1:
+        path = folder / "calib.npy"
+        np.save(path, next(iter(arrays.values())))
+    else:
+        path = folder / "calib.npz"
+        np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def case_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Scan of a hand-built case on its data (each case scanned once per module)."""
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in cache:
+            data = write_data(tmp_path_factory.mktemp(name), case_arrays(name))
+            cache[name] = scan(ONNX_DIR / f"{name}.onnx", data, options())
+        return cache[name]
+
+    return get
+
+
+def unit_stats(preact: np.ndarray, axis: int) -> dict[str, np.ndarray]:
+    """float64 per-unit statistics of finite values, NaN/Inf counted apart."""
+    moved = np.moveaxis(np.asarray(preact, dtype=np.float64), axis, 0).reshape(preact.shape[axis], -1)
+    finite = np.isfinite(moved)
+    values = [row[f] for row, f in zip(moved, finite)]
+    return {
+        "count": finite.sum(1),
+        "positive": (moved > 0).sum(1),
+        "nan": np.isnan(moved).sum(1),
+        "inf": np.isinf(moved).sum(1),
+        "min": np.array([v.min() if v.size else np.inf for v in values]),
+        "max": np.array([v.max() if v.size else -np.inf for v in values]),
+        "mean": np.array([v.mean() if v.size else 0.0 for v in values]),
+        "std": np.array([v.std() if v.size else 0.0 for v in values]),
+        "relu_mean": np.array([np.maximum(v, 0).mean() if v.size else 0.0 for v in values]),
+    }
+
+
+def exposed_preacts(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The named tensors of an unmodified model (optimisations off), concatenated over batches."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in tensors:
+        model.graph.output.append(helper.ValueInfoProto(name=name))
+    session_options = ort.SessionOptions()
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), session_options, providers=CPU)
+    runs = [session.run(tensors, feed) for feed in feeds]
+    return [np.concatenate([run[i] for run in runs]) for i in range(len(tensors))]
+
+
+def batched_feeds(arrays: dict[str, np.ndarray], dtypes: dict[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
+    total = len(next(iter(arrays.values())))
+    dtypes = dtypes or {}
+    return [{k: v[i:i + BATCH].astype(dtypes.get(k, v.dtype)) for k, v in arrays.items()}
+            for i in range(0, total, BATCH)]
+
+
+def assert_stats(site: Any, ref: dict[str, np.ndarray], rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    s = site.stats
+    np.testing.assert_array_equal(s.count, ref["count"], err_msg=site.name)
+    np.testing.assert_array_equal(s.positive, ref["positive"], err_msg=site.name)
+    np.testing.assert_array_equal(s.nan, ref["nan"], err_msg=site.name)
+    np.testing.assert_array_equal(s.inf, ref["inf"], err_msg=site.name)
+    np.testing.assert_allclose(s.minimum, ref["min"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.maximum, ref["max"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.mean, ref["mean"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.std, ref["std"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.relu_mean, ref["relu_mean"], rtol=rtol, atol=atol, err_msg=site.name)
+
+
+def site_preact(model: onnx.ModelProto, site_name: str) -> str:
+    return next(s.preact for s in survey(model).sites if s.name == site_name)
+
+
+def tiny_model(nodes: list[Any], inputs: list[Any], outputs: list[Any], initializers: list[Any] = (),
+               opset: int = 17, **kwargs: Any) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *kwargs.pop("extra_opsets", [])],
+                             ir_version=8, **kwargs)
+
+
+def save(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
+    path = folder / name
+    onnx.save_model(model, str(path))
+    return path
+
+
+def stream(model_path: Path, batches: list[ModelInput], optimise: bool = True):
+    return scan_batches(load_onnx(model_path), iter(batches), CPU, optimise=optimise)
+
+
+# --- the exported fixtures: parity with the PyTorch scan and the brute force -----------------
+
+
+@functools.cache
+def pair(name: str, batch_size: int = BATCH):
+    calib = FIX / f"{name}.calib.npy"
+    opts = ScanOptions(device="cpu", batch_size=batch_size)
+    return scan(FIX / f"{name}.onnx", calib, opts), scan(FIX / f"{name}.ts.pt", calib, opts)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exported_fixture_matches_pytorch_scan(name: str) -> None:
+    onnx_report, torch_report = pair(name)
+    assert onnx_report.model.format == "onnx"
+    assert len(onnx_report.sites) == len(torch_report.sites)
+    for got, want in zip(onnx_report.sites, torch_report.sites):  # matched by execution order
+        assert (got.op, got.units, got.unit_axis, got.axis_source) == \
+            (want.op, want.units, want.unit_axis, want.axis_source), (got.name, want.name)
+        assert got.verdict == want.verdict, (got.name, want.name)
+        np.testing.assert_array_equal(got.stats.positive, want.stats.positive, err_msg=got.name)
+        np.testing.assert_array_equal(got.stats.count, want.stats.count, err_msg=got.name)
+        for field in ("minimum", "maximum", "mean", "std", "relu_mean"):
+            np.testing.assert_allclose(getattr(got.stats, field), getattr(want.stats, field), rtol=1e-5, atol=1e-4,
+                                       err_msg=f"{got.name} {field}")
+    assert onnx_report.summary()["dead"] == torch_report.summary()["dead"]
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exported_fixture_matches_brute_force(name: str, expected: dict) -> None:
+    report, _ = pair(name)
+    truth = bruteforce.bruteforce(name)
+    planted = [s["dead_units"] for s in expected["models"][name]["sites"]]
+    assert [list(s.verdict.dead) for s in report.sites] == [t["dead_units"] for t in truth] == planted
+    assert [list(s.verdict.near_dead) for s in report.sites] == [t["near_dead_units"] for t in truth]
+    for site, ref in zip(report.sites, truth):
+        unit = ref["per_unit"]
+        np.testing.assert_array_equal(site.stats.positive, unit["positive"], err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, unit["mean"], rtol=1e-5, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.std, unit["std"], rtol=1e-5, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.relu_mean, unit["relu_mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        extra = site.extra["onnx"]
+        assert extra["preact_tensor"] and extra["node"] == site.name and extra["axis_reason"]
+
+
+def test_batch_size_does_not_change_results() -> None:
+    a, _ = pair("convnet", 16)
+    b, _ = pair("convnet", 7)
+    for x, y in zip(a.sites, b.sites):
+        assert x.verdict == y.verdict
+        np.testing.assert_array_equal(x.stats.positive, y.stats.positive)
+        np.testing.assert_allclose(x.stats.mean, y.stats.mean, rtol=1e-6, atol=1e-6)
+        # the model's own float32 outputs round differently with another batch size
+        np.testing.assert_allclose(x.stats.m2, y.stats.m2, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", [FIX / "convnet.onnx", ONNX_DIR / "sitekinds.onnx"], ids=["convnet", "sitekinds"])
+def test_graph_optimisations_do_not_change_the_watched_tensors(path: Path) -> None:
+    """ORT fuses Conv+Relu and BN into Conv when it can: the taps must prevent it."""
+    shape = [4, 6, 6] if "sitekinds" in path.name else [3, 16, 16]
+    data = np.random.default_rng(5).standard_normal((48, *shape)).astype(np.float32)
+    batches = [ModelInput((torch.from_numpy(data[i:i + BATCH]),)) for i in range(0, 48, BATCH)]
+    optimised, reference = stream(path, batches), stream(path, batches, optimise=False)
+    assert [s.name for s in optimised.sites] == [s.name for s in reference.sites]
+    for got, want in zip(optimised.sites, reference.sites):
+        np.testing.assert_array_equal(got.stats.positive, want.stats.positive, err_msg=got.name)
+        assert np.array_equal(got.stats.positive == 0, want.stats.positive == 0)
+        for field in ("minimum", "maximum", "mean", "m2", "relu_sum"):
+            np.testing.assert_allclose(getattr(got.stats, field), getattr(want.stats, field), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{got.name} {field}")
+
+
+def test_json_document_has_the_same_fields_as_pytorch(tmp_path: Path) -> None:
+    onnx_report, torch_report = pair("convnet")
+    onnx_doc, torch_doc = json.loads(onnx_report.to_json()), json.loads(torch_report.to_json())
+    assert onnx_doc["model"]["format"] == "onnx"
+    assert set(onnx_doc) == set(torch_doc)
+    assert set(onnx_doc["sites"][0]) - set(torch_doc["sites"][0]) == {"onnx"}
+    assert set(onnx_doc["sites"][0]["per_unit"]) == set(torch_doc["sites"][0]["per_unit"])
+    jsonschema = pytest.importorskip("jsonschema")
+    from deadrelu.report import json_schema
+
+    jsonschema.validate(onnx_doc, json_schema())
+
+
+def test_cli_scans_an_onnx_model(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["scan", str(FIX / "mlp.onnx"), "--data", str(FIX / "mlp.calib.npy"),
+                                      "--json", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(out.read_text())
+    assert doc["model"]["format"] == "onnx"
+    assert [s["dead_units"] for s in doc["sites"]] == [[3, 40], [17]]
+    assert doc["sites"][0]["onnx"]["preact_tensor"] == "/layers.0/Gemm_output_0"
+
+
+# --- hand-built cases: sites, axes, findings, statistics ------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_sites_axes_and_planted_dead_units(name: str, case_report: Any) -> None:
+    report = case_report(name)
+    got = [(s.name, s.op, s.unit_axis, s.axis_source, list(s.verdict.dead)) for s in report.sites]
+    want = [(s["name"], s["op"], s["axis"], s["axis_source"], s["dead_units"]) for s in CASES[name]["sites"]]
+    assert got == want
+    for note in CASES[name]["notes"]:
+        assert any(note in w for w in report.warnings), (note, report.warnings)
+
+
+@pytest.mark.parametrize("name", ["sitekinds", "opset9", "external", "dynamic", "multi_input", "float16", "constants"])
+def test_case_statistics_match_the_unmodified_model(name: str, case_report: Any) -> None:
+    report = case_report(name)
+    model = onnx.load(str(ONNX_DIR / f"{name}.onnx"))
+    inputs = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    feeds = batched_feeds(case_arrays(name), inputs)
+    preacts = exposed_preacts(model, [site_preact(model, s.name) for s in report.sites], feeds)
+    tolerance = 2e-3 if name == "float16" else 1e-5
+    for site, preact in zip(report.sites, preacts):
+        assert_stats(site, unit_stats(preact.astype(np.float32), site.unit_axis), rtol=tolerance, atol=tolerance)
+
+
+def _relu_layer_weights(model: onnx.ModelProto, relu: str) -> tuple[np.ndarray, np.ndarray]:
+    """W and b of a MatMul + Add + Relu named `relu` (fixtures' _relu_layer)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            nodes[node.name] = node
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    collect(attr.g)
+
+    collect(model.graph)
+    matmul = next(n for name, n in nodes.items() if name.startswith(f"{relu}_mm"))
+    add = next(n for name, n in nodes.items() if name.startswith(f"{relu}_pre"))
+    return values[matmul.input[1]], values[add.input[1]]
+
+
+def test_subgraph_statistics_match_numpy(case_report: Any) -> None:
+    """If branches and a Loop body, recomputed in numpy (inner If: not scanned, but run)."""
+    report = case_report("subgraphs")
+    model = onnx.load(str(ONNX_DIR / "subgraphs.onnx"))
+    x = case_arrays("subgraphs")["x"].astype(np.float64)
+    layer = {name: _relu_layer_weights(model, name) for name in ("then_relu", "else_relu", "loop_relu", "inner_relu")}
+    pre: dict[str, list[np.ndarray]] = {"then_relu": [], "else_relu": [], "loop_relu": []}
+    for start in range(0, len(x), BATCH):
+        batch = x[start:start + BATCH]
+        branch = "then_relu" if batch[:, 0].astype(np.float32).sum() > 0 else "else_relu"
+        w, b = layer[branch]
+        pre[branch].append(batch @ w + b)
+        h = np.maximum(pre[branch][-1], 0)
+        for i in range(3):
+            w, b = layer["loop_relu"]
+            pre["loop_relu"].append(h @ w + b)
+            h = np.maximum(pre["loop_relu"][-1], 0)
+            if i % 2:
+                w, b = layer["inner_relu"]
+                h = np.maximum(h @ w + b, 0)
+    for site in report.sites:
+        assert_stats(site, unit_stats(np.concatenate(pre[site.name]), 1), rtol=1e-4, atol=1e-4)
+    assert site.extra["onnx"]["subgraph"] == "Loop 'repeat' body"
+
+
+def test_recurrent_statistics(case_report: Any) -> None:
+    """LSTM hidden state as (T, N, H): units along H; a Scan body recomputed in numpy."""
+    report = case_report("recurrent")
+    model = onnx.load(str(ONNX_DIR / "recurrent.onnx"))
+    x = case_arrays("recurrent")["x"]
+    (lstm_h,) = exposed_preacts(model, ["lstm_h"], batched_feeds({"x": x}))
+    lstm, scan_site = report.sites
+    assert lstm.units == 6 and "LSTM 'lstm'" in lstm.extra["onnx"]["axis_reason"]
+    assert_stats(lstm, unit_stats(lstm_h, 2))
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    body = next(a.g for n in model.graph.node if n.op_type == "Scan" for a in n.attribute if a.name == "body")
+    weight = {n.name: values[n.input[1]] for n in body.node if n.name in ("xw", "su", "pre")}
+    state, pres = np.zeros((len(x), 4)), []
+    for t in range(x.shape[1]):
+        pres.append(x[:, t].astype(np.float64) @ weight["xw"] + state @ weight["su"] + weight["pre"])
+        state = np.maximum(pres[-1], 0)
+    batches = [np.stack(pres)[:, i:i + BATCH].reshape(-1, 4) for i in range(0, len(x), BATCH)]
+    assert_stats(scan_site, unit_stats(np.concatenate(batches), 1), rtol=1e-4, atol=1e-4)
+
+
+def test_an_if_branch_that_never_runs_is_reported(tmp_path: Path) -> None:
+    x = np.abs(np.random.default_rng(1).standard_normal((32, 6)).astype(np.float32))
+    report = scan(ONNX_DIR / "subgraphs.onnx", write_data(tmp_path, {"x": x}), options())
+    assert [s.name for s in report.sites] == ["then_relu", "loop_relu"]
+    assert any("'else_relu'" in w and "never ran" in w for w in report.warnings)
+
+
+def test_site_kinds_in_the_json(case_report: Any) -> None:
+    report = case_report("sitekinds")
+    doc = {s["name"]: s for s in report.to_dict()["sites"]}
+    assert doc["capped"]["onnx"]["clip"] == {"min": 0.0, "max": 3.0}
+    assert doc["relu6"]["onnx"]["clip"] == {"min": 0.0, "max": 6.0}
+    assert doc["clipmin_out"]["onnx"]["node"] == "" and doc["clipmin_out"]["onnx"]["clip"]["max"] is None
+    assert doc["relu_bn"]["onnx"]["axis_reason"] == "dim 1 (channels) of Conv 'conv_bn', through BatchNormalization"
+    assert doc["leaky"]["onnx"]["axis_reason"].endswith("through Mul, Add")
+    assert doc["leaky"]["leaky"] and doc["prelu"]["leaky"]
+    assert "hardswish_clip" not in doc and "hardsigmoid_clip" not in doc and "hardtanh" not in doc
+
+
+# --- nan / inf --------------------------------------------------------------------------------
+
+
+def test_nan_and_inf_are_counted_apart_at_opset_9(tmp_path: Path) -> None:
+    """Opset 9 has no IsInf; non-finite batches go through the masked reductions."""
+    x = np.random.default_rng(3).standard_normal((48, 6)).astype(np.float32)
+    x[5, 2] = np.nan
+    x[20, 0] = np.inf
+    x[33, :] = -np.inf
+    report = scan(ONNX_DIR / "opset9.onnx", write_data(tmp_path, {"x": x}), options())
+    model = onnx.load(str(ONNX_DIR / "opset9.onnx"))
+    preacts = exposed_preacts(model, [site_preact(model, s.name) for s in report.sites], batched_feeds({"x": x}))
+    for site, preact in zip(report.sites, preacts):
+        ref = unit_stats(preact, 1)
+        assert ref["nan"].sum() > 0
+        assert_stats(site, ref)
+    assert report.sites[0].to_dict()["nonfinite"]["nan"] > 0
+
+
+# --- site finding and axes ---------------------------------------------------------------------
+
+
+def _value(name: str, shape: list[Any], elem: int = TensorProto.FLOAT) -> Any:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_axis_follows_transpose_and_defaults_say_why() -> None:
+    w = numpy_helper.from_array(np.ones((5, 4, 1), np.float32), "w")
+    model = tiny_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("Transpose", ["c"], ["t"], name="swap", perm=[0, 2, 1]),
+         helper.make_node("Relu", ["t"], ["y"], name="after_transpose"),
+         helper.make_node("Relu", ["x"], ["z"], name="on_input")],
+        [_value("x", ["n", 4, 7])], [_value("y", ["n", 7, 5]), _value("z", ["n", 4, 7])], [w])
+    sites = {s.name: s for s in survey(model).sites}
+    moved = sites["after_transpose"]
+    assert moved.axis.resolve(moved.rank) == 2 and moved.axis.source == "conv"
+    assert moved.axis.reason == "dim 1 (channels) of Conv 'conv', through Transpose"
+    default = sites["on_input"]
+    assert default.axis.source == "default" and "'x' is a graph input" in default.axis.reason
+    assert trace_axis(GraphIndex.build(model.graph), "c").anchor == 1
+
+
+def test_repeated_node_names_get_suffixes_and_unnamed_nodes_use_their_output() -> None:
+    model = tiny_model([helper.make_node("Relu", ["x"], ["a"], name="r"), helper.make_node("Relu", ["a"], ["b"], name="r"),
+                        helper.make_node("LeakyRelu", ["b"], ["c"])],
+                       [_value("x", ["n", 3])], [_value("c", ["n", 3])])
+    assert [s.name for s in survey(model).sites] == ["r", "r_1", "c"]
+
+
+def test_fused_activations_and_functions_and_runtime_clip_bounds_are_reported(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
+    relu_fn = helper.make_function("local", "MyAct", ["i"], ["o"], [helper.make_node("Relu", ["i"], ["o"])],
+                                   [helper.make_opsetid("", 17)])
+    model = tiny_model(
+        [helper.make_node("FusedConv", ["x", "w"], ["f"], name="fused", domain="com.microsoft", activation="Relu"),
+         helper.make_node("MyAct", ["f"], ["g"], name="call", domain="local"),
+         helper.make_node("ReduceMin", ["g"], ["low"], name="low", keepdims=0),
+         helper.make_node("Clip", ["g", "low"], ["y"], name="runtime_clip")],
+        [_value("x", [2, 4, 3, 3])], [_value("y", [2, 4, 3, 3])], [w],
+        extra_opsets=[helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("local", 1)], functions=[relu_fn])
+    report = scan(save(model, tmp_path), [torch.randn(2, 4, 3, 3)], options())
+    text = "\n".join(report.warnings)
+    assert report.sites == ()
+    assert "'fused' (com.microsoft FusedConv with a fused Relu) hides its pre-activation" in text
+    assert "function 'MyAct' holds 1 ReLU-family node(s), which were not scanned" in text
+    assert "Clip 'runtime_clip' has bounds computed at run time" in text
+
+
+def test_unknown_ranks_are_found_by_running_one_batch(tmp_path: Path) -> None:
+    """A Reshape to a shape computed at run time defeats shape inference."""
+    model = tiny_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "one"], ["k"]),
+         helper.make_node("Div", ["k", "k"], ["unit"]), helper.make_node("Add", ["unit", "unit"], ["two"]),
+         helper.make_node("Slice", ["s", "zero", "two"], ["shape"]),
+         helper.make_node("Reshape", ["x", "shape"], ["y"]), helper.make_node("Relu", ["y"], ["z"], name="relu")],
+        [_value("x", ["n", 5])], [_value("z", ["n", 5])],
+        [numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array([0], np.int64), "zero")])
+    assert survey(model).sites[0].rank is None
+    x = np.random.default_rng(2).standard_normal((20, 5)).astype(np.float32)
+    report = scan(save(model, tmp_path), write_data(tmp_path, {"x": x}), options())
+    (site,) = report.sites
+    assert site.units == 5 and site.unit_axis == 1
+    assert_stats(site, unit_stats(x, 1))
+
+
+# --- data feeds ---------------------------------------------------------------------------------
+
+
+def test_multi_input_npz_by_name_with_integral_float_ids(tmp_path: Path) -> None:
+    arrays = case_arrays("multi_input")
+    arrays["ids"] = arrays["ids"].astype(np.float32)  # converted to the graph's int64
+    report = scan(ONNX_DIR / "multi_input.onnx", write_data(tmp_path, arrays), options())
+    assert [s.name for s in report.sites] == ["image_relu", "meta_relu", "ids_relu"]
+    arrays["ids"][0, 0] = 0.5
+    with pytest.raises(DataError, match="input 'ids' takes int64 values, the data holds non-integral float32"):
+        scan(ONNX_DIR / "multi_input.onnx", write_data(tmp_path, arrays), options())
+
+
+def test_multi_input_model_with_one_array_names_its_inputs(tmp_path: Path) -> None:
+    data = tmp_path / "one.npy"
+    np.save(data, np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(DataError, match=r"no data for input\(s\) \['meta', 'ids'\]"):
+        scan(ONNX_DIR / "multi_input.onnx", data, options())
+
+
+def test_shape_mismatch_names_the_input_and_the_expected_shape(tmp_path: Path) -> None:
+    data = tmp_path / "small.npy"
+    np.save(data, np.zeros((4, 3, 8, 8), np.float32))
+    with pytest.raises(DataError, match=r"input 'input' got data of shape \(4, 3, 8, 8\), the model expects "
+                                        r"\(batch, 3, 16, 16\)"):
+        scan(FIX / "convnet.onnx", data, options())
+
+
+def test_dynamic_axes_take_any_length(tmp_path: Path) -> None:
+    x = np.random.default_rng(4).standard_normal((32, 4, 23)).astype(np.float32)
+    report = scan(ONNX_DIR / "dynamic.onnx", write_data(tmp_path, {"x": x}), options())
+    assert [list(s.verdict.dead) for s in report.sites] == [[4], [3]]
+    assert report.sites[1].stats.count[0] == 32 * 23
+
+
+def test_float16_model_takes_float32_data(tmp_path: Path, case_report: Any) -> None:
+    report = case_report("float16")
+    assert case_arrays("float16")["x"].dtype == np.float16
+    x = case_arrays("float16")["x"].astype(np.float32)
+    again = scan(ONNX_DIR / "float16.onnx", write_data(tmp_path, {"x": x}), options())
+    for a, b in zip(report.sites, again.sites):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+
+
+def test_fixed_batch_models_get_batches_of_their_size(tmp_path: Path) -> None:
+    model = onnx.load(str(FIX / "mlp.onnx"))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    path = save(model, tmp_path, "fixed.onnx")
+    data = np.load(FIX / "mlp.calib.npy")[:50]
+    np.save(tmp_path / "d.npy", data)
+    report = scan(path, tmp_path / "d.npy", options())
+    assert report.data.samples == 48
+    assert any("2 samples were left out: the model takes batches of exactly 4" in w for w in report.warnings)
+    reference = scan(FIX / "mlp.onnx", [torch.from_numpy(data[:48])], options())
+    for a, b in zip(report.sites, reference.sites):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+
+
+def test_ctrl_c_gives_a_partial_result() -> None:
+    data = torch.from_numpy(np.load(FIX / "mlp.calib.npy"))
+
+    def batches():
+        yield ModelInput((data[:16],))
+        raise KeyboardInterrupt
+
+    result = stream(FIX / "mlp.onnx", batches())
+    assert result.partial and result.samples == 16 and len(result.sites) == 2
+
+
+# --- loading and errors ---------------------------------------------------------------------------
+
+
+def test_embedded_weights_are_read_from_the_model_file() -> None:
+    model = load_onnx(FIX / "convnet.onnx")
+    assert model.external_files == ("convnet.onnx",)
+    offloaded = [t for t in model.proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert offloaded and not any(t.raw_data for t in offloaded)
+    spans = initializer_spans(FIX / "convnet.onnx")
+    original = {t.name: t for t in onnx.load(str(FIX / "convnet.onnx")).graph.initializer}
+    raw = (FIX / "convnet.onnx").read_bytes()
+    for tensor in offloaded:
+        offset, length = spans[tensor.name]
+        assert raw[offset:offset + length] == original[tensor.name].raw_data
+
+
+def test_external_data_beside_the_model(case_report: Any) -> None:
+    model = load_onnx(ONNX_DIR / "external.onnx")
+    assert model.external_files == ("external.onnx.data",)
+    report = case_report("external")
+    assert [list(s.verdict.dead) for s in report.sites] == [[5], [0, 11]]
+
+
+def test_missing_external_data_is_a_load_error(tmp_path: Path) -> None:
+    shutil.copy(ONNX_DIR / "external.onnx", tmp_path)
+    with pytest.raises(ModelLoadError, match=r"external data file 'external.onnx.data' for initializer '.*' is missing"):
+        load_model(tmp_path / "external.onnx")
+    (tmp_path / "external.onnx.data").write_bytes((ONNX_DIR / "external.onnx.data").read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="holds 100 bytes, initializer .* expects .*; the file is truncated"):
+        load_model(tmp_path / "external.onnx")
+
+
+def test_fallback_session_from_a_temporary_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For onnxruntime builds without the external-data folder option."""
+    monkeypatch.chdir(tmp_path)
+    model = load_onnx(ONNX_DIR / "external.onnx")
+    factory = SessionFactory(model, CPU, optimise=True)
+    head, _ = onnx_probe.Rewriter(model, [], onnx_probe.emit_fast).head()
+    session = factory.session_in_tempdir(onnx_probe.model_bytes(head, model.proto.graph.initializer))
+    (y,) = session.run(None, {"x": np.ones((2, 8), np.float32)})
+    factory.close()
+    assert y.shape == (2, 12) and list(tmp_path.iterdir()) == []
+
+
+def test_no_file_is_written_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    scan(ONNX_DIR / "external.onnx", [torch.randn(8, 8)], options())
+    scan(ONNX_DIR / "opset9.onnx", [torch.full((4, 6), float("nan"))], options())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, pattern", [
+    (b"\x08\x07garbage that is not protobuf \xff\xff\xff", "not a valid ONNX model"),
+    (None, "not a valid ONNX model"),
+], ids=["garbage", "truncated"])
+def test_invalid_files_are_one_line_errors_exit_2(tmp_path: Path, content: bytes | None, pattern: str) -> None:
+    path = tmp_path / "bad.onnx"
+    raw = (FIX / "convnet.onnx").read_bytes()
+    path.write_bytes(content if content is not None else raw[: len(raw) // 2])
+    with pytest.raises(ModelLoadError, match=pattern):
+        load_model(path)
+    result = CliRunner().invoke(app, ["scan", str(path), "--data", str(FIX / "convnet.calib.npy")])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "bad.onnx" in result.output
+
+
+def test_missing_external_data_exits_2(tmp_path: Path) -> None:
+    shutil.copy(ONNX_DIR / "external.onnx", tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((4, 8), np.float32))
+    result = CliRunner().invoke(app, ["scan", str(tmp_path / "external.onnx"), "--data", str(tmp_path / "x.npy")])
+    assert result.exit_code == 2 and "external.onnx.data" in result.output
+
+
+def test_cuda_without_onnxruntime_gpu_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UsageError, match="pip uninstall onnxruntime && pip install onnxruntime-gpu"):
+        execution_providers(torch.device("cuda"))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert execution_providers(torch.device("cuda:1"))[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert execution_providers(torch.device("cpu")) == CPU
