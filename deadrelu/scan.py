@@ -22,6 +22,10 @@ from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
 
+# `--compile auto` compiles the fused reductions on an accelerator only for at least this
+# many samples: compiling costs tens of seconds once, and saves a few percent per batch.
+COMPILE_REPAYS_AT_SAMPLES = 20_000
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -36,6 +40,7 @@ class ScanOptions:
     batch_size: int = 32
     samples: int | None = None  # cap on the number of samples
     inputs: str | None = None  # which batch elements are model inputs: "0", "0,1", "image,mask"
+    compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions (auto: GPU, large data)
     data: DataOptions = field(default_factory=DataOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -76,7 +81,9 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
     if on_start:
         on_start(total)
     batches = shard(model_batches(loaded, source, options), ranks)
-    result = _stream(loaded, batches, device, progress, StreamSettings(DTYPES.get(options.dtype or ""), notify))
+    settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
+                              large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES)
+    result = _stream(loaded, batches, device, progress, settings)
     result = gather(result, ranks)
     if result.samples == 0 and not result.partial:
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
@@ -98,6 +105,8 @@ def _check(options: ScanOptions) -> None:
         raise UsageError("--batch-size must be at least 1")
     if options.samples is not None and options.samples < 1:
         raise UsageError("--samples must be at least 1")
+    if options.compile not in ("auto", "on", "off"):
+        raise UsageError(f"--compile '{options.compile}': expected auto, on or off")
     if options.dtype and options.dtype not in DTYPES:
         raise UsageError(f"--dtype '{options.dtype}': expected one of {', '.join(DTYPES)}")
 

@@ -110,3 +110,54 @@ def test_half_precision_is_accumulated_in_float64() -> None:
     result = accumulate([x, x], 1).result()
     np.testing.assert_allclose(result.mean, brute(torch.cat([x, x]).float().numpy(), 1)["mean"], rtol=1e-4, atol=1e-3)
     assert result.mean.dtype == np.float64
+
+
+# --- the fused, sync-free path (the one accelerators take) ------------------------------------
+
+from deadrelu.reductions import fused_reductions, moments_from_fused, site_shift  # noqa: E402
+
+
+def fused(batches: list[torch.Tensor], axis: int) -> UnitStats:
+    stats = UnitStats(batches[0].shape[axis])
+    shift = site_shift(batches[0], axis)
+    dims = [d for d in range(batches[0].ndim) if d != axis]
+    for batch in batches:
+        stats.fold(moments_from_fused(fused_reductions(batch, dims, shift), shift))
+    return stats
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((5, 3, 4, 4), 1), ((7, 6), 1), ((4, 9, 5), 2)])
+def test_fused_path_matches_brute_force(shape: tuple[int, ...], axis: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randn(shape, generator=gen) * 2 + 0.5 for _ in range(3)]
+    check(fused(batches, axis).result(), brute(torch.cat(batches).numpy(), axis), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_path_with_non_finite_values_and_large_offsets() -> None:
+    x = 1e4 + torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 1, 1, 1] = float("inf")
+    x[:, 3] = -1e4 + torch.randn(6, 3, 3)
+    y = 1e4 + torch.randn(6, 4, 3, 3)
+    result = fused([x, y], 1).result()
+    expected = brute(torch.cat([x, y]).numpy(), 1)
+    check(result, expected, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(result.std, expected["std"], rtol=1e-3)
+
+
+def test_compiled_reductions_equal_eager() -> None:
+    """`--compile on`: one torch.compile'd reduction per batch, same results as eager."""
+    from deadrelu import ScanOptions, scan
+    from pathlib import Path
+
+    fix = Path(__file__).resolve().parent.parent / "fixtures"
+    eager = scan(fix / "mlp.ts.pt", fix / "mlp.calib.npy", ScanOptions(device="cpu", compile="off"))
+    said: list[str] = []
+    compiled = scan(fix / "mlp.ts.pt", fix / "mlp.calib.npy", ScanOptions(device="cpu", compile="on"), notify=said.append)
+    assert not said, said  # no fallback happened
+    for a, b in zip(eager.sites, compiled.sites):
+        assert a.verdict == b.verdict
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+        np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.stats.std, b.stats.std, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.stats.maximum, b.stats.maximum, rtol=1e-6)

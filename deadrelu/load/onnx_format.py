@@ -30,10 +30,11 @@ MIN_OFFLOAD_BYTES = 1024  # smaller initializers (shapes, axes, Clip bounds) sta
 
 @dataclass(frozen=True)
 class OnnxModel:
-    """An ONNX model as loaded: its graph, and where its external weights live.
+    """An ONNX model as loaded: its graph, and where its weights live.
 
-    ``proto`` holds the graph with embedded initializers; initializers stored in external
-    data files are references only (their bytes stay in ``base_dir``).
+    ``proto`` holds the graph and its small initializers; every large initializer is a
+    reference to bytes in ``external_files`` (relative to ``base_dir``), which include the
+    model file itself when its weights are embedded.
     """
 
     proto: onnx.ModelProto
@@ -65,6 +66,8 @@ def load_onnx(path: Path) -> OnnxModel:
     if not proto.HasField("graph") or not (proto.graph.node or proto.graph.output):
         raise ModelLoadError(f"{path}: not a valid ONNX model (no graph); expected an ONNX ModelProto")
     opset = default_opset(proto)
+    if opset == 0:
+        raise ModelLoadError(f"{path}: the model imports no ai.onnx opset; expected a standard ONNX graph")
     if opset < MIN_OPSET:
         raise ModelLoadError(f"{path}: ONNX opset {opset} is not supported; expected opset {MIN_OPSET} or later "
                              "(upgrade it with onnx.version_converter)")

@@ -642,7 +642,8 @@ class Feeder:
 
 def _numpy(tensor: Any) -> np.ndarray:
     if isinstance(tensor, torch.Tensor):
-        return tensor.detach().cpu().numpy()
+        tensor = tensor.detach().cpu()
+        return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()  # numpy has no bfloat16
     return np.asarray(tensor)
 
 

@@ -20,7 +20,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from deadrelu import sites
 from deadrelu.errors import ModelRunError
-from deadrelu.stats import BatchMoments, PendingBatch, Scratch, UnitStats, begin_batch
+from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, site_shift
+from deadrelu.stats import UnitStats
 
 # Ops whose output is max(input, 0): the positive count and the ReLU-output sum are read
 # from it. (relu6's output is clipped at 6, so its sum is not the sum of max(x, 0).)
@@ -112,19 +113,20 @@ class SiteTap:
     batches: int = 0  # committed forward passes that reached this site
     normalised: bool = False  # a normalisation op feeds the pre-activation
     ndim: int = 0  # rank of the pre-activation
+    shift: torch.Tensor | None = None  # per-unit shift of the fused path, from the first batch
 
 
 class ReluProbe(TorchDispatchMode):
     """Accumulates per-unit statistics of every ReLU site while active."""
 
-    def __init__(self, contexts: ContextSource) -> None:
+    def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None) -> None:
         super().__init__()
         self.contexts = contexts
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._normalised: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
-        self._scratch = Scratch()
+        self.reducer = reducer or BatchReducer()
         self._staged: list[tuple[SiteTap, BatchMoments]] = []
 
     def begin_pass(self) -> None:
@@ -183,7 +185,9 @@ class ReluProbe(TorchDispatchMode):
         elif x.ndim <= tap.axis.axis or x.shape[tap.axis.axis] != tap.stats.units:
             raise SiteShapeError(f"site '{name}' had {tap.stats.units} units along dim {tap.axis.axis}, "
                                  f"now its pre-activation has shape {tuple(x.shape)}")
-        return tap, begin_batch(x, tap.axis.axis, output_is_relu=op in OUTPUT_IS_RELU, scratch=self._scratch)
+        if tap.shift is None and self.reducer.wants_fused(x.device):
+            tap.shift = site_shift(x, tap.axis.axis)
+        return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift)
 
     def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -203,7 +207,7 @@ class ReluProbe(TorchDispatchMode):
 
 
 @contextmanager
-def probing(model: Any) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
+def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
     """A probe for a model of any PyTorch flavour; hooks are removed on exit."""
     stack: ModuleStack | None = None
     if isinstance(model, torch.jit.ScriptModule):
@@ -214,7 +218,7 @@ def probing(model: Any) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
         stack = ModuleStack(model)
         contexts = stack
     try:
-        yield ReluProbe(contexts), stack
+        yield ReluProbe(contexts, reducer), stack
     finally:
         if stack is not None:
             stack.remove()

@@ -21,6 +21,7 @@ from deadrelu.errors import DataError, ModelRunError
 from deadrelu.load import LoadedModel
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_probe import ModuleStack, ReluProbe, probing
+from deadrelu.reductions import BatchReducer
 
 ProgressFn = Callable[[int], None]
 
@@ -29,6 +30,8 @@ ProgressFn = Callable[[int], None]
 class StreamSettings:
     dtype: torch.dtype | None = None  # force the model and its float inputs to this dtype
     notify: Callable[[str], None] | None = None  # one-off messages for the user (stderr)
+    compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions
+    large: bool = False  # the data is large enough to repay compilation (for "auto")
 
 
 def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
@@ -36,7 +39,9 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
     """Run every batch through a PyTorch model under the probe; statistics per site."""
     settings = settings or StreamSettings()
     runner = _Runner(settings)
-    with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, probing(module) as (probe, stack):
+    reducer = BatchReducer(settings.compile, settings.large, settings.notify)
+    with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, \
+            probing(module, reducer) as (probe, stack):
         dtype = settings.dtype or model_dtype(module)
         samples, partial = 0, False
         with torch.inference_mode():

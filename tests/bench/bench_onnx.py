@@ -192,7 +192,8 @@ def report(args: Any, runners: dict[str, Runner], times: dict[str, list[float]],
     print(f"model: {args.model}, input {args.batch} x {'784' if args.model == 'mlp' else f'3x{args.size}x{args.size}'}, "
           f"{args.batches} batches x {args.repeats} interleaved repeats (medians)")
     sites = len(runners["deadrelu"].scanner.plans)
-    print(f"deadrelu: {sites} ReLU sites, 6 per-unit statistics each")
+    print(f"deadrelu: {sites} ReLU sites, 6 per-unit statistics each; its build time includes one batch "
+          "(the session is built on the first batch)")
     print(f"{'mode':16s} {'median s':>9s} {'img/s':>8s} {'vs plain':>9s} {'vs calib':>9s} {'build s':>8s} "
           f"{'start MiB':>9s} {'peak MiB':>9s}")
     plain = times["plain"]

@@ -1,0 +1,277 @@
+"""Per-batch reductions of one pre-activation tensor along its unit axis.
+
+Three ways to reduce a batch, all giving the same `BatchMoments`:
+
+* the CPU fast path: a few well-vectorised reductions, temporaries in one reusable
+  buffer, the finite check free (no device to sync with); a careful masked path only when
+  a value is not finite;
+* the fused path for accelerators: every statistic from one expression over the tensor,
+  NaN/Inf masked inside it, moments shifted by a per-unit constant for precision, and no
+  host sync -- which `torch.compile` turns into one kernel that reads the tensor once;
+* the masked path: two passes, exact, for batches that hold NaN/Inf on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+def reduce_dims(ndim: int, axis: int) -> tuple[int, ...]:
+    """Every dimension of an ndim tensor except the unit axis."""
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+@dataclass(frozen=True)
+class BatchMoments:
+    """Per-unit reductions of one batch: small vectors on the batch's device, or a plain
+    number where every unit has the same value (e.g. the count of an all-finite batch)."""
+
+    count: torch.Tensor | float  # finite elements per unit
+    positive: torch.Tensor  # elements > 0, +Inf included (int64)
+    nan: torch.Tensor | int
+    inf: torch.Tensor | int  # both signs
+    minimum: torch.Tensor  # finite minimum (float64; +inf when no finite value)
+    maximum: torch.Tensor  # finite maximum (float64; -inf when no finite value)
+    mean: torch.Tensor  # float64
+    m2: torch.Tensor  # sum of squared deviations from mean, float64
+    relu_sum: torch.Tensor | float  # sum of max(x, 0) over finite values, float64
+
+
+def _masked_moments(x: torch.Tensor, dims: tuple[int, ...]) -> BatchMoments:
+    """One batch that may hold NaN/Inf: moments over the finite values only (two-pass)."""
+    finite = torch.isfinite(x)
+    count = finite.sum(dim=dims, dtype=torch.float64)
+    zeroed = torch.where(finite, x, 0).double()
+    mean = zeroed.sum(dim=dims) / count.clamp_min(1)
+    centred = torch.where(finite, zeroed - mean.view(_unit_shape(x.ndim, dims)), 0)
+    return BatchMoments(
+        count=count,
+        positive=(x > 0).sum(dim=dims, dtype=torch.int64),
+        nan=torch.isnan(x).sum(dim=dims, dtype=torch.int64),
+        inf=torch.isinf(x).sum(dim=dims, dtype=torch.int64),
+        minimum=torch.where(finite, x, torch.inf).amin(dim=dims).double(),
+        maximum=torch.where(finite, x, -torch.inf).amax(dim=dims).double(),
+        mean=mean,
+        m2=(centred * centred).sum(dim=dims),
+        relu_sum=zeroed.clamp_min(0).sum(dim=dims),
+    )
+
+
+# The one-pass variance M2 = sum(x^2) - sum(x)^2 / n (float32 sums, float64 difference) is
+# kept only where it is at least this fraction of sum(x^2), i.e. |mean| <= ~8 std, which
+# bounds its relative error near 64 float32 roundings. Elsewhere (a unit far from zero,
+# like a dead unit behind a bias of -50) the centred two-pass sum runs instead.
+_ONE_PASS_MIN_RATIO = 1.0 / 64.0
+
+
+class Scratch:
+    """One reusable float buffer for elementwise temporaries (x*x, x>0, max(x, 0)).
+
+    Fresh temporaries of tens of MB cost more in page faults than the reductions that
+    use them; one buffer, grown to the largest pre-activation seen, avoids that. Memory
+    stays flat: one pre-activation's worth, whatever the dataset size.
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self._flat
+        if flat is None or flat.numel() < x.numel() or flat.dtype != x.dtype or flat.device != x.device:
+            flat = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+            self._flat = flat
+        return flat[: x.numel()].view(x.shape)
+
+
+# Counting positives as a float32 sum of 0/1 is exact below 2**24 elements per unit.
+_EXACT_FLOAT_COUNT = 1 << 24
+
+
+@dataclass(frozen=True)
+class PendingBatch:
+    """A batch whose input-side reductions are done; `finish` adds the output side.
+
+    Reading the input first lets a probe tap an inplace ReLU before it overwrites its
+    input; the ReLU-output sum is then read from the op's own output (for a plain relu
+    it is max(x, 0)) instead of computing max(x, 0) again.
+    """
+
+    dims: tuple[int, ...]
+    moments: BatchMoments
+    needs_output: bool  # relu_sum still to be read from the output
+
+    def complete(self, output: torch.Tensor | None = None) -> BatchMoments:
+        """The batch's moments, reading the op's output where needed."""
+        if not self.needs_output:
+            return self.moments
+        assert output is not None, "this batch needs the op's output"
+        relu_sum = output.detach().sum(dim=self.dims, dtype=torch.float32).double()
+        return replace(self.moments, relu_sum=relu_sum)
+
+
+def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scratch: Scratch,
+                    relu_from_output: bool) -> BatchMoments | None:
+    """All moments of an all-finite batch from a few fast reductions; None if a value is
+    not finite. With `relu_from_output`, relu_sum is left for the op's output."""
+    total = x.sum(dim=dims).double()
+    minimum, maximum = x.amin(dim=dims).double(), x.amax(dim=dims).double()
+    if not bool(torch.isfinite(total + minimum + maximum).all()):  # NaN/Inf anywhere shows here
+        return None
+    buf = scratch.like(x)
+    mean = total / per_unit
+    squares = torch.mul(x, x, out=buf).sum(dim=dims).double()
+    m2 = squares - total * mean
+    if bool((m2 < _ONE_PASS_MIN_RATIO * squares).any()):
+        centred = torch.sub(x, mean.to(x.dtype).view(_unit_shape(x.ndim, dims)), out=buf)
+        m2 = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
+    if per_unit < _EXACT_FLOAT_COUNT:
+        positive = torch.gt(x, 0, out=buf).sum(dim=dims).round().to(torch.int64)
+    else:
+        positive = (x > 0).sum(dim=dims, dtype=torch.int64)
+    relu_sum = 0.0 if relu_from_output else torch.clamp_min(x, 0, out=buf).sum(dim=dims).double()
+    return BatchMoments(count=float(per_unit), positive=positive, nan=0, inf=0, minimum=minimum, maximum=maximum,
+                        mean=mean, m2=m2, relu_sum=relu_sum)
+
+
+def _unit_shape(ndim: int, dims: tuple[int, ...]) -> list[int]:
+    return [1 if d in dims else -1 for d in range(ndim)]
+
+
+def begin_batch(x: torch.Tensor, axis: int, output_is_relu: bool, scratch: Scratch | None = None) -> PendingBatch:
+    """Reduce the input side of one batch now (before an inplace op can overwrite it).
+
+    Args:
+        output_is_relu: the op's output will be max(x, 0) (a plain relu); the ReLU-output
+            sum is then read from it in `finish`.
+        scratch: a reusable temporary buffer (a fresh one if None).
+
+    This is the CPU path: the finite check costs nothing there, so the fast reductions
+    run and the masked ones only when a value is not finite. (On an accelerator that check
+    would be a host sync per batch: `BatchReducer` takes the fused path there.)
+    """
+    x = x.detach()
+    if x.ndim == 0:
+        x = x.reshape(1)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # half-precision reductions overflow; per-batch float32 is enough
+    axis = axis % x.ndim
+    dims = reduce_dims(x.ndim, axis)
+    units = x.shape[axis]
+    per_unit = x.numel() // units if units else 0
+    moments = _finite_moments(x, dims, per_unit, scratch or Scratch(), output_is_relu)
+    if moments is None:
+        return PendingBatch(dims, _masked_moments(x, dims), needs_output=False)
+    return PendingBatch(dims, moments, needs_output=output_is_relu)
+
+
+
+
+# --- the fused, sync-free path ----------------------------------------------------------------
+
+def fused_reductions(x: torch.Tensor, dims: list[int], shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every per-unit statistic of a batch in one expression (one kernel once compiled).
+
+    Non-finite values are masked inside; moments are taken about `shift` (a per-unit value
+    near the data, broadcastable to x), so float32 sums of squares do not cancel.
+    Returns (finite count, shifted sum, shifted sum of squares, positives, NaNs, Infs,
+    finite min, finite max, sum of max(x, 0)) -- counts as float32.
+    """
+    finite = torch.isfinite(x)
+    centred = torch.where(finite, x - shift, 0.0)
+    zeroed = torch.where(finite, x, 0.0)
+    return (
+        finite.sum(dims, dtype=torch.float32),
+        centred.sum(dims),
+        (centred * centred).sum(dims),
+        (x > 0).sum(dims, dtype=torch.float32),
+        torch.isnan(x).sum(dims, dtype=torch.float32),
+        torch.isinf(x).sum(dims, dtype=torch.float32),
+        torch.where(finite, x, float("inf")).amin(dims),
+        torch.where(finite, x, float("-inf")).amax(dims),
+        zeroed.clamp_min(0.0).sum(dims),
+    )
+
+
+def moments_from_fused(parts: tuple[torch.Tensor, ...], shift: torch.Tensor) -> BatchMoments:
+    """`BatchMoments` from `fused_reductions` (float64 arithmetic on small vectors only)."""
+    count, total, squares, positive, nan, inf, minimum, maximum, relu_sum = (p.double() for p in parts)
+    shift = shift.reshape(-1).double()
+    safe = count.clamp_min(1)
+    offset = total / safe
+    return BatchMoments(
+        count=count,
+        positive=positive.round().to(torch.int64),
+        nan=nan.round().to(torch.int64),
+        inf=inf.round().to(torch.int64),
+        minimum=minimum,
+        maximum=maximum,
+        mean=torch.where(count > 0, shift + offset, 0.0),
+        m2=(squares - total * offset).clamp_min(0.0),
+        relu_sum=relu_sum,
+    )
+
+
+def site_shift(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-unit value near the data, broadcastable to x: the shift of the fused path.
+
+    The finite mean of each unit over this (first) batch; 0 for a unit with no finite
+    value. Computed once per site, so its cost does not matter.
+    """
+    rows = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).double()
+    finite = torch.isfinite(rows)
+    mean = torch.where(finite, rows, 0.0).sum(1) / finite.sum(1).clamp_min(1)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return mean.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).reshape(shape)
+
+
+class BatchReducer:
+    """Reduces batches for a probe: the CPU fast path, or the fused path (compiled or not).
+
+    `compile` is "on", "off", or "auto" (compiled only on accelerators and only when
+    `large` says the data repays the compilation). A compilation that fails falls back to
+    the eager fused path and says so once through `notify`.
+    """
+
+    def __init__(self, compile: str = "off", large: bool = False, notify: Callable[[str], None] | None = None) -> None:
+        self.scratch = Scratch()
+        self.mode = compile
+        self.large = large
+        self.notify = notify
+        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
+        self._compile_failed = False
+
+    def wants_fused(self, device: torch.device) -> bool:
+        return device.type != "cpu" or self.mode == "on"
+
+    def _compile_here(self, device: torch.device) -> bool:
+        if self._compile_failed or self.mode == "off":
+            return False
+        return self.mode == "on" or (device.type != "cpu" and self.large)
+
+    def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor | None) -> PendingBatch:
+        if not self.wants_fused(x.device):
+            return begin_batch(x, axis, output_is_relu, self.scratch)
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        axis = axis % x.ndim
+        dims = reduce_dims(x.ndim, axis)
+        shift = site_shift(x, axis) if shift is None else shift
+        parts = self._reduce(x, list(dims), shift)
+        return PendingBatch(dims, moments_from_fused(parts, shift), needs_output=False)
+
+    def _reduce(self, x: torch.Tensor, dims: list[int], shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._compile_here(x.device):
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(fused_reductions, dynamic=True)
+                return self._compiled(x, dims, shift)
+            except Exception as exc:  # a compiler failure must not cost the scan
+                self._compile_failed = True
+                if self.notify:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                    self.notify(f"torch.compile failed ({first}); using the eager path")
+        return fused_reductions(x, dims, shift)
