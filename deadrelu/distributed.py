@@ -55,7 +55,7 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
         return device
     import torch.distributed as dist
 
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     if not dist.is_initialized():

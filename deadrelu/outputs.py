@@ -9,6 +9,12 @@ from pathlib import Path
 from deadrelu.errors import UsageError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_atomic(path: Path, content: str | bytes) -> None:
     """Write `content` to `path` so that readers see the old file or the new one, never half."""
     directory = path.parent if str(path.parent) else Path(".")
@@ -21,6 +27,7 @@ def write_atomic(path: Path, content: str | bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -74,8 +74,10 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
     options = options or ScanOptions()
     _check(options)
     ranks = ranks_from_env()
-    device = start(ranks, resolve_device(options.device))
     loaded = _load(model, options)
+    device = start(ranks, resolve_device(options.device, loaded.format))
+    if options.dtype and loaded.format is ModelFormat.ONNX:
+        raise UsageError("--dtype applies to PyTorch models; an ONNX graph runs in the dtypes it declares")
     source = _open(data, options)
     total = _expected_samples(source, options.samples)
     if on_start:
@@ -111,18 +113,29 @@ def _check(options: ScanOptions) -> None:
         raise UsageError(f"--dtype '{options.dtype}': expected one of {', '.join(DTYPES)}")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, fmt: ModelFormat | None = None) -> torch.device:
+    """The device to scan on. For ONNX models CUDA means ONNX Runtime's CUDA execution
+    provider (checked by the ONNX backend), whatever torch build is installed."""
+    onnx = fmt is ModelFormat.ONNX
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if (_ort_has_cuda() if onnx else torch.cuda.is_available()) else "cpu")
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
         raise UsageError(f"--device '{spec}': expected auto, cpu or cuda[:N]") from exc
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device '{spec}': expected auto, cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not onnx and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__})")
     return device
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 # --- load ----------------------------------------------------------------------------------

@@ -160,3 +160,28 @@ def test_module_entry_point() -> None:
                            str(FIX / "mlp.calib.npy"), "--json", "-"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
+
+
+def test_onnx_cuda_request_names_the_package_to_install(runner: CliRunner) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    message = _error(run(runner, FIX / "mlp.onnx", "--data", FIX / "mlp.calib.npy", "--device", "cuda"))
+    assert "onnxruntime-gpu" in message
+
+
+def test_dtype_is_refused_for_onnx(runner: CliRunner) -> None:
+    message = _error(run(runner, FIX / "mlp.onnx", "--data", FIX / "mlp.calib.npy", "--dtype", "float16"))
+    assert "--dtype applies to PyTorch models" in message
+
+
+def test_written_files_are_ordinary_files(runner: CliRunner, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--json", out).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
