@@ -32,6 +32,7 @@ from deadrelu.load.onnx_format import initializer_spans, load_onnx
 from deadrelu.onnx_sites import GraphIndex, survey, trace_axis
 from deadrelu.probe import onnx_probe
 from deadrelu.probe.onnx_probe import SessionFactory, execution_providers, scan_batches
+from reference import unit_stats
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
 ONNX_DIR = FIX / "onnx"
@@ -88,24 +89,6 @@ def case_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
         return cache[name]
 
     return get
-
-
-def unit_stats(preact: np.ndarray, axis: int) -> dict[str, np.ndarray]:
-    """float64 per-unit statistics of finite values, NaN/Inf counted apart."""
-    moved = np.moveaxis(np.asarray(preact, dtype=np.float64), axis, 0).reshape(preact.shape[axis], -1)
-    finite = np.isfinite(moved)
-    values = [row[f] for row, f in zip(moved, finite)]
-    return {
-        "count": finite.sum(1),
-        "positive": (moved > 0).sum(1),
-        "nan": np.isnan(moved).sum(1),
-        "inf": np.isinf(moved).sum(1),
-        "min": np.array([v.min() if v.size else np.inf for v in values]),
-        "max": np.array([v.max() if v.size else -np.inf for v in values]),
-        "mean": np.array([v.mean() if v.size else 0.0 for v in values]),
-        "std": np.array([v.std() if v.size else 0.0 for v in values]),
-        "relu_mean": np.array([np.maximum(v, 0).mean() if v.size else 0.0 for v in values]),
-    }
 
 
 def exposed_preacts(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:

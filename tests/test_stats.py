@@ -7,23 +7,7 @@ import pytest
 import torch
 
 from deadrelu.stats import UnitStats
-
-
-def brute(x: np.ndarray, axis: int) -> dict[str, np.ndarray]:
-    moved = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
-    finite = np.isfinite(moved)
-    vals = [row[f] for row, f in zip(moved, finite)]
-    return {
-        "count": finite.sum(1),
-        "positive": (moved > 0).sum(1),
-        "nan": np.isnan(moved).sum(1),
-        "inf": np.isinf(moved).sum(1),
-        "min": np.array([v.min() if v.size else np.inf for v in vals]),
-        "max": np.array([v.max() if v.size else -np.inf for v in vals]),
-        "mean": np.array([v.mean() if v.size else 0.0 for v in vals]),
-        "std": np.array([v.std() if v.size else 0.0 for v in vals]),
-        "relu_mean": np.array([np.maximum(v, 0).mean() if v.size else 0.0 for v in vals]),
-    }
+from reference import unit_stats as brute
 
 
 def accumulate(batches: list[torch.Tensor], axis: int) -> UnitStats:
