@@ -214,25 +214,57 @@ def moments_from_fused(parts: tuple[torch.Tensor, ...], shift: torch.Tensor) -> 
 
 
 def site_shift(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """A per-unit value near the data, broadcastable to x: the shift of the fused path.
+    """A per-unit value near the data, broadcastable to x: the shift of the fused and
+    compiled paths' moments.
 
     The finite mean of each unit over this (first) batch; 0 for a unit with no finite
-    value. Computed once per site, so its cost does not matter.
+    value. Computed once per site, so its few passes do not matter.
     """
-    rows = x.detach().movedim(axis, 0).reshape(x.shape[axis], -1).double()
-    finite = torch.isfinite(rows)
-    mean = torch.where(finite, rows, 0.0).sum(1) / finite.sum(1).clamp_min(1)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return mean.to(torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype).reshape(shape)
+    x = x.detach()
+    axis = axis % x.ndim
+    dims = reduce_dims(x.ndim, axis)
+    finite = torch.isfinite(x)
+    count = finite.sum(dims, dtype=torch.float32).clamp_min(1)
+    mean = torch.where(finite, x, 0).sum(dims, dtype=torch.float32) / count
+    return mean.reshape(_unit_shape(x.ndim, dims))
+
+
+def fast_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, ...]:
+    """The CPU statistics of an all-finite batch in one expression, for torch.compile:
+    (shifted sum, shifted sum of squares, min, max, positives, sum of max(x, 0))."""
+    centred = x - shift
+    return (centred.sum(dims), (centred * centred).sum(dims), x.amin(dims), x.amax(dims),
+            (x > 0).sum(dims, dtype=torch.float32), x.clamp_min(0.0).sum(dims))
+
+
+def moments_from_fast(parts: tuple[torch.Tensor, ...], shift: torch.Tensor, per_unit: int) -> BatchMoments | None:
+    """`BatchMoments` from `fast_reductions`; None when a value was not finite."""
+    total, squares, minimum, maximum, positive, relu_sum = (p.double() for p in parts)
+    if not bool(torch.isfinite(total + minimum + maximum + squares).all()):
+        return None
+    offset = total / per_unit
+    return BatchMoments(count=float(per_unit), positive=positive.round().to(torch.int64), nan=0, inf=0,
+                        minimum=minimum, maximum=maximum, mean=shift.reshape(-1).double() + offset,
+                        m2=(squares - total * offset).clamp_min(0.0), relu_sum=relu_sum)
+
+
+# Each distinct (site shape) compiles once; models have a few dozen. Dynamo's default
+# limit (8 graphs per function) would silently send the rest back to eager.
+_COMPILED_SHAPES_LIMIT = 256
 
 
 class BatchReducer:
-    """Reduces batches for a probe: the CPU fast path, or the fused path (compiled or not).
+    """Reduces batches for a probe.
 
-    `compile` is "on", "off", or "auto" (compiled only on accelerators and only when
-    `large` says the data repays the compilation). A compilation that fails falls back to
-    the eager fused path and says so once through `notify`.
+    * CPU: the eager fast path (`begin_batch`), or with compilation the `fast_reductions`
+      kernel compiled for each site's shape (one pass over the tensor);
+    * accelerators: the sync-free `fused_reductions`, compiled or eager.
+
+    `compile` is "on", "off" or "auto" (compile when `large` says the data repays the
+    compilation). Shapes are compiled statically -- dynamic shapes gave kernels several
+    times slower -- and only those seen in the first forward pass (`freeze`): a later new
+    shape (the last, shorter batch) takes the eager path instead of compiling again. A
+    compilation that fails falls back to eager and says so once through `notify`.
     """
 
     def __init__(self, compile: str = "off", large: bool = False, notify: Callable[[str], None] | None = None) -> None:
@@ -240,38 +272,61 @@ class BatchReducer:
         self.mode = compile
         self.large = large
         self.notify = notify
-        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
-        self._compile_failed = False
+        self._compiled: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
+        self._shapes: set[tuple[int, ...]] = set()
+        self._frozen = False
+        self._failed = False
 
-    def wants_fused(self, device: torch.device) -> bool:
-        return device.type != "cpu" or self.mode == "on"
+    def freeze(self) -> None:
+        """The first forward pass is done: compile no new shapes from now on."""
+        self._frozen = True
 
-    def _compile_here(self, device: torch.device) -> bool:
-        if self._compile_failed or self.mode == "off":
+    def _compile_for(self, x: torch.Tensor) -> bool:
+        if self._failed or self.mode == "off" or (self.mode == "auto" and not self.large):
             return False
-        return self.mode == "on" or (device.type != "cpu" and self.large)
+        shape = (*x.shape, x.device.type == "cpu")
+        if shape in self._shapes:
+            return True
+        if self._frozen or len(self._shapes) >= _COMPILED_SHAPES_LIMIT:
+            return False
+        self._shapes.add(shape)
+        return True
 
-    def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor | None) -> PendingBatch:
-        if not self.wants_fused(x.device):
+    def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor) -> PendingBatch:
+        compiled = self._compile_for(x)
+        if x.device.type == "cpu" and not compiled:
             return begin_batch(x, axis, output_is_relu, self.scratch)
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         axis = axis % x.ndim
         dims = reduce_dims(x.ndim, axis)
-        shift = site_shift(x, axis) if shift is None else shift
-        parts = self._reduce(x, list(dims), shift)
+        shift = shift.to(x.dtype)
+        if x.device.type == "cpu":
+            moments = moments_from_fast(self._run("fast", fast_reductions, x, shift, list(dims)), shift,
+                                        x.numel() // max(x.shape[axis], 1))
+            if moments is not None:
+                return PendingBatch(dims, moments, needs_output=False)
+            return PendingBatch(dims, _masked_moments(x, dims), needs_output=False)
+        if compiled:
+            parts = self._run("fused", fused_reductions, x, list(dims), shift)
+        else:
+            parts = fused_reductions(x, list(dims), shift)
         return PendingBatch(dims, moments_from_fused(parts, shift), needs_output=False)
 
-    def _reduce(self, x: torch.Tensor, dims: list[int], shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self._compile_here(x.device):
+    def _run(self, key: str, fn: Callable[..., tuple[torch.Tensor, ...]], *args: object) -> tuple[torch.Tensor, ...]:
+        if not self._failed:
             try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(fused_reductions, dynamic=True)
-                return self._compiled(x, dims, shift)
+                if key not in self._compiled:
+                    import torch._dynamo
+
+                    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                                _COMPILED_SHAPES_LIMIT)
+                    self._compiled[key] = torch.compile(fn, dynamic=False)
+                return self._compiled[key](*args)
             except Exception as exc:  # a compiler failure must not cost the scan
-                self._compile_failed = True
+                self._failed = True
                 if self.notify:
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                     self.notify(f"torch.compile failed ({first}); using the eager path")
-        return fused_reductions(x, dims, shift)
+        return fn(*args)

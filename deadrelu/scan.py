@@ -22,8 +22,8 @@ from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
 
-# `--compile auto` compiles the fused reductions on an accelerator only for at least this
-# many samples: compiling costs tens of seconds once, and saves a few percent per batch.
+# `--compile auto` compiles the per-site reductions only for at least this many samples:
+# compiling costs a few seconds per site shape once, and saves a little on every batch.
 COMPILE_REPAYS_AT_SAMPLES = 20_000
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -40,7 +40,7 @@ class ScanOptions:
     batch_size: int = 32
     samples: int | None = None  # cap on the number of samples
     inputs: str | None = None  # which batch elements are model inputs: "0", "0,1", "image,mask"
-    compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions (auto: GPU, large data)
+    compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions (auto: large data)
     data: DataOptions = field(default_factory=DataOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
 

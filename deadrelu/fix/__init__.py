@@ -144,7 +144,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
                  options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
     from deadrelu import sites
     from deadrelu.fix import instructions as how
-    from deadrelu.fix.torch_rewrite import rewrite_program, save_program, to_program
+    from deadrelu.fix.torch_rewrite import rewrite_graph, rewrite_program, save_program, to_program
     from deadrelu.outputs import write_atomic
 
     example = _example(loaded, data, scan_options)
@@ -152,7 +152,8 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     if loaded.format is ModelFormat.TORCHSCRIPT:
         contexts = tuple((c.module_path, c.module_type) for _, c in sites.torchscript_candidate_contexts(loaded.module))
     program = to_program(loaded, example, contexts)
-    moments = _downstream_moments(program, plan, moments, options.rewrite, data, scan_options)
+    moments = _downstream_moments(lambda fixes, known: rewrite_graph(program, fixes, known, options.rewrite)[0],
+                                  plan, moments, options.rewrite, data, scan_options)
     rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example)
     save_program(rewritten, output)
     if loaded.format not in REWRITTEN_BY_EXPORT:
@@ -170,22 +171,23 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     return lines, str(target)
 
 
-def _downstream_moments(program: Any, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
-                        options: RewriteOptions, data: str, scan_options: ScanOptions) -> dict[int, UnitMoments]:
+def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMoments]], Any], plan: tuple[SiteFix, ...],
+                        moments: dict[int, UnitMoments], options: RewriteOptions, data: str,
+                        scan_options: ScanOptions) -> dict[int, UnitMoments]:
     """BatchNorm statistics measured where the inserted BatchNorm will see them.
 
     Once an earlier change alters what flows downstream (a non-zero slope, a revived
     BatchNorm), a later site's pre-activations are no longer those of the original scan:
-    they are re-measured on the model with the earlier changes applied.
+    they are re-measured on the model with the earlier changes applied (``partial(fixes,
+    moments)``: a scannable model with those fixes applied).
     """
-    from deadrelu.fix.torch_rewrite import changes_outputs, rewrite_graph
+    from deadrelu.fix.torch_rewrite import changes_outputs
 
     moments = dict(moments)
     altered = False
     for position, fix in enumerate(plan):
         if fix.change == "bn" and altered:
-            graph_module, _ = rewrite_graph(program, plan[:position], moments, options)
-            site = scan(graph_module, data, scan_options).sites[fix.index]
+            site = scan(partial(plan[:position], moments), data, scan_options).sites[fix.index]
             moments[fix.index] = UnitMoments(site.stats.mean, site.stats.std ** 2)
         altered = altered or changes_outputs(fix, options)
     return moments
@@ -193,8 +195,10 @@ def _downstream_moments(program: Any, plan: tuple[SiteFix, ...], moments: dict[i
 
 def _write_onnx(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
                 options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
-    from deadrelu.fix.onnx_rewrite import rewrite_onnx
+    from deadrelu.fix.onnx_rewrite import rewrite_onnx, rewritten_loaded
 
+    moments = _downstream_moments(lambda fixes, known: rewritten_loaded(loaded, fixes, known, options.rewrite),
+                                  plan, moments, options.rewrite, data, scan_options)
     rewrite_onnx(loaded, plan, moments, options.rewrite, output)
     return (), None
 

@@ -145,6 +145,7 @@ class ReluProbe(TorchDispatchMode):
             tap.stats.fold(moments)
             tap.batches += 1
         self._staged.clear()
+        self.reducer.freeze()
 
     def discard_pass(self) -> None:
         self._staged.clear()
@@ -185,7 +186,7 @@ class ReluProbe(TorchDispatchMode):
         elif x.ndim <= tap.axis.axis or x.shape[tap.axis.axis] != tap.stats.units:
             raise SiteShapeError(f"site '{name}' had {tap.stats.units} units along dim {tap.axis.axis}, "
                                  f"now its pre-activation has shape {tuple(x.shape)}")
-        if tap.shift is None and self.reducer.wants_fused(x.device):
+        if tap.shift is None:
             tap.shift = site_shift(x, tap.axis.axis)
         return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift)
 
