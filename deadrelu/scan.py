@@ -87,7 +87,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
                               large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES)
     result = _stream(loaded, batches, device, progress, settings)
     result = gather(result, ranks)
-    if result.samples == 0 and not result.partial:
+    if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
                   for o in result.sites)
