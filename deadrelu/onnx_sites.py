@@ -57,6 +57,8 @@ RESHAPE_OPS = frozenset({"Reshape", "Flatten"})
 # Ops that fuse an activation into their producer, hiding its pre-activation.
 FUSED_ACTIVATION_OPS = frozenset({"FusedConv", "FusedGemm", "NhwcFusedConv", "FusedMatMulActivation"})
 SUBGRAPH_CONTAINERS = frozenset({"If", "Loop", "Scan"})
+# Normalisation nodes: a site behind one has "normalisation upstream" (the fix planner's rule).
+NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
 MAX_TRACE_DEPTH = 64
 
 
@@ -88,6 +90,7 @@ class AxisTrace:
     anchor: int | None
     source: str  # conv | linear | recurrent | default
     reason: str
+    normalised: bool = False  # a normalisation node lies between the producer and the site
 
     def resolve(self, rank: int) -> int:
         """The non-negative unit axis of a pre-activation of the given rank."""
@@ -115,6 +118,7 @@ class OnnxSite:
     elem_type: int | None  # onnx.TensorProto data type of the pre-activation
     axis: AxisTrace
     clip: tuple[float, float | None] | None = None  # (min, max) of a Clip site
+    dims: tuple[int | None, ...] | None = None  # of the pre-activation as inferred; None for an unknown dim
 
     @property
     def where(self) -> str:
@@ -400,6 +404,7 @@ class _Finder:
             elem_type=index.elem_type(preact),
             axis=trace_axis(index, preact),
             clip=clip,
+            dims=index.dims(preact),
         )
         self.sites.append(site)
         if clip is not None and clip[1] not in (None, 6.0):
@@ -592,7 +597,7 @@ def trace_axis(index: GraphIndex, tensor: str) -> AxisTrace:
         reason = f"{_DIM_TEXT[origin.source]} of {origin.producer}"
         if origin.through:
             reason += f", through {', '.join(origin.through)}"
-        return AxisTrace(origin.anchor, origin.source, reason)
+        return AxisTrace(origin.anchor, origin.source, reason, any(op in NORM_OPS for op in origin.through))
     return AxisTrace(None, "default", f"default (dim 1, or dim 0 of a vector): {origin or _no_layout(index, tensor)}")
 
 

@@ -323,3 +323,32 @@ def test_nothing_to_do(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Nothing to fix" in result.stdout
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_onnx_sites_say_whether_a_normalisation_feeds_them(tmp_path: Path) -> None:
+    """A BatchNormalization node between producer and ReLU makes the planner choose LeakyReLU."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from deadrelu import ScanOptions, scan
+    from deadrelu.fix.plan import PlanOptions, plan_fixes
+
+    c = 3
+    w = numpy_helper.from_array(np.eye(c, dtype=np.float32).reshape(c, c, 1, 1), "w")
+    scale, bias = numpy_helper.from_array(np.ones(c, np.float32), "s"), numpy_helper.from_array(np.array([0, 0, -50], np.float32), "b")
+    mean, var = numpy_helper.from_array(np.zeros(c, np.float32), "m"), numpy_helper.from_array(np.ones(c, np.float32), "v")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="after_bn"),
+             helper.make_node("Conv", ["r", "w"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["y"], name="after_conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 4, 4])],
+                              [w, scale, bias, mean, var])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, c, 4, 4)).astype(np.float32))
+    report = scan(tmp_path / "m.onnx", tmp_path / "x.npy", ScanOptions(device="cpu"))
+    assert [s.extra["normalised_input"] for s in report.sites] == [True, False]
+    plan = plan_fixes(report, PlanOptions(sites=("after_bn", "after_conv")))
+    assert [f.change for f in plan] == ["leaky", "bn"]

@@ -12,6 +12,7 @@ import functools
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from deadrelu.cli import app
 from deadrelu.data import ModelInput
 from deadrelu.errors import DataError, ModelLoadError, UsageError
 from deadrelu.load import load_model
-from deadrelu.load.onnx_format import initializer_spans, load_onnx
+from deadrelu.load.onnx_format import OnnxModel, initializer_spans, load_onnx
 from deadrelu.onnx_sites import GraphIndex, survey, trace_axis
 from deadrelu.probe import onnx_probe
 from deadrelu.probe.onnx_probe import SessionFactory, execution_providers, scan_batches
@@ -91,13 +92,16 @@ def case_report(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return get
 
 
-def exposed_preacts(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """The named tensors of an unmodified model (optimisations off), concatenated over batches."""
+def exposed_preacts(model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]],
+                    optimised: bool = False) -> list[np.ndarray]:
+    """The named tensors of an unmodified model (optimisations off unless `optimised`: then
+    the values the scan's optimised session computes), concatenated over batches."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     for name in tensors:
         model.graph.output.append(helper.ValueInfoProto(name=name))
     session_options = ort.SessionOptions()
-    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session_options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimised
+                                                else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     session = ort.InferenceSession(model.SerializeToString(), session_options, providers=CPU)
     runs = [session.run(tensors, feed) for feed in feeds]
     return [np.concatenate([run[i] for run in runs]) for i in range(len(tensors))]
@@ -344,6 +348,133 @@ def test_site_kinds_in_the_json(case_report: Any) -> None:
     assert doc["leaky"]["onnx"]["axis_reason"].endswith("through Mul, Add")
     assert doc["leaky"]["leaky"] and doc["prelu"]["leaky"]
     assert "hardswish_clip" not in doc and "hardsigmoid_clip" not in doc and "hardtanh" not in doc
+
+
+# --- the fast in-graph reductions: each path against the brute force ---------------------------
+
+
+def _paths_model(opset: int, elem: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """Three sites, one per reduction layout: a convolution's NCHW output (32 channels, so
+    ONNX Runtime runs it in its blocked NCHWc layout; one channel biased to be dead, one
+    far from zero), a (N, F) matmul output, and a (N, T, F) output with units last."""
+    rng = np.random.default_rng(11)
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    bias = rng.standard_normal(32) * 0.1
+    bias[3], bias[7] = -50.0, 50.0
+
+    def const(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+    nodes = [
+        helper.make_node("Relu", ["mm"], ["mm_out"], name="dense_relu"),
+        helper.make_node("MatMul", ["seq", "ws"], ["sm"], name="seq_mm"),
+        helper.make_node("Relu", ["sm"], ["seq_out"], name="seq_relu"),
+    ]
+    inits = [const("wd", rng.standard_normal((6, 5))), const("ws", rng.standard_normal((4, 3)))]
+    inputs = [_value("dense", ["n", 6], elem), _value("seq", ["n", 7, 4], elem)]
+    outputs = [_value("mm_out", ["n", 5], elem), _value("seq_out", ["n", 7, 3], elem)]
+    nodes.insert(0, helper.make_node("MatMul", ["dense", "wd"], ["mm"], name="dense_mm"))
+    if elem == TensorProto.FLOAT:  # ONNX Runtime's CPU Conv takes float only
+        nodes[:0] = [helper.make_node("Conv", ["image", "wc", "bc"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+                     helper.make_node("Relu", ["conv"], ["conv_out"], name="conv_relu")]
+        inits += [const("wc", rng.standard_normal((32, 16, 3, 3)) * 0.1), const("bc", bias)]
+        inputs.insert(0, _value("image", ["n", 16, 6, 6], elem))
+        outputs.insert(0, _value("conv_out", ["n", 32, 6, 6], elem))
+    return tiny_model(nodes, inputs, outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset, elem", [(17, TensorProto.FLOAT), (13, TensorProto.FLOAT), (17, TensorProto.DOUBLE)],
+                         ids=["batchnorm-float", "opset13-float", "batchnorm-double"])
+def test_every_reduction_path_matches_the_brute_force(tmp_path: Path, opset: int, elem: int) -> None:
+    """Opset 14+ takes mean and variance from one training-mode BatchNormalization when the
+    units are on axis 1, and the ReLU mean of a 4-D site from a GlobalAveragePool of the
+    Relu's own output; older opsets and units elsewhere take Mean/Sub/Mul. Each path must
+    give exact positive counts, dead sets and extremes, and close moments, over several
+    batches (the host folds per-element variances and ReLU means back to sums)."""
+    model = _paths_model(opset, elem)
+    path = save(model, tmp_path)
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    rng = np.random.default_rng(12)
+    arrays = {"dense": rng.standard_normal((40, 6)), "seq": rng.standard_normal((40, 7, 4))}
+    if elem == TensorProto.FLOAT:
+        arrays["image"] = rng.standard_normal((40, 16, 6, 6))
+    arrays = {k: v.astype(dtype) for k, v in arrays.items()}
+    feeds = batched_feeds(arrays)
+    result = stream(path, [ModelInput((), {k: torch.from_numpy(v) for k, v in feed.items()}) for feed in feeds])
+    sites = {s.name: s for s in result.sites}
+    names = [s.name for s in survey(model).sites]
+    assert list(sites) == names
+    # optimised: a fused, blocked-layout convolution rounds differently from the plain one
+    preacts = exposed_preacts(model, [site_preact(model, n) for n in names], feeds, optimised=True)
+    axes = {"conv_relu": 1, "dense_relu": 1, "seq_relu": 2}
+    for name, preact in zip(names, preacts):
+        site, ref = sites[name], unit_stats(preact, axes[name])
+        assert site.axis == axes[name]
+        np.testing.assert_array_equal(site.stats.minimum, ref["min"], err_msg=name)
+        np.testing.assert_array_equal(site.stats.maximum, ref["max"], err_msg=name)
+        assert_stats(SimpleNamespace(name=name, stats=site.stats), ref, rtol=1e-5 if elem == TensorProto.FLOAT else 1e-9)
+    if elem == TensorProto.FLOAT:
+        assert list(np.flatnonzero(sites["conv_relu"].stats.positive == 0)) == [3]
+
+
+def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_norm() -> None:
+    """What makes the fast path cheap, checked on the rewritten graph: no float64 cast of
+    a pre-activation, one BatchNormalization (training mode, momentum 0) per site on axis
+    1, the ReLU mean of the 4-D site pooled from the Relu's own output, and constant
+    BatchNormalization parameters where shape inference knows the unit count."""
+    model = _paths_model(17)
+    loaded = OnnxModel(model, Path("paths.onnx"), 17)
+    plans = [onnx_probe.SitePlan(i, site, site.rank, site.axis.resolve(site.rank)) for i, site in enumerate(survey(model).sites)]
+    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
+    added = [n for n in head.graph.node if n.name.startswith(onnx_probe.PREFIX)]
+    assert not [n for n in added if n.op_type == "Cast" and helper.get_attribute_value(n.attribute[0]) == TensorProto.DOUBLE]
+    norms = [n for n in added if n.op_type == "BatchNormalization"]
+    assert len(norms) == 2  # conv_relu and dense_relu; seq_relu has its units last
+    assert all({a.name: helper.get_attribute_value(a) for a in n.attribute} == {"training_mode": 1, "momentum": 0.0}
+               for n in norms)
+    assert [n.input[0] for n in added if n.op_type == "GlobalAveragePool"] == ["conv_out"]
+    assert not [n for n in added if n.op_type in ("ConstantOfShape", "Slice")]
+
+
+def test_batch_norm_moments_inside_loop_and_if_bodies(case_report: Any, tmp_path: Path) -> None:
+    """The subgraph fixture (opset 13, Mean/Sub/Mul path) raised to opset 17: the same
+    statistics from BatchNormalization nodes placed inside If branches and a Loop body."""
+    model = onnx.load(str(ONNX_DIR / "subgraphs.onnx"))
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 17
+    data = write_data(tmp_path, case_arrays("subgraphs"))
+    raised = scan(save(model, tmp_path, "subgraphs17.onnx"), data, options())
+    loaded = load_onnx(tmp_path / "subgraphs17.onnx")
+    found = survey(loaded.proto).sites
+    plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found) if not s.obstacle()]
+    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
+    assert "BatchNormalization" in str(head.graph)  # inside the bodies
+    original = case_report("subgraphs")
+    assert [s.name for s in raised.sites] == [s.name for s in original.sites]
+    for got, want in zip(raised.sites, original.sites):
+        np.testing.assert_array_equal(got.stats.positive, want.stats.positive, err_msg=got.name)
+        np.testing.assert_array_equal(got.stats.count, want.stats.count, err_msg=got.name)
+        for field in ("minimum", "maximum", "mean", "m2", "relu_sum"):
+            np.testing.assert_allclose(getattr(got.stats, field), getattr(want.stats, field), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{got.name} {field}")
+
+
+def test_declared_shapes_that_contradict_the_data_do_not_break_the_scan(tmp_path: Path) -> None:
+    """The unit count goes into the graph as BatchNormalization constants when shape
+    inference knows it; a stale value_info (5 units declared as 7, which ONNX Runtime
+    only warns about) makes that session fail to load, and the scan rebuilds it with
+    the count taken from the data."""
+    w = numpy_helper.from_array(np.random.default_rng(6).standard_normal((6, 5)).astype(np.float32), "w")
+    model = tiny_model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+                        helper.make_node("Relu", ["mm"], ["y"], name="relu")],
+                       [_value("x", ["n", 6])], [_value("y", ["n", 5])], [w])
+    model.graph.value_info.append(_value("mm", ["n", 7]))
+    x = np.random.default_rng(7).standard_normal((32, 6)).astype(np.float32)
+    (site,) = stream(save(model, tmp_path), [ModelInput((torch.from_numpy(x[i:i + BATCH]),)) for i in (0, BATCH)]).sites
+    assert site.stats.units == 5
+    assert_stats(SimpleNamespace(name="relu", stats=site.stats), unit_stats(x.astype(np.float64) @ numpy_helper.to_array(w), 1),
+                 rtol=1e-5, atol=1e-5)
 
 
 # --- nan / inf --------------------------------------------------------------------------------

@@ -3,21 +3,25 @@
 Three phases, like ONNX Runtime's calibrators, without their costs:
 
 1. *Augment.* Right after each site, a few nodes reduce its pre-activation over every axis
-   but the unit axis -- max, min, mean, centred sum of squares, count of values > 0, sum of
-   the ReLU output -- and pack them into one small ``(6, units)`` tensor; that tensor and the
-   pre-activation's ``Shape`` become graph outputs (threaded out of ``If`` branches and
-   ``Loop``/``Scan`` bodies). Whole pre-activations never leave ONNX Runtime. The model is
-   built in memory; its weights are appended as serialized protobuf fragments, not copied
-   into a second model, and external data stays where it is.
+   but the unit axis -- max, min, mean, variance, count of values > 0, mean of the ReLU
+   output (`FAST_ROWS`, see `emit_fast` for how few passes they take) -- and pack them into
+   one small ``(6, units)`` float32 tensor; that tensor and the pre-activation's ``Shape``
+   become graph outputs (threaded out of ``If`` branches and ``Loop``/``Scan`` bodies).
+   Whole pre-activations never leave ONNX Runtime. The model is built in memory; its
+   weights are appended as serialized protobuf fragments, not copied into a second model,
+   and external data stays where it is.
 2. *Collect.* One session run per batch; each site's packed rows are folded on the host
-   into float64 accumulators with Chan's merge (`deadrelu.stats.UnitStats.fold`).
+   into float64 numpy accumulators with Chan's merge (the arithmetic of
+   `deadrelu.stats.UnitStats.fold`).
 3. *Result.* A `UnitSummary` per site.
 
-Graph optimisations stay on. A tapped tensor has consumers besides its ReLU, so ONNX
-Runtime cannot fuse the ReLU into its producer or drop the tensor; the tests check the
-results against a session with every optimisation off. The reduction nodes are listed so
-that ONNX Runtime runs each site's right after the site (see `Rewriter._graph`): each
-pre-activation is reduced while in cache and freed at once, not kept to the end.
+Graph optimisations stay on (ORT_ENABLE_ALL: its blocked NCHWc convolutions make plain
+inference of a ResNet ~1.4x faster than EXTENDED). A tapped tensor has consumers besides
+its ReLU, so ONNX Runtime cannot fuse the ReLU into its producer or drop the tensor; the
+tests check the results against a session with every optimisation off. The reduction
+nodes are listed so that ONNX Runtime runs each site's right after the site (see
+`Rewriter._graph`): each pre-activation is reduced while in cache and freed at once, not
+kept to the end. `emit_fast` lists the alternatives that were measured and lost.
 
 The fast reductions assume finite values. When a batch's statistics come back not finite,
 that batch runs again through a second, lazily built session whose reductions count NaN
@@ -32,7 +36,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +51,11 @@ from deadrelu.load import LoadedModel
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import OnnxSite, ScopeStep, Survey, copy_field, node_label, survey
 from deadrelu.probe import SiteObservation, StreamResult
-from deadrelu.stats import BatchMoments, UnitStats
+from deadrelu.stats import UnitSummary
 
 ProgressFn = Callable[[int], None]
 
-FAST_ROWS = ("maximum", "minimum", "mean", "m2", "positive", "relu_sum")
+FAST_ROWS = ("maximum", "minimum", "mean", "var", "positive", "relu_mean")  # var, relu_mean: per element
 MASKED_ROWS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 PREFIX = "deadrelu::"
@@ -107,6 +111,7 @@ class SitePlan:
     site: OnnxSite
     rank: int
     axis: int  # unit axis of the pre-activation
+    trust_dims: bool = True  # take the unit count from shape inference (see `static_units`)
 
     @property
     def flat(self) -> bool:
@@ -131,6 +136,18 @@ class SitePlan:
         return self.reduce_axes[0]
 
     @property
+    def static_units(self) -> int | None:
+        """The size of the unit axis when shape inference knows it (and is trusted: a
+        model whose value_info contradicts its data is scanned again without it)."""
+        dims = self.site.dims
+        if not self.trust_dims or dims is None or len(dims) != self.rank:
+            return None
+        if self.rank == 0:
+            return 1
+        size = dims[0] if self.flat else dims[self.axis]
+        return size if size else None
+
+    @property
     def compute_type(self) -> int:
         return TensorProto.DOUBLE if self.site.elem_type == TensorProto.DOUBLE else TensorProto.FLOAT
 
@@ -138,6 +155,10 @@ class SitePlan:
         """``(n, rows, units)`` float64 from a packed output, n = stacked iterations (1 outside loops)."""
         if packed.size == 0 or packed.ndim < self.work_rank:
             return np.zeros((0, rows, 0))
+        if packed.ndim == self.work_rank:  # one row: every axis but the pack and unit axes has size 1
+            if self.pack_axis < self.work_axis:
+                return packed.reshape(1, rows, -1).astype(np.float64)
+            return packed.reshape(1, -1, rows).transpose(0, 2, 1).astype(np.float64)
         lead = packed.shape[: packed.ndim - self.work_rank]
         batch = packed.reshape(-1, *packed.shape[len(lead):]).astype(np.float64)
         moved = np.moveaxis(batch, (1 + self.pack_axis, 1 + self.work_axis), (1, 2))
@@ -149,33 +170,29 @@ class SitePlan:
         return np.prod(shapes, axis=1, dtype=np.float64) / max(units, 1)
 
 
-def _fast_moments(rows: np.ndarray, counts: np.ndarray) -> list[BatchMoments] | None:
-    """Moments of each row of fast-path statistics; None when a value is not finite."""
+# One site's statistics of a batch: each field (n, units) -- n stacked rows -- or broadcastable to it.
+Batch = dict[str, Any]
+
+
+def _fast_batch(rows: np.ndarray, counts: np.ndarray) -> Batch | None:
+    """Host statistics from fast-path rows (`FAST_ROWS`); None when a value is not finite.
+
+    Per-element variance and ReLU mean become sums in float64 here, so the graph needs
+    no float64 cast and no division by the count."""
     if not np.isfinite(rows[:, :4]).all():
         return None
-    table = torch.from_numpy(rows)  # (n, FAST_ROWS, units), views below
-    positive = torch.from_numpy(np.rint(rows[:, 4]).astype(np.int64))
-    zeros = torch.zeros(rows.shape[2], dtype=torch.int64)
-    return [
-        BatchMoments(
-            count=torch.full((rows.shape[2],), float(counts[i]), dtype=torch.float64),
-            positive=positive[i], nan=zeros, inf=zeros, minimum=table[i, 1], maximum=table[i, 0],
-            mean=table[i, 2], m2=table[i, 3], relu_sum=table[i, 5],
-        )
-        for i in range(rows.shape[0])
-    ]
+    count = counts[:, None]
+    return {"count": count, "positive": np.rint(rows[:, 4]).astype(np.int64), "nan": 0, "inf": 0,
+            "minimum": rows[:, 1], "maximum": rows[:, 0], "mean": rows[:, 2], "m2": rows[:, 3] * count,
+            "relu_sum": rows[:, 5] * count}
 
 
-def _masked_moments(rows: np.ndarray) -> list[BatchMoments]:
-    table = torch.from_numpy(rows)  # (n, MASKED_ROWS, units)
-    counts = torch.from_numpy(np.rint(rows[:, :4]).astype(np.int64))  # count, positive, nan, inf
-    return [
-        BatchMoments(
-            count=counts[i, 0].double(), positive=counts[i, 1], nan=counts[i, 2], inf=counts[i, 3],
-            minimum=table[i, 4], maximum=table[i, 5], mean=table[i, 6], m2=table[i, 7], relu_sum=table[i, 8],
-        )
-        for i in range(rows.shape[0])
-    ]
+def _masked_batch(rows: np.ndarray) -> Batch:
+    """Host statistics from masked-path rows (`MASKED_ROWS`)."""
+    counts = np.rint(rows[:, :4]).astype(np.int64)  # count, positive, nan, inf
+    return {"count": counts[:, 0].astype(np.float64), "positive": counts[:, 1], "nan": counts[:, 2],
+            "inf": counts[:, 3], "minimum": rows[:, 4], "maximum": rows[:, 5], "mean": rows[:, 6], "m2": rows[:, 7],
+            "relu_sum": rows[:, 8]}
 
 
 # --- emitting nodes --------------------------------------------------------------------------
@@ -235,21 +252,88 @@ def _np_type(plan: SitePlan) -> type:
 
 
 def emit_fast(em: Emitter, plan: SitePlan) -> Emitted:
-    """Fast per-unit reductions of one site, packed as `FAST_ROWS`, and its shape."""
+    """Fast per-unit reductions of one site, packed as `FAST_ROWS`, and its shape.
+
+    Few full passes over the pre-activation, none of them a float64 cast: max and min
+    reduce the contiguous trailing axes first; mean and variance come from one
+    training-mode BatchNormalization (opset 14+, units on axis 1), which computes both
+    in two reading passes (centred, as `numpy.var` does) where Mean + Sub + Mul + Sum
+    would write two temporaries; the ReLU mean is a GlobalAveragePool of the op's own
+    output, which ONNX Runtime pools in its blocked NCHWc layout (a ReduceSum there
+    made it convert the whole output back to NCHW). Per-element variances and ReLU
+    means become sums on the host, in float64.
+
+    Measured on CPU and rejected: ReduceSumSquare (not vectorised per axis in ONNX
+    Runtime, slower than Mul + ReduceSum), Sign of the ReLU output for the positive
+    count (a scalar loop, 3x slower than Greater + Cast), LayerNormalization's mean and
+    inverse std (a one-pass float32 variance that cancels), one-pass sums of squares
+    (cancel for units far from zero, e.g. dead ones behind a large negative bias),
+    statistics pooled in the NCHWc layout with depthwise convolutions for -x and the
+    x > 0 indicator (no faster, and the indicator misses positive subnormals).
+    """
     x = _work_input(em, plan)
     axes, dtype = plan.reduce_axes, _np_type(plan)
-    maximum = em.reduce("ReduceMax", x, axes, "max")
-    minimum = em.reduce("ReduceMin", x, axes, "min")
-    mean = em.reduce("ReduceMean", x, axes, "mean")
-    centred = em.node("Sub", [x, mean], "centred")
-    m2 = em.reduce("ReduceSum", em.node("Mul", [centred, centred], "sq"), axes, "m2")
+    shape = em.node("Shape", [plan.site.preact], "shape")
+    maximum = _reduce_layout(em, "ReduceMax", x, plan, "max")
+    minimum = _reduce_layout(em, "ReduceMin", x, plan, "min")
+    if _batch_norm_moments(em, plan):
+        mean, var = _emit_batch_norm(em, x, shape if x == plan.site.preact else em.node("Shape", [x], "work_shape"),
+                                     plan)
+    else:
+        mean = em.reduce("ReduceMean", x, axes, "mean")
+        centred = em.node("Sub", [x, mean], "centred")
+        var = em.reduce("ReduceMean", em.node("Mul", [centred, centred], "sq"), axes, "var")
     above = em.node("Greater", [x, em.const(np.array(0, dtype=dtype), "zero")], "gt0")
     positive = em.reduce("ReduceSum", em.node("Cast", [above], "gt0f", to=plan.compute_type), axes, "pos")
     relu_out = plan.site.output if (plan.site.op_type == "Relu" and x == plan.site.preact) else None
     relu = relu_out or em.node("Relu", [x], "relu")
-    relu_sum = em.reduce("ReduceSum", relu, axes, "relu_sum")
-    packed = em.node("Concat", [maximum, minimum, mean, m2, positive, relu_sum], "stats", axis=plan.pack_axis)
-    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type)
+    if plan.work_axis == 1 and plan.work_rank >= 3 and plan.compute_type == TensorProto.FLOAT:
+        relu_mean = em.reduce("ReduceMean", em.node("GlobalAveragePool", [relu], "relu_gap"), [0], "relu_mean")
+    else:
+        relu_mean = em.reduce("ReduceMean", relu, axes, "relu_mean")
+    packed = em.node("Concat", [maximum, minimum, mean, var, positive, relu_mean], "stats", axis=plan.pack_axis)
+    return Emitted(packed, shape, plan.compute_type)
+
+
+def _reduce_layout(em: Emitter, op: str, x: str, plan: SitePlan, hint: str) -> str:
+    """A max/min over the reduce axes, the contiguous ones after the unit axis first (a
+    row-wise pass, then a small one over the leading axes), which ONNX Runtime runs
+    faster than one reduction over scattered axes."""
+    inner = [d for d in plan.reduce_axes if d > plan.work_axis]
+    outer = [d for d in plan.reduce_axes if d < plan.work_axis]
+    if not inner or not outer:
+        return em.reduce(op, x, plan.reduce_axes, hint)
+    return em.reduce(op, em.reduce(op, x, inner, hint + "_inner"), outer, hint)
+
+
+def _batch_norm_moments(em: Emitter, plan: SitePlan) -> bool:
+    """Whether a training-mode BatchNormalization can give this site's mean and variance."""
+    return em.opset >= 14 and plan.work_axis == 1
+
+
+def _emit_batch_norm(em: Emitter, x: str, shape: str, plan: SitePlan) -> tuple[str, str]:
+    """(mean, population variance) per unit, in the keepdims shape of the reductions.
+
+    momentum 0 makes the "running" outputs the batch's own statistics; the scale, bias
+    and input statistics are vectors as long as the unit axis: constants when shape
+    inference knows its size, else made at run time from the tensor's shape.
+    """
+    dtype = _np_type(plan)
+    if plan.static_units is not None:
+        ones = em.const(np.ones(plan.static_units, dtype), "ones")
+        zeros = em.const(np.zeros(plan.static_units, dtype), "zeros")
+    else:
+        units = em.node("Slice", [shape, em.const(np.array([1], np.int64), "one_i"),
+                                  em.const(np.array([2], np.int64), "two_i")], "units")
+        ones = em.node("ConstantOfShape", [units], "ones", value=numpy_helper.from_array(np.ones(1, dtype)))
+        zeros = em.node("ConstantOfShape", [units], "zeros", value=numpy_helper.from_array(np.zeros(1, dtype)))
+    normalised, mean, var = em.fresh("bn_y"), em.fresh("bn_mean"), em.fresh("bn_var")
+    em.nodes.append(helper.make_node("BatchNormalization", [x, ones, zeros, zeros, ones], [normalised, mean, var],
+                                     name=normalised, training_mode=1, momentum=0.0))
+    keep = np.ones(plan.work_rank, dtype=np.int64)
+    keep[plan.work_axis] = -1
+    target = em.const(keep, "keep_shape")
+    return em.node("Reshape", [mean, target], "mean"), em.node("Reshape", [var, target], "var")
 
 
 def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
@@ -485,6 +569,11 @@ class SessionFactory:
         options.log_severity_level = 3
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimise
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        # The memory pattern pre-plans one block for every tensor of a run; with the taps'
+        # temporaries its first-fit layout grew the peak by ~140 MiB on ResNet-50 (batch 8)
+        # and bought no speed. The default execution order is kept: PRIORITY_BASED ran
+        # the reductions late and held every tapped tensor (+800 MiB).
+        options.enable_mem_pattern = False
         return options
 
     def session(self, head: onnx.ModelProto) -> Any:
@@ -659,20 +748,58 @@ def _convert(array: np.ndarray, spec: InputSpec, model_path: Path) -> np.ndarray
 # --- the scanner ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _Accumulator:
-    plan: SitePlan
-    stats: UnitStats | None = None
+def _row(values: Any, i: int) -> Any:
+    """Row i of a (n, units) or (n, 1) array; a plain number as it is."""
+    return values[i] if isinstance(values, np.ndarray) else values
 
-    def fold(self, moments: list[BatchMoments]) -> None:
-        for batch in moments:
-            units = int(batch.mean.shape[0])
-            if self.stats is None:
-                self.stats = UnitStats(units)
-            elif self.stats.units != units:
-                raise ModelRunError(f"site '{self.plan.site.name}': {units} units along axis {self.plan.axis} in "
-                                    f"this batch, {self.stats.units} before; the unit axis must have a fixed size")
-            self.stats.fold(batch)
+
+class _Accumulator:
+    """Running per-unit statistics of one site: float64/int64 numpy vectors folded with
+    Chan's merge, the same arithmetic as `deadrelu.stats.UnitStats.fold` without a
+    torch call per statistic per batch."""
+
+    def __init__(self, plan: SitePlan) -> None:
+        self.plan = plan
+        self.units: int | None = None
+        self.state: dict[str, np.ndarray] = {}
+
+    def fold(self, batch: Batch) -> None:
+        mean = batch["mean"]
+        units = int(mean.shape[1])
+        if self.units is None:
+            self._start(units)
+        elif self.units != units:
+            raise ModelRunError(f"site '{self.plan.site.name}': {units} units along axis {self.plan.axis} in "
+                                f"this batch, {self.units} before; the unit axis must have a fixed size")
+        a = self.state
+        for i in range(mean.shape[0]):
+            b = {name: _row(values, i) for name, values in batch.items()}
+            total = a["count"] + b["count"]
+            safe_total = np.maximum(total, 1)
+            delta = b["mean"] - a["mean"]
+            a["mean"] = a["mean"] + delta * (b["count"] / safe_total)
+            a["m2"] = a["m2"] + b["m2"] + delta * delta * (a["count"] * b["count"] / safe_total)
+            a["count"] = total
+            a["positive"] = a["positive"] + b["positive"]
+            a["nan"] = a["nan"] + b["nan"]
+            a["inf"] = a["inf"] + b["inf"]
+            a["minimum"] = np.minimum(a["minimum"], b["minimum"])
+            a["maximum"] = np.maximum(a["maximum"], b["maximum"])
+            a["relu_sum"] = a["relu_sum"] + b["relu_sum"]
+
+    def _start(self, units: int) -> None:
+        self.units = units
+        self.state = {
+            "count": np.zeros(units), "positive": np.zeros(units, dtype=np.int64),
+            "nan": np.zeros(units, dtype=np.int64), "inf": np.zeros(units, dtype=np.int64),
+            "minimum": np.full(units, np.inf), "maximum": np.full(units, -np.inf), "mean": np.zeros(units),
+            "m2": np.zeros(units), "relu_sum": np.zeros(units),
+        }
+
+    def result(self) -> UnitSummary | None:
+        if self.units is None:
+            return None
+        return UnitSummary(**{name: np.array(values) for name, values in self.state.items()})
 
 
 @dataclass
@@ -726,7 +853,23 @@ class OnnxScanner:
             plan = SitePlan(len(self.plans), site, rank, site.axis.resolve(rank))
             self.plans.append(plan)
             self._accumulators[plan.id] = _Accumulator(plan)
-        self._fast = self._session(emit_fast)
+        try:
+            self._fast = self._session(emit_fast)
+        except ModelLoadError:
+            if not self._distrust_dims():
+                raise
+            self._fast = self._session(emit_fast)
+
+    def _distrust_dims(self) -> bool:
+        """Stop taking unit counts from shape inference; False if no plan took one.
+
+        They go into the graph as constants (BatchNormalization's parameters); a model
+        whose declared shapes contradict its data (ONNX Runtime itself only warns) fails
+        on them, at load or at run time: its sessions are rebuilt without them, once."""
+        if not any(plan.static_units is not None for plan in self.plans):
+            return False
+        self.plans = [replace(plan, trust_dims=False) for plan in self.plans]
+        return True
 
     def _session(self, emit: EmitFn) -> tuple[Any, dict[int, Exposure]]:
         head, exposures = Rewriter(self.model, self.plans, emit).head()
@@ -748,15 +891,22 @@ class OnnxScanner:
     def _run(self, feed: dict[str, np.ndarray]) -> None:
         assert self._fast is not None
         session, exposures = self._fast
-        decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
+        try:
+            decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
+        except ModelRunError:
+            if not self._distrust_dims():
+                raise
+            self._fast = self._session(emit_fast)
+            session, exposures = self._fast
+            decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
         if decoded is None:
             if self._masked is None:
                 self._masked = self._session(emit_masked)
             session, exposures = self._masked
             decoded = self._decode(self._fetch(session, exposures, feed), fast=False)
         assert decoded is not None
-        for plan_id, moments in decoded.items():
-            self._accumulators[plan_id].fold(moments)
+        for plan_id, batch in decoded.items():
+            self._accumulators[plan_id].fold(batch)
 
     def _fetch(self, session: Any, exposures: dict[int, Exposure],
                feed: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -778,22 +928,21 @@ class OnnxScanner:
             raise ModelRunError(f"{self.model.path}: onnxruntime failed on input {shapes}: {_line(exc)}") from exc
 
     def _decode(self, fetched: dict[int, tuple[np.ndarray, np.ndarray]],
-                fast: bool) -> dict[int, list[BatchMoments]] | None:
+                fast: bool) -> dict[int, Batch] | None:
         decoded = {}
         for plan in self.plans:
             packed, shapes = fetched[plan.id]
             rows = plan.unpack(np.asarray(packed), len(FAST_ROWS if fast else MASKED_ROWS))
             if rows.shape[0] == 0:
-                decoded[plan.id] = []
                 continue
             if not fast:
-                decoded[plan.id] = _masked_moments(rows)
+                decoded[plan.id] = _masked_batch(rows)
                 continue
             counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])
-            moments = _fast_moments(rows, counts)
-            if moments is None:
+            batch = _fast_batch(rows, counts)
+            if batch is None:
                 return None
-            decoded[plan.id] = moments
+            decoded[plan.id] = batch
             if counts.max(initial=0) > EXACT_FLOAT_COUNT and plan.compute_type == TensorProto.FLOAT:
                 self._inexact.add(plan.site.name)
         return decoded
@@ -803,18 +952,18 @@ class OnnxScanner:
     def observations(self) -> tuple[SiteObservation, ...]:
         found = []
         for plan in self.plans:
-            stats = self._accumulators[plan.id].stats
-            if stats is None:
+            summary = self._accumulators[plan.id].result()
+            if summary is None:
                 continue
             site = plan.site
-            found.append(SiteObservation(site.name, site.op, plan.axis, site.axis.source, stats.result(),
-                                         {"onnx": site.describe()}))
+            found.append(SiteObservation(site.name, site.op, plan.axis, site.axis.source, summary,
+                                         {"normalised_input": site.axis.normalised, "onnx": site.describe()}))
         return tuple(found)
 
     def notes(self) -> tuple[str, ...]:
         notes = list(self.survey.findings) + self.skipped
         for plan in self.plans:
-            if self._accumulators[plan.id].stats is None and self._fast is not None:
+            if self._accumulators[plan.id].units is None and self._fast is not None:
                 notes.append(f"site '{plan.site.name}' ({plan.site.op_type} in {plan.site.where}) never ran on "
                              "this data: no statistics")
         if self._inexact:

@@ -1,23 +1,32 @@
 """Cost of an ONNX scan against plain ONNX Runtime and against ORT's MinMax calibrator.
 
-    python tests/bench/bench_onnx.py [--model resnet18|resnet50|mlp] [--batch 8] [--size 112]
-                                     [--batches 4] [--repeats 5] [--no-memory]
+    python tests/bench/bench_onnx.py [--models resnet50,resnet18,mlp] [--batches N] [--repeats 7]
+                                     [--batch B] [--size S] [--no-memory] [--quick]
 
-The model (tests/bench/models.py, random weights) is exported to ONNX in a temporary
-directory. On the same batches, interleaved, several times, it times
+Each model (tests/bench/models.py, random weights) is exported to ONNX in a temporary
+directory at the size of issue #7's targets: ResNet-50 at 224 px and ResNet-18 at 112 px,
+batch 8, and the 6 x 1024 MLP at batch 256 (``--batch``/``--size`` override them). On the
+same batches, interleaved, several times, it times
 
-* plain: ``onnxruntime.InferenceSession`` of the unmodified model (default optimisations);
-* deadrelu: the scan's streaming path (`deadrelu.probe.onnx_probe.OnnxScanner.run`), which
-  computes six per-unit statistics at every ReLU site;
-* calibrator: ``onnxruntime.quantization.calibrate`` MinMax calibrator's ``collect_data``
-  (per-tensor min/max of every tensor, its default), and the same restricted to the tensors
-  around Relu nodes (``op_types_to_calibrate=["Relu"]``).
+* plain: ``onnxruntime.InferenceSession`` of the unmodified model (default options:
+  every graph optimisation, as many threads as physical cores);
+* deadrelu: the scan's streaming path (`deadrelu.probe.onnx_probe.OnnxScanner.run`): six
+  per-unit statistics at every ReLU site, folded on the host;
+* calibrator: ``onnxruntime.quantization.calibrate``'s MinMax calibrator ``collect_data``
+  (per-tensor min/max of every tensor, its default), and, without ``--quick``, the same
+  restricted to the tensors around Relu nodes (``op_types_to_calibrate=["Relu"]``).
 
-Sessions are built once, before timing (the steady state of a long scan); the build time of
-each is printed apart. Each timed block starts with one untimed batch, so that threads
-another mode's session left spinning are not charged to it. Peak memory (``ru_maxrss``) is measured for each mode in a fresh
-subprocess that loads the same modules and runs the same batches. Nothing is asserted:
-speed is a ratio measured in one run, never an absolute time in a test.
+Sessions are built once, before timing (the steady state of a long scan); the build time
+of each is printed apart. Each timed block starts with one untimed batch, so that threads
+another mode's session left spinning are not charged to it; the order of the modes is
+reversed every other repeat. Ratios are medians of per-repeat ratios (with their range),
+so a neighbour's load that slows one repeat slows every mode of it. Peak memory (VmHWM) is
+measured for each mode in a fresh subprocess that loads the same modules and runs the
+same batches. Nothing is asserted: speed is a ratio measured in one run, never an
+absolute time in a test.
+
+``--quick`` (under two minutes on two cores): a quarter of the batches, three repeats,
+no calibrator-relu mode.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +58,26 @@ from deadrelu.onnx_sites import survey  # noqa: E402
 from deadrelu.probe.onnx_probe import OnnxScanner  # noqa: E402
 
 MODES = ("plain", "deadrelu", "calibrator", "calibrator-relu")
+QUICK_MODES = ("plain", "deadrelu", "calibrator")
+# issue #7: ResNet-50 224 px batch 8, ResNet-18 (112 px batch 8), the 6 x 1024 MLP (batch 256);
+# (batch, image side, batches per timed block: enough for ~0.5 s, so one scheduler hiccup
+# on a shared machine does not decide a repeat)
+DEFAULTS = {"resnet50": (8, 224, 4), "resnet18": (8, 112, 16), "mlp": (256, 0, 24)}
+TARGETS = "targets (issue #7): scan <= 1.20x plain, calibrator >= 1.40x scan, scan peak <= 1.5x plain peak"
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    batch: int
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (784,) if self.model == "mlp" else (3, self.size, self.size)
+
+    def describe(self) -> str:
+        return f"{self.model}, input {self.batch} x {'x'.join(map(str, self.shape))}"
 
 
 def export(name: str, shape: tuple[int, ...], folder: Path) -> Path:
@@ -118,9 +148,13 @@ class Runner:
 
     def timed(self) -> float:
         """One untimed batch first: the previous mode's ORT threads may still be spinning
-        on the cores (2 cores here), which would be charged to whichever mode runs next."""
+        on the cores, which would be charged to whichever mode runs next."""
         self.run(self.batches[:1])
         return self.run()
+
+    def close(self) -> None:
+        if self.mode == "deadrelu":
+            self.scanner.factory.close()
 
 
 def peak_memory(mode: str, path: Path, data: Path) -> tuple[float, float]:
@@ -151,60 +185,101 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024 ** 2)
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return (f"{platform.system()} {platform.machine()}, {cpu}, cpu_count={os.cpu_count()}, python "
+            f"{platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
+            f"numpy {np.__version__}")
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def bench(case: Case, args: Any, modes: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((case.batch, *case.shape)).astype(np.float32) for _ in range(args.batches)]
+    with tempfile.TemporaryDirectory(prefix="deadrelu-bench-") as tmp:
+        folder = Path(tmp)
+        path = export(case.model, case.shape, folder)
+        memory: dict[str, tuple[float, float]] = {}
+        if not args.no_memory:  # first, while no session of this process holds memory or threads
+            data = folder / "batches.npy"
+            np.save(data, np.stack(batches))
+            memory = {mode: peak_memory(mode, path, data) for mode in modes}
+        runners = {mode: Runner(mode, path, batches, folder) for mode in modes}
+        for runner in runners.values():
+            runner.run()  # warm-up
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for repeat in range(args.repeats):
+            order = list(runners.items()) if repeat % 2 == 0 else list(runners.items())[::-1]
+            for mode, runner in order:
+                times[mode].append(runner.timed())
+        report(case, args, runners, times, memory)
+        for runner in runners.values():
+            runner.close()
+
+
+def _ratio(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
+
+
+def report(case: Case, args: Any, runners: dict[str, Runner], times: dict[str, list[float]],
+           memory: dict[str, tuple[float, float]]) -> None:
+    sites = len(runners["deadrelu"].scanner.plans)
+    print(f"\nmodel: {case.describe()}; {args.batches} batches x {args.repeats} interleaved repeats "
+          f"(medians; [range] of the per-repeat ratios); {sites} ReLU sites; load average now {load()}")
+    print(f"{'mode':16s} {'s/batch':>8s} {'img/s':>8s} {'vs plain':>20s} {'build s':>8s} {'start MiB':>9s} "
+          f"{'peak MiB':>9s}")
+    plain = times["plain"]
+    for mode, measured in times.items():
+        per_batch = statistics.median(measured) / args.batches
+        before, peak = memory.get(mode, (float("nan"), float("nan")))
+        print(f"{mode:16s} {per_batch:8.3f} {case.batch / per_batch:8.1f} "
+              f"{_ratio([m / p for m, p in zip(measured, plain)]):>20s} {runners[mode].build_seconds:8.2f} "
+              f"{before:9.0f} {peak:9.0f}")
+    scan, calib = times["deadrelu"], times["calibrator"]
+    summary = (f"summary {case.model}: scan / plain {_ratio([s / p for s, p in zip(scan, plain)])}, "
+               f"calibrator / scan {_ratio([c / s for c, s in zip(calib, scan)])}")
+    if memory:
+        summary += f", peak memory scan / plain {memory['deadrelu'][1] / memory['plain'][1]:.2f}x"
+    print(summary)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(*sys.argv[2:5])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18", choices=("resnet18", "resnet50", "mlp"))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=112, help="image side for the ResNets")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="resnet50,resnet18,mlp",
+                        help="comma-separated, from resnet50, resnet18, mlp")
+    parser.add_argument("--model", help="one model (same as --models MODEL)")
+    parser.add_argument("--batch", type=int, help="batch size for every model (default: per model, see above)")
+    parser.add_argument("--size", type=int, help="image side for the ResNets (default: per model)")
+    parser.add_argument("--batches", type=int, help="batches per timed block (default: per model, see above)")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the batches, 3 repeats, no calibrator-relu")
     args = parser.parse_args()
-    shape = (784,) if args.model == "mlp" else (3, args.size, args.size)
-    rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((args.batch, *shape)).astype(np.float32) for _ in range(args.batches)]
-    with tempfile.TemporaryDirectory(prefix="deadrelu-bench-") as tmp:
-        folder = Path(tmp)
-        path = export(args.model, shape, folder)
-        runners = {mode: Runner(mode, path, batches, folder) for mode in MODES}
-        for runner in runners.values():
-            runner.run()  # warm-up
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for _ in range(args.repeats):
-            for mode, runner in runners.items():
-                times[mode].append(runner.timed())
-        memory: dict[str, tuple[float, float]] = {}
-        if not args.no_memory:
-            data = folder / "batches.npy"
-            np.save(data, np.stack(batches))
-            memory = {mode: peak_memory(mode, path, data) for mode in MODES}
-        report(args, runners, times, memory)
-
-
-def report(args: Any, runners: dict[str, Runner], times: dict[str, list[float]],
-           memory: dict[str, tuple[float, float]]) -> None:
-    samples = args.batch * args.batches
-    print(f"machine: {platform.system()} {platform.machine()} {platform.processor() or ''} "
-          f"cpu_count={os.cpu_count()} onnxruntime={ort.__version__} torch={torch.__version__}")
-    print(f"model: {args.model}, input {args.batch} x {'784' if args.model == 'mlp' else f'3x{args.size}x{args.size}'}, "
-          f"{args.batches} batches x {args.repeats} interleaved repeats (medians)")
-    sites = len(runners["deadrelu"].scanner.plans)
-    print(f"deadrelu: {sites} ReLU sites, 6 per-unit statistics each; its build time includes one batch "
-          "(the session is built on the first batch)")
-    print(f"{'mode':16s} {'median s':>9s} {'img/s':>8s} {'vs plain':>9s} {'vs calib':>9s} {'build s':>8s} "
-          f"{'start MiB':>9s} {'peak MiB':>9s}")
-    plain = times["plain"]
-    calib = times["calibrator"]
-    for mode, measured in times.items():
-        median = statistics.median(measured)
-        vs_plain = statistics.median(m / p for m, p in zip(measured, plain))
-        vs_calib = statistics.median(m / c for m, c in zip(measured, calib))
-        before, peak = memory.get(mode, (float("nan"), float("nan")))
-        print(f"{mode:16s} {median:9.3f} {samples / median:8.1f} {vs_plain:8.2f}x {vs_calib:8.2f}x "
-              f"{runners[mode].build_seconds:8.2f} {before:9.0f} {peak:9.0f}")
+    names = [args.model] if args.model else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(names) - set(DEFAULTS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(DEFAULTS)}")
+    modes = MODES
+    if args.quick:
+        args.repeats, modes = 3, QUICK_MODES
+    print(f"machine: {machine()}; load average {load()}")
+    print(TARGETS)
+    for name in names:
+        batch, size, blocks = DEFAULTS[name]
+        batches = args.batches or (max(2, blocks // 4) if args.quick else blocks)
+        bench(Case(name, args.batch or batch, args.size or size), argparse.Namespace(**{**vars(args), "batches": batches}),
+              modes)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock cpu: process CPU time, steadier on a shared, noisy machine
+
+
 def plain(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     with torch.inference_mode():
         for batch in batches:
             model(batch)
     sync(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def scanned(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, compile: str = "off") -> float:
     loaded = LoadedModel(model, ModelFormat.PICKLE, "<bench>", "")
     sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     stream_torch(loaded, iter(ModelInput((b,)) for b in batches), device, None,
                  StreamSettings(compile=compile, large=True, notify=print))
     sync(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def main() -> None:
@@ -67,7 +70,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", default="off", choices=["off", "on"])
     parser.add_argument("--compiled-plain", action="store_true")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = getattr(models, args.model)().eval().to(device)
@@ -89,7 +95,7 @@ def main() -> None:
     samples = args.batch * args.batches
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()} "
           f"device={device} torch={torch.__version__}")
-    print(f"model={args.model} batch={args.batch} batches={args.batches} repeats={args.repeats}")
+    print(f"model={args.model} batch={args.batch} batches={args.batches} repeats={args.repeats} clock={args.clock}")
     print(f"plain inference : {samples / statistics.median(plain_times):8.1f} samples/s")
     print(f"deadrelu scan   : {samples / statistics.median(scan_times):8.1f} samples/s")
     print(f"scan / plain    : {statistics.median(ratios):.3f}x (min {min(ratios):.3f}, max {max(ratios):.3f})"
