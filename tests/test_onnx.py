@@ -386,9 +386,10 @@ def _paths_model(opset: int, elem: int = TensorProto.FLOAT) -> onnx.ModelProto:
 @pytest.mark.parametrize("opset, elem", [(17, TensorProto.FLOAT), (13, TensorProto.FLOAT), (17, TensorProto.DOUBLE)],
                          ids=["batchnorm-float", "opset13-float", "batchnorm-double"])
 def test_every_reduction_path_matches_the_brute_force(tmp_path: Path, opset: int, elem: int) -> None:
-    """Opset 14+ takes mean and variance from one training-mode BatchNormalization when the
-    units are on axis 1, and the ReLU mean of a 4-D site from a GlobalAveragePool of the
-    Relu's own output; older opsets and units elsewhere take Mean/Sub/Mul. Each path must
+    """Opset 14+ takes mean and variance from one training-mode BatchNormalization (of the
+    transposed rows when the units are last, where max and min read those rows too), and
+    the ReLU mean of a 4-D site from a GlobalAveragePool of the Relu's own output; opset
+    13 takes Mean/Sub/Mul. Each path must
     give exact positive counts, dead sets and extremes, and close moments, over several
     batches (the host folds per-element variances and ReLU means back to sums)."""
     model = _paths_model(opset, elem)
@@ -419,9 +420,10 @@ def test_every_reduction_path_matches_the_brute_force(tmp_path: Path, opset: int
 
 def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_norm() -> None:
     """What makes the fast path cheap, checked on the rewritten graph: no float64 cast of
-    a pre-activation, one BatchNormalization (training mode, momentum 0) per site on axis
-    1, the ReLU mean of the 4-D site pooled from the Relu's own output, and constant
-    BatchNormalization parameters where shape inference knows the unit count."""
+    a pre-activation, one BatchNormalization (training mode, momentum 0) per site, the
+    units-last sites transposed once to units-first rows, the ReLU mean of the 4-D site
+    pooled from the Relu's own output, and constant BatchNormalization parameters where
+    shape inference knows the unit count."""
     model = _paths_model(17)
     loaded = OnnxModel(model, Path("paths.onnx"), 17)
     plans = [onnx_probe.SitePlan(i, site, site.rank, site.axis.resolve(site.rank)) for i, site in enumerate(survey(model).sites)]
@@ -429,7 +431,8 @@ def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_n
     added = [n for n in head.graph.node if n.name.startswith(onnx_probe.PREFIX)]
     assert not [n for n in added if n.op_type == "Cast" and helper.get_attribute_value(n.attribute[0]) == TensorProto.DOUBLE]
     norms = [n for n in added if n.op_type == "BatchNormalization"]
-    assert len(norms) == 2  # conv_relu and dense_relu; seq_relu has its units last
+    assert len(norms) == 3
+    assert sorted(n.input[0] for n in added if n.op_type == "Transpose") == ["mm", "sm"]  # units last
     assert all({a.name: helper.get_attribute_value(a) for a in n.attribute} == {"training_mode": 1, "momentum": 0.0}
                for n in norms)
     assert [n.input[0] for n in added if n.op_type == "GlobalAveragePool"] == ["conv_out"]

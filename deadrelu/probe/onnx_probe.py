@@ -255,8 +255,8 @@ def emit_fast(em: Emitter, plan: SitePlan) -> Emitted:
     """Fast per-unit reductions of one site, packed as `FAST_ROWS`, and its shape.
 
     Few full passes over the pre-activation, none of them a float64 cast: max and min
-    reduce the contiguous trailing axes first; mean and variance come from one
-    training-mode BatchNormalization (opset 14+, units on axis 1), which computes both
+    reduce the contiguous trailing axes first (units last: see `_units_first`); mean and
+    variance come from one training-mode BatchNormalization (opset 14+), which computes both
     in two reading passes (centred, as `numpy.var` does) where Mean + Sub + Mul + Sum
     would write two temporaries; the ReLU mean is a GlobalAveragePool of the op's own
     output, which ONNX Runtime pools in its blocked NCHWc layout (a ReduceSum there
@@ -274,11 +274,18 @@ def emit_fast(em: Emitter, plan: SitePlan) -> Emitted:
     x = _work_input(em, plan)
     axes, dtype = plan.reduce_axes, _np_type(plan)
     shape = em.node("Shape", [plan.site.preact], "shape")
-    maximum = _reduce_layout(em, "ReduceMax", x, plan, "max")
-    minimum = _reduce_layout(em, "ReduceMin", x, plan, "min")
-    if _batch_norm_moments(em, plan):
-        mean, var = _emit_batch_norm(em, x, shape if x == plan.site.preact else em.node("Shape", [x], "work_shape"),
-                                     plan)
+    rows = _units_first(em, x, plan)
+    if rows is not None:
+        maximum = _keep_shape(em, em.reduce("ReduceMax", rows, [1], "max_rows"), plan, "max")
+        minimum = _keep_shape(em, em.reduce("ReduceMin", rows, [1], "min_rows"), plan, "min")
+    else:
+        maximum = _reduce_layout(em, "ReduceMax", x, plan, "max")
+        minimum = _reduce_layout(em, "ReduceMin", x, plan, "min")
+    if em.opset >= 14 and plan.work_axis == 1:
+        mean, var = _emit_batch_norm(em, x, shape if x == plan.site.preact else None, plan)
+    elif em.opset >= 14 and rows is not None:
+        mean, var = _emit_batch_norm(em, em.node("Unsqueeze", [rows, em.const(np.array([0], np.int64), "ax0")],
+                                                 "rows3"), None, plan)
     else:
         mean = em.reduce("ReduceMean", x, axes, "mean")
         centred = em.node("Sub", [x, mean], "centred")
@@ -306,13 +313,30 @@ def _reduce_layout(em: Emitter, op: str, x: str, plan: SitePlan, hint: str) -> s
     return em.reduce(op, em.reduce(op, x, inner, hint + "_inner"), outer, hint)
 
 
-def _batch_norm_moments(em: Emitter, plan: SitePlan) -> bool:
-    """Whether a training-mode BatchNormalization can give this site's mean and variance."""
-    return em.opset >= 14 and plan.work_axis == 1
+def _units_first(em: Emitter, x: str, plan: SitePlan) -> str | None:
+    """``(units, everything else)`` when the units are the last axis, else None.
+
+    ONNX Runtime reduces leading axes into a trailing one (a dense layer's (N, F), a
+    sequence's (N, T, F)) with a scalar, branchy loop for max and min; one transposed
+    copy makes them row-wise, vectorised reductions, twice as fast, and lets one
+    BatchNormalization take mean and variance."""
+    if plan.work_rank < 2 or plan.work_axis != plan.work_rank - 1:
+        return None
+    perm = [plan.work_axis, *range(plan.work_axis)]
+    moved = em.node("Transpose", [x], "units_first", perm=perm)
+    return em.node("Reshape", [moved, em.const(np.array([0, -1], np.int64), "rows_shape")], "rows")
 
 
-def _emit_batch_norm(em: Emitter, x: str, shape: str, plan: SitePlan) -> tuple[str, str]:
-    """(mean, population variance) per unit, in the keepdims shape of the reductions.
+def _keep_shape(em: Emitter, vector: str, plan: SitePlan, hint: str) -> str:
+    """A per-unit vector in the keepdims shape of the other reductions (units on the unit axis)."""
+    keep = np.ones(plan.work_rank, dtype=np.int64)
+    keep[plan.work_axis] = -1
+    return em.node("Reshape", [vector, em.const(keep, "keep_shape")], hint)
+
+
+def _emit_batch_norm(em: Emitter, x: str, shape: str | None, plan: SitePlan) -> tuple[str, str]:
+    """(mean, population variance) per unit of ``x``, whose axis 1 holds the units, in
+    the keepdims shape of the other reductions; ``shape`` is x's Shape if at hand.
 
     momentum 0 makes the "running" outputs the batch's own statistics; the scale, bias
     and input statistics are vectors as long as the unit axis: constants when shape
@@ -323,17 +347,14 @@ def _emit_batch_norm(em: Emitter, x: str, shape: str, plan: SitePlan) -> tuple[s
         ones = em.const(np.ones(plan.static_units, dtype), "ones")
         zeros = em.const(np.zeros(plan.static_units, dtype), "zeros")
     else:
-        units = em.node("Slice", [shape, em.const(np.array([1], np.int64), "one_i"),
+        units = em.node("Slice", [shape or em.node("Shape", [x], "bn_shape"), em.const(np.array([1], np.int64), "one_i"),
                                   em.const(np.array([2], np.int64), "two_i")], "units")
         ones = em.node("ConstantOfShape", [units], "ones", value=numpy_helper.from_array(np.ones(1, dtype)))
         zeros = em.node("ConstantOfShape", [units], "zeros", value=numpy_helper.from_array(np.zeros(1, dtype)))
     normalised, mean, var = em.fresh("bn_y"), em.fresh("bn_mean"), em.fresh("bn_var")
     em.nodes.append(helper.make_node("BatchNormalization", [x, ones, zeros, zeros, ones], [normalised, mean, var],
                                      name=normalised, training_mode=1, momentum=0.0))
-    keep = np.ones(plan.work_rank, dtype=np.int64)
-    keep[plan.work_axis] = -1
-    target = em.const(keep, "keep_shape")
-    return em.node("Reshape", [mean, target], "mean"), em.node("Reshape", [var, target], "var")
+    return _keep_shape(em, mean, plan, "mean"), _keep_shape(em, var, plan, "var")
 
 
 def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
