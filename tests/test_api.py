@@ -49,7 +49,8 @@ def test_model_left_untouched_after_success() -> None:
     before = snapshot(model)
     data = torch.from_numpy(np.load(FIX / "convnet.calib.npy"))
     report = scan(model, data, ScanOptions(device="cpu", batch_size=16, dtype="bfloat16"))
-    assert isinstance(report, ScanReport) and report.dead == 14 or report.dead >= 13
+    assert isinstance(report, ScanReport)
+    assert report.dead == 14  # the planted dead units stay dead in bfloat16
     assert_same(before, snapshot(model))
 
 
