@@ -91,7 +91,8 @@ def gather(result: StreamResult, ranks: Ranks) -> StreamResult:
     sites = tuple(SiteObservation(o.name, o.op, o.axis, o.axis_source, stats.result(), o.extra)
                   for o, stats in merged.values())
     notes = tuple(dict.fromkeys(n for part in parts if part for n in part.notes))
-    return StreamResult(sites, sum(p.samples for p in parts if p), any(p.partial for p in parts if p), notes)
+    return StreamResult(sites, sum(p.samples for p in parts if p), any(p.partial for p in parts if p), notes,
+                        result.engine)
 
 
 def finish(ranks: Ranks) -> None:

@@ -42,6 +42,7 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
         sites=tuple(sites),
         thresholds=judged_with,
         device=first.device,
+        engine=first.engine,
         partial=any(r.partial for r in reports),
         warnings=tuple(dict.fromkeys(warnings)),
     )

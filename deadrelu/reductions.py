@@ -277,6 +277,11 @@ class BatchReducer:
         self._frozen = False
         self._failed = False
 
+    @property
+    def compiled_any(self) -> bool:
+        """Whether a compiled reduction ran."""
+        return bool(self._compiled) and not self._failed
+
     def freeze(self) -> None:
         """The first forward pass is done: compile no new shapes from now on."""
         self._frozen = True

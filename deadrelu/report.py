@@ -119,6 +119,7 @@ class ScanReport:
     device: str
     partial: bool = False
     warnings: tuple[str, ...] = ()
+    engine: str = ""  # how the statistics were computed (see README: "How a scan runs")
 
     @property
     def units(self) -> int:
@@ -158,6 +159,7 @@ class ScanReport:
             "model": vars(self.model).copy(),
             "data": vars(self.data).copy(),
             "device": self.device,
+            "engine": self.engine,
             "thresholds": vars(self.thresholds).copy(),
             "sites": [s.to_dict() for s in self.sites],
             "summary": self.summary(),

@@ -90,6 +90,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         sites=tuple(reports),
         thresholds=judged_with,
         device=str(doc.get("device", "")),
+        engine=str(doc.get("engine", "")),
         partial=bool(doc.get("partial", False)),
         warnings=tuple(warnings),
     )

@@ -99,6 +99,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         device=str(device),
         partial=result.partial,
         warnings=_warnings(source, result, options.samples),
+        engine=result.engine,
     )
 
 

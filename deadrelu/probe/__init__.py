@@ -30,3 +30,4 @@ class StreamResult:
     samples: int
     partial: bool  # interrupted (Ctrl-C) before the data ended
     notes: tuple[str, ...] = ()  # e.g. sites found but not scanned, and why
+    engine: str = ""  # how the statistics were computed, e.g. "torch-compiled-graph", "onnxruntime"

@@ -84,7 +84,7 @@ def scan_batches(model: OnnxModel, batches: Iterator[ModelInput], providers: lis
                     progress(batch.size)
         except KeyboardInterrupt:
             partial = True
-        return StreamResult(scanner.observations(), samples, partial, scanner.notes())
+        return StreamResult(scanner.observations(), samples, partial, scanner.notes(), "onnxruntime")
 
 
 def execution_providers(device: torch.device) -> list[Any]:

@@ -20,6 +20,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from deadrelu import sites
 from deadrelu.errors import ModelRunError
+from deadrelu.probe.torch_graph import SiteCall
 from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, site_shift
 from deadrelu.stats import UnitStats
 
@@ -128,12 +129,15 @@ class ReluProbe(TorchDispatchMode):
         self._normalised: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.reducer = reducer or BatchReducer()
         self._staged: list[tuple[SiteTap, BatchMoments]] = []
+        self._calls: list[SiteCall] = []
+        self.first_pass_calls: list[SiteCall] | None = None  # ReLU-family calls of the first committed pass
 
     def begin_pass(self) -> None:
         """Call before each forward pass: names and graph cursors restart."""
         self._namer.reset()
         self.contexts.reset()
         self._staged.clear()
+        self._calls.clear()
 
     def commit_pass(self) -> None:
         """The forward pass completed: fold its staged moments into every site's statistics.
@@ -146,6 +150,8 @@ class ReluProbe(TorchDispatchMode):
             tap.batches += 1
         self._staged.clear()
         self.reducer.freeze()
+        if self.first_pass_calls is None:
+            self.first_pass_calls = list(self._calls)
 
     def discard_pass(self) -> None:
         self._staged.clear()
@@ -163,6 +169,11 @@ class ReluProbe(TorchDispatchMode):
         if observed is not None:
             tap, pending = observed
             self._staged.append((tap, pending.complete(out)))
+            x = args[0]
+            self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
+                                        x.numel() // max(tap.stats.units, 1)))
+        elif functional is not None:
+            self._calls.append(SiteCall(None, 0, 0, 0, 0))
         self._track_producer(op_name, args, out)
         return out
 

@@ -20,6 +20,7 @@ from deadrelu.data import ModelInput
 from deadrelu.errors import DataError, ModelRunError
 from deadrelu.load import LoadedModel
 from deadrelu.probe import SiteObservation, StreamResult
+from deadrelu.probe.torch_graph import CaptureError, GraphScan, capture
 from deadrelu.probe.torch_probe import ModuleStack, ReluProbe, probing
 from deadrelu.reductions import BatchReducer
 
@@ -36,10 +37,17 @@ class StreamSettings:
 
 def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
                  progress: ProgressFn | None, settings: StreamSettings | None = None) -> StreamResult:
-    """Run every batch through a PyTorch model under the probe; statistics per site."""
+    """Run every batch through a PyTorch model under the probe; statistics per site.
+
+    With compilation on, the first batch runs under the eager probe and the rest through
+    one compiled program of the model and all its sites' reductions (`torch_graph`);
+    where the model cannot be captured, TorchScript included, the per-site reductions are
+    compiled instead.
+    """
     settings = settings or StreamSettings()
     runner = _Runner(settings)
-    reducer = BatchReducer(settings.compile, settings.large, settings.notify)
+    capture_wanted = _wants_capture(loaded.module, settings)
+    reducer = BatchReducer("off" if capture_wanted else settings.compile, settings.large, settings.notify)
     with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, \
             probing(module, reducer) as (probe, stack):
         dtype = settings.dtype or model_dtype(module)
@@ -48,17 +56,29 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
             try:
                 for batch in batches:
                     check_finite(batch)
-                    runner.run(module, probe, stack, batch.map(lambda t: _to_model(t, device, dtype)))
+                    inputs = batch.map(lambda t: _to_model(t, device, dtype))
+                    if not runner.run_graph(inputs):
+                        runner.run(module, probe, stack, inputs)
+                    if capture_wanted and probe.first_pass_calls is not None:
+                        capture_wanted = False
+                        runner.capture(module, inputs, probe)
                     samples += batch.size
                     if progress:
                         progress(batch.size)
             except KeyboardInterrupt:
                 probe.discard_pass()
                 partial = True
+            runner.fold_graph_into(probe)
         observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result(),
                                          {"normalised_input": t.normalised, "preact_ndim": t.ndim})
                          for t in probe.observed_taps())
-    return StreamResult(observed, samples, partial, tuple(runner.notes))
+    return StreamResult(observed, samples, partial, tuple(runner.notes), runner.engine(reducer))
+
+
+def _wants_capture(module: Any, settings: StreamSettings) -> bool:
+    """Compile the whole model with its statistics: asked for, and not TorchScript."""
+    wanted = settings.compile == "on" or (settings.compile == "auto" and settings.large)
+    return wanted and not isinstance(module, torch.jit.ScriptModule)
 
 
 def model_dtype(module: Any) -> torch.dtype:
@@ -120,6 +140,59 @@ class _Runner:
         self.settings = settings
         self.notes: list[str] = []
         self._said_oom = False
+        self.graph: GraphScan | None = None
+        self._graph_live = False
+
+    def capture(self, module: Any, example: ModelInput, probe: ReluProbe) -> None:
+        """Capture the model and its sites' reductions as one compiled program, or say why not."""
+        shifts = {t.name: t.shift.float() for t in probe.taps.values() if t.shift is not None}
+        try:
+            self.graph = capture(module, example, probe.first_pass_calls or [], shifts,
+                                 lambda program: torch.compile(program, dynamic=False))
+        except Exception as exc:  # capture is an optimisation: whatever fails, the eager path goes on
+            reason = str(exc) if isinstance(exc, CaptureError) else f"{type(exc).__name__}: {exc}"
+            self._say(f"compiling the whole model is not possible ({reason[:200]}); the scan stays on the eager path")
+            return
+        self._graph_live = True
+        self._say("compiling the model with every site's statistics (torch.compile, once)")
+
+    def run_graph(self, inputs: ModelInput) -> bool:
+        """Run a batch through the compiled program if it fits; False to run it eagerly."""
+        if not self._graph_live or self.graph is None or not self.graph.accepts(inputs):
+            return False
+        try:
+            return self.graph.run(inputs)  # False: a value was not finite, the eager path takes it
+        except KeyboardInterrupt:
+            raise
+        except torch.cuda.OutOfMemoryError:
+            self._graph_live = False
+            return False
+        except Exception as exc:  # a compiler failure must not cost the scan
+            self._graph_live = False
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            self._say(f"torch.compile failed ({first}); using the eager path")
+            return False
+
+    def fold_graph_into(self, probe: ReluProbe) -> None:
+        """Add the compiled program's statistics to the probe's sites."""
+        if self.graph is None or not self.graph.batches:
+            return
+        for name, stats in self.graph.site_stats().items():
+            tap = probe.taps[name]
+            tap.stats.merge(stats)
+            tap.batches += self.graph.batches
+
+    def engine(self, reducer: BatchReducer) -> str:
+        """How the statistics were computed: "torch-compiled-graph" when batches ran through the
+        compiled whole-model program, "torch-compiled-reductions" when per-site reductions
+        were compiled, else "torch-eager"."""
+        if self.graph is not None and self.graph.batches:
+            return "torch-compiled-graph"
+        return "torch-compiled-reductions" if reducer.compiled_any else "torch-eager"
+
+    def _say(self, message: str) -> None:
+        if self.settings.notify:
+            self.settings.notify(message)
 
     def run(self, module: Any, probe: ReluProbe, stack: ModuleStack | None, inputs: ModelInput) -> None:
         try:

@@ -1,0 +1,139 @@
+"""`--compile on`: the whole model and its sites' statistics as one compiled program.
+
+The compiled program computes the model with fused kernels (e.g. batch norm folded into
+the kernel that feeds the ReLU), so a pre-activation can differ from eager in its last
+float32 bits: a value within rounding of 0 may count as positive on one path and not on
+the other. Dead sets must agree exactly; counts and moments to float tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bruteforce
+from deadrelu import ScanOptions, scan
+from reference import unit_stats
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures"
+FORMATS = {
+    "pt2": lambda name: (f"{name}.pt2", {}),
+    "pickle": lambda name: (f"{name}.pickle.pt", {"trust_pickle": True}),
+}
+
+
+@functools.cache
+def truth(name: str) -> tuple[dict, ...]:
+    return tuple(bruteforce.bruteforce(name))
+
+
+def assert_close_to_truth(report, want, positive_slack: float = 1e-3) -> None:
+    assert [s.name for s in report.sites] == [w["name"] for w in want]
+    for site, ref in zip(report.sites, want):
+        unit, s = ref["per_unit"], site.stats
+        assert list(site.verdict.dead) == ref["dead_units"], site.name
+        np.testing.assert_array_equal(s.count, unit["count"], err_msg=site.name)
+        slack = 2 + positive_slack * np.asarray(unit["count"])
+        assert np.all(np.abs(s.positive - np.asarray(unit["positive"])) <= slack), site.name
+        np.testing.assert_allclose(s.minimum, unit["min"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(s.maximum, unit["max"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(s.mean, unit["mean"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(s.std, unit["std"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(s.relu_mean, unit["relu_mean"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+
+
+@pytest.mark.parametrize("name, fmt", [("convnet", "pt2"), ("convnet", "pickle"), ("seqnet", "pt2"), ("mlp", "pickle")])
+def test_compiled_graph_matches_brute_force(name: str, fmt: str) -> None:
+    filename, extra = FORMATS[fmt](name)
+    said: list[str] = []
+    # batch 13 leaves a shorter last batch: it runs on the eager path, the rest compiled
+    report = scan(FIX / filename, FIX / f"{name}.calib.npy",
+                  ScanOptions(device="cpu", compile="on", batch_size=13, **extra), notify=said.append)
+    assert report.engine == "torch-compiled-graph", said
+    assert_close_to_truth(report, truth(name))
+    doc = report.to_dict()
+    assert doc["engine"] == "torch-compiled-graph"
+
+
+def test_torchscript_compiles_per_site_reductions() -> None:
+    report = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", compile="on"))
+    assert report.engine == "torch-compiled-reductions"
+    off = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", compile="off"))
+    assert off.engine == "torch-eager"
+
+
+class Overflowing(nn.Module):
+    """Finite inputs, but x * 1e18 overflows to +-Inf where |x| > ~3.4e20."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(torch.relu(x * 1e18) * 1e-18))
+
+
+def test_non_finite_batch_leaves_the_compiled_program_for_the_exact_path() -> None:
+    torch.manual_seed(0)
+    data = torch.randn(40, 4)
+    data[25, 1] = 1e21  # +Inf at the first site, in the third batch of 10
+    data[33, 2] = -1e21  # -Inf, in the fourth
+    model = Overflowing().eval()
+    report = scan(model, data, ScanOptions(device="cpu", compile="on", batch_size=10))
+    assert report.engine == "torch-compiled-graph"
+    ref = unit_stats((data * 1e18).numpy(), 1)
+    s = report.sites[0].stats
+    np.testing.assert_array_equal(s.inf, [0, 1, 1, 0])
+    np.testing.assert_array_equal(s.count, ref["count"])
+    np.testing.assert_array_equal(s.positive, ref["positive"])
+    np.testing.assert_allclose(s.mean, ref["mean"], rtol=1e-5)
+    np.testing.assert_allclose(s.maximum, ref["max"], rtol=1e-6)
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent control flow: torch.export cannot capture it
+            return torch.relu(h)
+        return torch.relu(-h)
+
+
+def test_uncapturable_model_stays_eager_and_says_so() -> None:
+    torch.manual_seed(0)
+    data = torch.randn(64, 4)
+    model = Branchy().eval()
+    said: list[str] = []
+    compiled = scan(model, data, ScanOptions(device="cpu", compile="on", batch_size=16), notify=said.append)
+    eager = scan(model, data, ScanOptions(device="cpu", compile="off", batch_size=16))
+    assert compiled.engine == "torch-eager"
+    assert any("not possible" in m for m in said), said
+    for a, b in zip(compiled.sites, eager.sites):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+        np.testing.assert_allclose(a.stats.mean, b.stats.mean)
+
+
+def test_compiler_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(program, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    said: list[str] = []
+    report = scan(FIX / "convnet.pt2", FIX / "convnet.calib.npy", ScanOptions(device="cpu", compile="on"),
+                  notify=said.append)
+    assert report.engine == "torch-eager"
+    assert any("torch.compile failed (inductor exploded)" in m for m in said), said
+    want = truth("convnet")
+    for site, ref in zip(report.sites, want):  # the eager path is exact
+        np.testing.assert_array_equal(site.stats.positive, ref["per_unit"]["positive"])
+        np.testing.assert_allclose(site.stats.mean, ref["per_unit"]["mean"], rtol=1e-5, atol=1e-5)
