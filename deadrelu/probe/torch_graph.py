@@ -30,7 +30,7 @@ import torch
 
 from deadrelu import sites
 from deadrelu.data import ModelInput
-from deadrelu.reductions import BatchMoments, fast_reductions, fused_reductions, moments_from_fused, reduce_dims
+from deadrelu.reductions import fast_reductions, reduce_dims
 from deadrelu.stats import UnitStats
 
 
@@ -59,65 +59,110 @@ class SiteSlot:
 
 
 def site_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """Every statistic of one site's batch, NaN/Inf masked, as rows of a [9, units]
-    float32 tensor (accelerators: no host sync is needed to trust it)."""
-    return torch.stack([p.float() for p in fused_reductions(x.float(), dims, shift)])
+    """One site's batch as rows of an [8, units] float32 tensor, NaN/Inf masked (for
+    accelerators: nothing needs a host check): shifted sum, shifted sum of squares,
+    finite min, finite max, positives, sum of max(x, 0), NaNs, Infs."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    centred = torch.where(finite, x - shift, 0.0)
+    zeroed = torch.where(finite, x, 0.0)
+    return torch.stack([centred.sum(dims), (centred * centred).sum(dims),
+                        torch.where(finite, x, float("inf")).amin(dims),
+                        torch.where(finite, x, float("-inf")).amax(dims),
+                        (x > 0).sum(dims, dtype=torch.float32), zeroed.clamp_min(0.0).sum(dims),
+                        torch.isnan(x).sum(dims, dtype=torch.float32), torch.isinf(x).sum(dims, dtype=torch.float32)])
 
 
 def site_reductions_unmasked(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """The statistics of an all-finite batch as rows of a [6, units] float32 tensor (CPU:
-    fewer operations per element; a batch that was not all finite shows as a non-finite
-    sum or bound, and is run again on the exact eager path)."""
+    """The first six rows of `site_reductions` for an all-finite batch (CPU: fewer
+    operations per element; a batch that was not all finite shows as a non-finite sum
+    or bound, and is run again on the exact eager path)."""
     return torch.stack([p.float() for p in fast_reductions(x.float(), shift, dims)])
 
 
-class GraphScan:
-    """A compiled program returning all sites' statistics, and their running accumulators."""
+# Rows of the float64 accumulators the program updates.
+ACC_ROWS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
 
-    def __init__(self, program: Callable[..., torch.Tensor], slots: list[SiteSlot], shifts: list[torch.Tensor],
-                 per_unit: list[int], masked: bool, example: ModelInput) -> None:
+
+def empty_accumulators(units: int, device: torch.device) -> torch.Tensor:
+    acc = torch.zeros(len(ACC_ROWS), units, dtype=torch.float64, device=device)
+    acc[ACC_ROWS.index("minimum")] = torch.inf
+    acc[ACC_ROWS.index("maximum")] = -torch.inf
+    return acc
+
+
+def fold_batch(acc: torch.Tensor, parts: torch.Tensor, shift: torch.Tensor,
+               per_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's merge of one batch's rows (`site_reductions`, 6 or 8 rows) into the float64
+    accumulators, inside the compiled program. Returns the new accumulators and whether
+    an unmasked batch met a value that is not finite (its fold must then be discarded)."""
+    parts = parts.double()
+    total, squares, minimum, maximum, positive, relu_sum = parts[:6].unbind(0)
+    bad = ~torch.isfinite(total + squares + minimum + maximum).all()
+    if parts.shape[0] == 8:
+        nan, inf = parts[6], parts[7]
+        count = per_unit - nan - inf
+    else:
+        nan = inf = torch.zeros_like(total)
+        count = per_unit
+    offset = total / count.clamp_min(1.0)
+    mean_b = torch.where(count > 0, shift + offset, 0.0)
+    m2_b = (squares - total * offset).clamp_min(0.0)
+    n_a, pos_a, nan_a, inf_a, min_a, max_a, mean_a, m2_a, relu_a = acc.unbind(0)
+    n = n_a + count
+    safe = n.clamp_min(1.0)
+    delta = mean_b - mean_a
+    return torch.stack([n, pos_a + positive.round(), nan_a + nan.round(), inf_a + inf.round(),
+                        torch.minimum(min_a, minimum), torch.maximum(max_a, maximum),
+                        mean_a + delta * (count / safe), m2_a + m2_b + delta * delta * (n_a * count / safe),
+                        relu_a + relu_sum]), bad
+
+
+class GraphScan:
+    """A compiled program of the model and all its sites' statistics, and the float64
+    accumulators it updates (rows `ACC_ROWS`, one column per unit of every site)."""
+
+    def __init__(self, program: Callable[..., tuple[torch.Tensor, torch.Tensor]], slots: list[SiteSlot],
+                 shifts: list[torch.Tensor], per_unit: list[int], masked: bool, example: ModelInput,
+                 cudagraphs: bool = False) -> None:
         self.program = program
         self.slots = slots
         self.shifts = shifts
         self.masked = masked
-        self.flat_shift = torch.cat([s.reshape(-1) for s in shifts])
+        self.cudagraphs = cudagraphs
+        self.flat_shift = torch.cat([s.reshape(-1) for s in shifts]).double()
         device = self.flat_shift.device
         self.per_unit = torch.cat([torch.full((slot.units,), float(n), dtype=torch.float64, device=device)
                                    for slot, n in zip(slots, per_unit)])
         self.signature = _signature(example)
-        self.stats = UnitStats(int(self.flat_shift.numel()), device)
+        self.acc = empty_accumulators(int(self.flat_shift.numel()), device)
         self.batches = 0
 
     def accepts(self, inputs: ModelInput) -> bool:
         return _signature(inputs) == self.signature
 
     def run(self, inputs: ModelInput) -> bool:
-        """One batch through the compiled program, folded once it completed. False (and
-        nothing folded) when an unmasked program met a value that is not finite."""
-        parts = tuple(self.program(*inputs.args, *self.shifts).unbind(0))
-        moments = moments_from_fused(parts, self.flat_shift) if self.masked else self._unmasked(parts)
-        if moments is None:
+        """One batch through the compiled program; its fold kept only once it completed.
+        False (nothing kept) when an unmasked program met a value that is not finite."""
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        acc, bad = self.program(*inputs.args, *self.shifts, self.flat_shift, self.per_unit, self.acc)
+        if not self.masked and bool(bad):  # a host check: the unmasked program runs on CPU only
             return False
-        self.stats.fold(moments)
+        self.acc = acc.clone() if self.cudagraphs else acc  # a graph's outputs are reused by its next replay
         self.batches += 1
         return True
-
-    def _unmasked(self, parts: tuple[torch.Tensor, ...]) -> BatchMoments | None:
-        total, squares, minimum, maximum, positive, relu_sum = (p.double() for p in parts)
-        if not bool(torch.isfinite(total + squares + minimum + maximum).all()):  # a host check: CPU only
-            return None
-        offset = total / self.per_unit
-        return BatchMoments(count=self.per_unit, positive=positive.round().to(torch.int64), nan=0, inf=0,
-                            minimum=minimum, maximum=maximum, mean=self.flat_shift.double() + offset,
-                            m2=(squares - total * offset).clamp_min(0.0), relu_sum=relu_sum)
 
     def site_stats(self) -> dict[str, UnitStats]:
         """Each site's share of the accumulators."""
         out = {}
         for slot in self.slots:
-            stats = UnitStats(slot.units, self.stats.count.device)
-            for name in ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum"):
-                setattr(stats, name, getattr(self.stats, name)[slot.start: slot.start + slot.units].clone())
+            stats = UnitStats(slot.units, self.acc.device)
+            for row, name in enumerate(ACC_ROWS):
+                values = self.acc[row, slot.start: slot.start + slot.units].clone()
+                if name in ("positive", "nan", "inf"):
+                    values = values.round().to(torch.int64)
+                setattr(stats, name, values)
             out[slot.site] = stats
         return out
 
@@ -128,8 +173,9 @@ def _signature(inputs: ModelInput) -> tuple[Any, ...]:
 
 
 def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts: dict[str, torch.Tensor],
-            compile_fn: Callable[[torch.fx.GraphModule], Callable[..., torch.Tensor]] | None = None) -> GraphScan:
-    """The model and its sites' reductions as one program (compiled by `compile_fn`).
+            compile_mode: str | None = "default") -> GraphScan:
+    """The model and its sites' reductions as one program, compiled with torch.compile's
+    `compile_mode` ("default", "reduce-overhead": CUDA graphs; None: not compiled).
 
     Raises `CaptureError` when the model cannot be captured or its graph's ReLU calls do
     not match the eager probe's `calls`.
@@ -166,14 +212,22 @@ def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts:
         start += call.units
     if not slots:
         raise CaptureError("no site to capture")
-    graph.output(graph.call_function(torch.cat, (results, 1)))
-    graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs, one output
+    with graph.inserting_after(last_input):
+        flat_shift = graph.placeholder("deadrelu_flat_shift")
+    with graph.inserting_after(flat_shift):
+        per_unit_input = graph.placeholder("deadrelu_per_unit")
+    with graph.inserting_after(per_unit_input):
+        acc = graph.placeholder("deadrelu_acc")
+    parts = graph.call_function(torch.cat, (results, 1))
+    graph.output(graph.call_function(fold_batch, (acc, parts, flat_shift, per_unit_input)))
+    graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs and outputs
     program = torch.fx.GraphModule(graph_module, graph)
     program.graph.eliminate_dead_code()
     program.graph.lint()
     program.recompile()
-    compiled = compile_fn(program) if compile_fn else program
-    return GraphScan(compiled, slots, site_shifts, per_unit, masked, example)
+    compiled = torch.compile(program, dynamic=False, mode=compile_mode) if compile_mode else program
+    return GraphScan(compiled, slots, site_shifts, per_unit, masked, example,
+                     cudagraphs=compile_mode == "reduce-overhead")
 
 
 def _graph_of(module: Any, example: ModelInput) -> torch.fx.GraphModule:

@@ -33,6 +33,7 @@ class StreamSettings:
     notify: Callable[[str], None] | None = None  # one-off messages for the user (stderr)
     compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions
     large: bool = False  # the data is large enough to repay compilation (for "auto")
+    graph_mode: str = "default"  # torch.compile mode of the whole-model program
 
 
 def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
@@ -147,8 +148,7 @@ class _Runner:
         """Capture the model and its sites' reductions as one compiled program, or say why not."""
         shifts = {t.name: t.shift.float() for t in probe.taps.values() if t.shift is not None}
         try:
-            self.graph = capture(module, example, probe.first_pass_calls or [], shifts,
-                                 lambda program: torch.compile(program, dynamic=False))
+            self.graph = capture(module, example, probe.first_pass_calls or [], shifts, self.settings.graph_mode)
         except Exception as exc:  # capture is an optimisation: whatever fails, the eager path goes on
             reason = str(exc) if isinstance(exc, CaptureError) else f"{type(exc).__name__}: {exc}"
             self._say(f"compiling the whole model is not possible ({reason[:200]}); the scan stays on the eager path")

@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--compile", default="off", choices=["off", "on"])
     parser.add_argument("--compiled-plain", action="store_true")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    parser.add_argument("--graph-mode", default=None, help="torch.compile mode of the scan's program (default: deadrelu's choice)")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -96,7 +97,8 @@ def main() -> None:
     timings: dict[str, list[float]] = {"plain": [], "scan": [], "compiled": []}
     loaded = LoadedModel(model, ModelFormat.PICKLE, "<bench>", "")
     stream_torch(loaded, interleaved(model, compiled, batches, device, args.repeats, timings), device, None,
-                 StreamSettings(compile=args.compile, large=True, notify=lambda m: print(f"[deadrelu] {m}")))
+                 StreamSettings(compile=args.compile, large=True, notify=lambda m: print(f"[deadrelu] {m}"),
+                                **({"graph_mode": args.graph_mode} if args.graph_mode else {})))
     ratios = [s / p for s, p in zip(timings["scan"], timings["plain"])]
     samples = args.batch * args.batches
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()} "
