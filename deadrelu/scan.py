@@ -22,8 +22,10 @@ from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
 
-# `--compile auto` compiles the per-site reductions only for at least this many samples:
-# compiling costs a few seconds per site shape once, and saves a little on every batch.
+# TorchScript models (whose graph cannot be captured whole): `--compile auto` compiles their
+# per-site reductions only for at least this many samples -- compiling costs a few seconds
+# per site shape once, and saves a little on every batch. Other models: see
+# `torch_stream.COMPILE_REPAYS_AFTER_S`.
 COMPILE_REPAYS_AT_SAMPLES = 20_000
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -84,7 +86,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         on_start(total)
     batches = shard(model_batches(loaded, source, options), ranks)
     settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
-                              large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES)
+                              large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total)
     result = _stream(loaded, batches, device, progress, settings)
     result = gather(result, ranks)
     if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch

@@ -137,3 +137,22 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -
     for site, ref in zip(report.sites, want):  # the eager path is exact
         np.testing.assert_array_equal(site.stats.positive, ref["per_unit"]["positive"])
         np.testing.assert_allclose(site.stats.mean, ref["per_unit"]["mean"], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_compiles_only_when_the_eager_rest_would_be_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deadrelu.probe import torch_stream
+
+    options = ScanOptions(device="cpu", compile="auto", batch_size=16)
+    data = FIX / "mlp.calib.npy"
+    assert scan(FIX / "mlp.pickle.pt", data, replace_opts(options, trust_pickle=True)).engine == "torch-eager"
+    monkeypatch.setattr(torch_stream, "COMPILE_REPAYS_AFTER_S", 0.0)  # any eager time is too long
+    assert scan(FIX / "mlp.pickle.pt", data, replace_opts(options, trust_pickle=True)).engine == "torch-compiled-graph"
+    # data of unknown length: auto cannot tell, and stays eager
+    batches = (torch.from_numpy(b) for b in np.array_split(np.load(data), 4))
+    assert scan(bruteforce.load_eager_model("mlp"), batches, options).engine == "torch-eager"
+
+
+def replace_opts(options: ScanOptions, **changes) -> ScanOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, **changes)
