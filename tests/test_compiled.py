@@ -156,3 +156,14 @@ def replace_opts(options: ScanOptions, **changes) -> ScanOptions:
     import dataclasses
 
     return dataclasses.replace(options, **changes)
+
+
+def test_in_memory_model_untouched_by_the_compiled_path() -> None:
+    from test_api import assert_same, snapshot
+
+    model = bruteforce.load_eager_model("convnet").train()
+    before = snapshot(model)
+    report = scan(model, FIX / "convnet.calib.npy", ScanOptions(device="cpu", compile="on"))
+    assert report.engine == "torch-compiled-graph"
+    assert_same(before, snapshot(model))
+    assert not [name for name, _ in model.named_buffers() if "deadrelu" in name]
