@@ -62,6 +62,10 @@ def site_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> to
     """One site's batch as rows of an [8, units] float32 tensor, NaN/Inf masked (for
     accelerators: nothing needs a host check): shifted sum, shifted sum of squares,
     finite min, finite max, positives, sum of max(x, 0), NaNs, Infs."""
+    return _masked_rows(x, shift, dims)
+
+
+def _masked_rows(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
     x = x.float()
     finite = torch.isfinite(x)
     centred = torch.where(finite, x - shift, 0.0)
@@ -71,6 +75,17 @@ def site_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> to
                         torch.where(finite, x, float("-inf")).amax(dims),
                         (x > 0).sum(dims, dtype=torch.float32), zeroed.clamp_min(0.0).sum(dims),
                         torch.isnan(x).sum(dims, dtype=torch.float32), torch.isinf(x).sum(dims, dtype=torch.float32)])
+
+
+def site_reductions_two_stage(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """`site_reductions` for a unit axis before trailing spatial axes (NCHW): the trailing
+    axes are reduced first, per (sample, unit) row -- the loop order of the kernel that
+    produces the tensor, so the compiler can fuse the two -- then the rows over samples."""
+    inner = [d for d in dims if d > 1]
+    if dims[:1] != [0] or not inner or len(inner) + 1 != len(dims):
+        return _masked_rows(x, shift, dims)
+    rows = _masked_rows(x, shift, inner)  # [8, N, C]
+    return torch.cat([rows[0:2].sum(1), rows[2:3].amin(1), rows[3:4].amax(1), rows[4:8].sum(1)])
 
 
 def site_reductions_unmasked(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:

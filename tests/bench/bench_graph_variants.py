@@ -8,7 +8,8 @@ it, and times, with device events and several interleaved repeats: compiled plai
 inference and the compiled statistics program (which folds into float64 accumulators
 itself). Variants change the per-site reduction (masked: NaN/Inf masked in the kernel,
 the GPU default; unmasked: the CPU form), the compile mode (cudagraphs: "reduce-overhead")
-or the memory format (channels_last). `--profile` prints the top kernels of
+or the memory format (channels_last), and combine with '+' (twostage+cudagraphs);
+twostage reduces the spatial axes first, per (sample, unit) row. `--profile` prints the top kernels of
 one program run. Ratios only; nothing asserted.
 """
 
@@ -54,12 +55,15 @@ def build(model: torch.nn.Module, x: torch.Tensor, variant: str) -> torch_graph.
         probe.commit_pass()
     shifts = {t.name: t.shift.float() for t in probe.taps.values()}
     original = torch_graph.site_reductions, torch_graph.site_reductions_unmasked
-    if variant == "unmasked":
+    parts = variant.split("+")
+    if "unmasked" in parts:
         torch_graph.site_reductions = torch_graph.site_reductions_unmasked
+    if "twostage" in parts:
+        torch_graph.site_reductions = torch_graph.site_reductions_two_stage
     try:
         with torch.inference_mode():
             graph = torch_graph.capture(model, ModelInput((x,)), probe.first_pass_calls, shifts,
-                                        "reduce-overhead" if variant == "cudagraphs" else "default")
+                                        "reduce-overhead" if "cudagraphs" in parts else "default")
     finally:
         torch_graph.site_reductions, torch_graph.site_reductions_unmasked = original
     return graph  # the unmasked variant keeps masked=True: no per-batch host check, kernel cost only
@@ -88,7 +92,7 @@ def main() -> None:
     rows.append(("compiled plain", plain))
     for variant in args.variants.split(","):
         model, inp = base, x
-        if variant == "channels_last":
+        if "channels_last" in variant.split("+"):
             model = base.to(memory_format=torch.channels_last)
             inp = x.contiguous(memory_format=torch.channels_last)
         graph = build(model, inp, variant)
