@@ -9,11 +9,17 @@ reduction is attached to the pre-activation of every site:
     model graph --(drop the model's outputs)--> per-site fused reductions --> one [9, units] tensor
 
 `torch.compile` then fuses each reduction into the kernels around it, so a pre-activation
-is read once (often while it is still being produced), and the model's own outputs,
+is read once, and the model's own outputs,
 which the scan does not need, are never computed. Each batch is one call that returns the
 float32 statistics of every unit; they are folded into float64 accumulators on the device
 (Chan's merge, no host sync), and a batch counts everywhere or nowhere, as on the eager
 path. Shapes are static: a batch of another shape (the last, shorter one) runs eagerly.
+
+On an accelerator each site's reduction masks NaN/Inf itself (no host sync), and reduces
+a convolution's spatial axes first, per (sample, unit) row, then the rows: the loop order
+of the kernel producing the tensor (ResNet-50 on an H100: 1.28x of compiled plain
+inference, against 1.51x for one reduction over (N, H, W)). On CPU the reduction assumes
+finite values and a batch that breaks that is re-run on the exact eager path.
 
 Capture maps the graph's ReLU-family calls to the sites the eager probe saw, in call
 order; when they do not line up (data-dependent control flow), or export or compilation
@@ -209,7 +215,7 @@ def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts:
         raise CaptureError(f"the graph has {len(candidates)} ReLU-family calls, the model ran {len(calls)}")
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
     masked = example.args[0].device.type != "cpu"
-    reduce = site_reductions if masked else site_reductions_unmasked
+    reduce = site_reductions_two_stage if masked else site_reductions_unmasked
     slots, site_shifts, per_unit, results, start = [], [], [], [], 0
     for node, call in zip(candidates, calls):
         if call.site is None:
