@@ -6,14 +6,15 @@ names the sites and picks their unit axes and shifts), the model is captured as 
 graph -- the exported program itself, or `torch.export` of an eager module -- and a
 reduction is attached to the pre-activation of every site:
 
-    model graph --(drop the model's outputs)--> per-site fused reductions --> one [9, units] tensor
+    model graph (outputs dropped) -> per-site reductions -> [8 (CPU: 6), units] float32 rows per site
+        -> concatenated -> Chan's merge into [9, all units] float64 accumulators (`fold_batch`)
 
 `torch.compile` then fuses each reduction into the kernels around it, so a pre-activation
-is read once, and the model's own outputs,
-which the scan does not need, are never computed. Each batch is one call that returns the
-float32 statistics of every unit; they are folded into float64 accumulators on the device
-(Chan's merge, no host sync), and a batch counts everywhere or nowhere, as on the eager
-path. Shapes are static: a batch of another shape (the last, shorter one) runs eagerly.
+is read once, and the model's own outputs, which the scan does not need, are never
+computed. Each batch is one call that takes the accumulators and returns them updated,
+on the device with no host sync; they are kept only once the call completed, so a batch
+counts everywhere or nowhere, as on the eager path. Shapes are static: a batch of another
+shape (the last, shorter one) runs eagerly.
 
 On an accelerator each site's reduction masks NaN/Inf itself (no host sync), and reduces
 a convolution's spatial axes first, per (sample, unit) row, then the rows: the loop order
@@ -207,48 +208,73 @@ def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts:
         raise CaptureError("only models fed positional tensors are captured")
     graph_module = _graph_of(module, example)
     graph = torch.fx.Graph()
-    output = graph.graph_copy(graph_module.graph, {})
-    del output  # the model's own outputs are dropped
+    graph.graph_copy(graph_module.graph, {})  # every node but the output: the model's outputs are dropped
+    masked = example.args[0].device.type != "cpu"
+    taps = _attach_reductions(graph, calls, shifts, site_reductions_two_stage if masked else site_reductions_unmasked)
+    program = _statistics_program(graph_module, graph, taps.results)
+    compiled = torch.compile(program, dynamic=False, mode=compile_mode) if compile_mode else program
+    return GraphScan(compiled, taps.slots, taps.shifts, taps.per_unit, masked, example,
+                     cudagraphs=compile_mode == "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class _Taps:
+    slots: list[SiteSlot]
+    shifts: list[torch.Tensor]
+    per_unit: list[int]
+    results: list[torch.fx.Node]  # one [rows, units] statistics node per site
+
+
+def _attach_reductions(graph: torch.fx.Graph, calls: Sequence[SiteCall], shifts: dict[str, torch.Tensor],
+                       reduce: Callable[..., torch.Tensor]) -> _Taps:
+    """A `reduce` node on the input of every site's call, fed a shift placeholder."""
     candidates = [n for n in graph.nodes if n.op == "call_function"
                   and sites.packet_name(n.target) in sites.CANDIDATE_OPS]
     if len(candidates) != len(calls):
         raise CaptureError(f"the graph has {len(candidates)} ReLU-family calls, the model ran {len(calls)}")
-    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    masked = example.args[0].device.type != "cpu"
-    reduce = site_reductions_two_stage if masked else site_reductions_unmasked
-    slots, site_shifts, per_unit, results, start = [], [], [], [], 0
+    taps = _Taps([], [], [], [])
+    last_input = _last_placeholder(graph)
     for node, call in zip(candidates, calls):
         if call.site is None:
             continue
         x = node.args[0]
         _check_shape(x, call)
         with graph.inserting_after(last_input):
-            shift_input = graph.placeholder(f"deadrelu_shift_{len(slots)}")
-        last_input = shift_input
+            last_input = graph.placeholder(f"deadrelu_shift_{len(taps.slots)}")
         with graph.inserting_before(node):  # before: the op may be inplace (relu_)
-            results.append(graph.call_function(reduce, (x, shift_input, list(reduce_dims(call.ndim, call.axis)))))
-        slots.append(SiteSlot(call.site, start, call.units))
-        per_unit.append(call.per_unit)
-        site_shifts.append(shifts[call.site])
-        start += call.units
-    if not slots:
+            taps.results.append(graph.call_function(reduce, (x, last_input, list(reduce_dims(call.ndim, call.axis)))))
+        start = taps.slots[-1].start + taps.slots[-1].units if taps.slots else 0
+        taps.slots.append(SiteSlot(call.site, start, call.units))
+        taps.per_unit.append(call.per_unit)
+        taps.shifts.append(shifts[call.site])
+    if not taps.slots:
         raise CaptureError("no site to capture")
-    with graph.inserting_after(last_input):
-        flat_shift = graph.placeholder("deadrelu_flat_shift")
-    with graph.inserting_after(flat_shift):
-        per_unit_input = graph.placeholder("deadrelu_per_unit")
-    with graph.inserting_after(per_unit_input):
-        acc = graph.placeholder("deadrelu_acc")
+    return taps
+
+
+def _statistics_program(graph_module: torch.fx.GraphModule, graph: torch.fx.Graph,
+                        results: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """The graph returning (new accumulators, not-finite flag) from `fold_batch`; inputs:
+    the model's, the sites' shifts, then the flat shift, per-unit counts and accumulators."""
+    names = ("deadrelu_flat_shift", "deadrelu_per_unit", "deadrelu_acc")
+    last_input, extra = _last_placeholder(graph), []
+    for name in names:
+        with graph.inserting_after(last_input):
+            last_input = graph.placeholder(name)
+        extra.append(last_input)
+    flat_shift, per_unit, acc = extra
     parts = graph.call_function(torch.cat, (results, 1))
-    graph.output(graph.call_function(fold_batch, (acc, parts, flat_shift, per_unit_input)))
+    graph.output(graph.call_function(fold_batch, (acc, parts, flat_shift, per_unit)))
     graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs and outputs
-    program = torch.fx.GraphModule(graph_module, graph)
-    program.graph.eliminate_dead_code()
+    program = torch.fx.GraphModule(graph_module, graph)  # shares the model's parameters
+    program.graph.eliminate_dead_code()  # what fed only the dropped outputs
     program.graph.lint()
     program.recompile()
-    compiled = torch.compile(program, dynamic=False, mode=compile_mode) if compile_mode else program
-    return GraphScan(compiled, slots, site_shifts, per_unit, masked, example,
-                     cudagraphs=compile_mode == "reduce-overhead")
+    return program
+
+
+def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
+    return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
 
 def _graph_of(module: Any, example: ModelInput) -> torch.fx.GraphModule:
