@@ -167,3 +167,56 @@ def test_in_memory_model_untouched_by_the_compiled_path() -> None:
     assert report.engine == "torch-compiled-graph"
     assert_same(before, snapshot(model))
     assert not [name for name, _ in model.named_buffers() if "deadrelu" in name]
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 5, 4, 3), 1), ((6, 5, 7), 1), ((6, 5), 1), ((4, 7, 5), 2)])
+def test_masked_rows_match_brute_force(shape: tuple[int, ...], axis: int) -> None:
+    """The accelerator reductions (one-stage and two-stage), NaN/Inf included, on CPU."""
+    from deadrelu.probe import torch_graph
+    from deadrelu.reductions import reduce_dims
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3 + 1
+    x.view(-1)[::7] = float("nan")
+    x.view(-1)[3::11] = float("inf")
+    x.view(-1)[5::13] = -float("inf")
+    dims = list(reduce_dims(x.ndim, axis))
+    shift_shape = [1] * x.ndim
+    shift_shape[axis] = shape[axis]
+    shift = torch.randn(shift_shape)
+    ref = unit_stats(x.numpy(), axis)
+    for reduce in (torch_graph.site_reductions, torch_graph.site_reductions_two_stage):
+        rows = reduce(x, shift, dims).double()
+        centred_sum, squares, minimum, maximum, positive, relu_sum, nan, inf = rows
+        count = torch.from_numpy(ref["count"]).double()
+        flat_shift = shift.reshape(-1).double()
+        np.testing.assert_array_equal(nan.numpy(), ref["nan"])
+        np.testing.assert_array_equal(inf.numpy(), ref["inf"])
+        np.testing.assert_array_equal(positive.numpy(), np.moveaxis(x.numpy() > 0, axis, 0).reshape(shape[axis], -1).sum(1))
+        np.testing.assert_allclose(minimum.numpy(), ref["min"], rtol=1e-6)
+        np.testing.assert_allclose(maximum.numpy(), ref["max"], rtol=1e-6)
+        np.testing.assert_allclose((flat_shift + centred_sum / count).numpy(), ref["mean"], rtol=1e-5, atol=1e-6)
+        var = (squares - centred_sum ** 2 / count) / count
+        np.testing.assert_allclose(var.sqrt().numpy(), ref["std"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose((relu_sum / count).numpy(), ref["relu_mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_fold_batch_equals_unit_stats_over_batches() -> None:
+    """The program's in-graph Chan merge against `UnitStats` folding the same batches."""
+    from deadrelu.probe import torch_graph
+    from deadrelu.stats import UnitStats
+
+    torch.manual_seed(1)
+    batches = [torch.randn(5, 3, 4) * 2 - 40 for _ in range(4)]
+    batches[2][1, 2, 3] = float("nan")
+    shift = batches[0].mean(dim=(0, 2), keepdim=True)
+    acc = torch_graph.empty_accumulators(3, torch.device("cpu"))
+    per_unit = torch.full((3,), 20.0, dtype=torch.float64)
+    reference = UnitStats(3)
+    for x in batches:
+        rows = torch_graph.site_reductions(x, shift, [0, 2])
+        acc, bad = torch_graph.fold_batch(acc, rows, shift.reshape(-1).double(), per_unit)
+        assert not bool(bad)
+        reference.update(x, 1)
+    for row, name in enumerate(torch_graph.ACC_ROWS):
+        np.testing.assert_allclose(acc[row].numpy(), getattr(reference, name).double().numpy(), rtol=1e-6, err_msg=name)
