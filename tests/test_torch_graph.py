@@ -1,4 +1,4 @@
-"""`--compile on`: the whole model and its sites' statistics as one compiled program.
+"""deadrelu/probe/torch_graph.py (`--compile`): the whole model and its sites' statistics as one compiled program.
 
 The compiled program computes the model with fused kernels (e.g. batch norm folded into
 the kernel that feeds the ReLU), so a pre-activation can differ from eager in its last
