@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,8 @@ def test_fused_path_with_non_finite_values_and_large_offsets() -> None:
     np.testing.assert_allclose(result.std, expected["std"], rtol=1e-3)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler for torch.compile's CPU kernels")
 def test_compiled_reductions_equal_eager() -> None:
     """`--compile on`: one torch.compile'd reduction per batch, same results as eager."""
     from deadrelu import ScanOptions, scan
