@@ -230,3 +230,17 @@ def test_fold_batch_equals_unit_stats_over_batches() -> None:
         reference.update(x, 1)
     for row, name in enumerate(torch_graph.ACC_ROWS):
         np.testing.assert_allclose(acc[row].numpy(), getattr(reference, name).double().numpy(), rtol=1e-6, err_msg=name)
+
+
+def test_counts_stay_exact_past_float32_integers() -> None:
+    """2**24 + 1 positives in one batch of one unit: a float32 sum would say 2**24."""
+    from deadrelu.probe import torch_graph
+
+    n = (1 << 24) + 1
+    x = torch.ones(n + 1, 1)
+    x[0, 0] = float("nan")  # the masked rows count it apart: n positives, 1 NaN
+    shift = torch.zeros(1, 1)
+    masked = torch_graph.site_reductions(x, shift, [0])
+    assert masked[4, 0].item() == n and masked[6, 0].item() == 1
+    unmasked = torch_graph.site_reductions_unmasked(x[1:], shift, [0])
+    assert unmasked[4, 0].item() == n and unmasked.dtype == torch.float64

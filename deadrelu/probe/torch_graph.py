@@ -37,7 +37,7 @@ import torch
 
 from deadrelu import sites
 from deadrelu.data import ModelInput
-from deadrelu.reductions import fast_reductions, reduce_dims
+from deadrelu.reductions import reduce_dims
 from deadrelu.stats import UnitStats
 
 
@@ -74,14 +74,27 @@ def site_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> to
 
 def _masked_rows(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
     x = x.float()
+    counts = _count_dtype(x, dims)
     finite = torch.isfinite(x)
     centred = torch.where(finite, x - shift, 0.0)
     zeroed = torch.where(finite, x, 0.0)
-    return torch.stack([centred.sum(dims), (centred * centred).sum(dims),
-                        torch.where(finite, x, float("inf")).amin(dims),
-                        torch.where(finite, x, float("-inf")).amax(dims),
-                        (x > 0).sum(dims, dtype=torch.float32), zeroed.clamp_min(0.0).sum(dims),
-                        torch.isnan(x).sum(dims, dtype=torch.float32), torch.isinf(x).sum(dims, dtype=torch.float32)])
+    rows = (centred.sum(dims), (centred * centred).sum(dims),
+            torch.where(finite, x, float("inf")).amin(dims), torch.where(finite, x, float("-inf")).amax(dims),
+            (x > 0).sum(dims, dtype=counts), zeroed.clamp_min(0.0).sum(dims),
+            torch.isnan(x).sum(dims, dtype=counts), torch.isinf(x).sum(dims, dtype=counts))
+    return torch.stack([r.to(counts) for r in rows])
+
+
+# A float32 sum of 0/1 counts exactly up to 2**24; past that many elements per unit in one
+# batch, counts (and so the whole row block) are summed in float64.
+_EXACT_FLOAT32_COUNT = 1 << 24
+
+
+def _count_dtype(x: torch.Tensor, dims: list[int]) -> torch.dtype:
+    per_unit = 1
+    for d in dims:
+        per_unit *= int(x.shape[d])
+    return torch.float64 if per_unit >= _EXACT_FLOAT32_COUNT else torch.float32
 
 
 def site_reductions_two_stage(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -91,7 +104,7 @@ def site_reductions_two_stage(x: torch.Tensor, shift: torch.Tensor, dims: list[i
     inner = [d for d in dims if d > 1]
     if dims[:1] != [0] or not inner or len(inner) + 1 != len(dims):
         return _masked_rows(x, shift, dims)
-    rows = _masked_rows(x, shift, inner)  # [8, N, C]
+    rows = _masked_rows(x, shift, inner).double()  # [8, N, C], small: summed over N in float64, counts exact
     return torch.cat([rows[0:2].sum(1), rows[2:3].amin(1), rows[3:4].amax(1), rows[4:8].sum(1)])
 
 
@@ -99,7 +112,12 @@ def site_reductions_unmasked(x: torch.Tensor, shift: torch.Tensor, dims: list[in
     """The first six rows of `site_reductions` for an all-finite batch (CPU: fewer
     operations per element; a batch that was not all finite shows as a non-finite sum
     or bound, and is run again on the exact eager path)."""
-    return torch.stack([p.float() for p in fast_reductions(x.float(), shift, dims)])
+    x = x.float()
+    counts = _count_dtype(x, dims)
+    centred = x - shift
+    rows = (centred.sum(dims), (centred * centred).sum(dims), x.amin(dims), x.amax(dims),
+            (x > 0).sum(dims, dtype=counts), x.clamp_min(0.0).sum(dims))
+    return torch.stack([r.to(counts) for r in rows])
 
 
 # Rows of the float64 accumulators the program updates.
