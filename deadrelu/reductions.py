@@ -176,22 +176,32 @@ def fused_reductions(x: torch.Tensor, dims: list[int], shift: torch.Tensor) -> t
     Non-finite values are masked inside; moments are taken about `shift` (a per-unit value
     near the data, broadcastable to x), so float32 sums of squares do not cancel.
     Returns (finite count, shifted sum, shifted sum of squares, positives, NaNs, Infs,
-    finite min, finite max, sum of max(x, 0)) -- counts as float32.
+    finite min, finite max, sum of max(x, 0)) -- counts as float32, or float64 from
+    2**24 elements per unit on (where float32 stops counting exactly).
     """
+    counts = torch.float32 if _elements(x, dims) < _EXACT_FLOAT_COUNT else torch.float64
     finite = torch.isfinite(x)
     centred = torch.where(finite, x - shift, 0.0)
     zeroed = torch.where(finite, x, 0.0)
     return (
-        finite.sum(dims, dtype=torch.float32),
+        finite.sum(dims, dtype=counts),
         centred.sum(dims),
         (centred * centred).sum(dims),
-        (x > 0).sum(dims, dtype=torch.float32),
-        torch.isnan(x).sum(dims, dtype=torch.float32),
-        torch.isinf(x).sum(dims, dtype=torch.float32),
+        (x > 0).sum(dims, dtype=counts),
+        torch.isnan(x).sum(dims, dtype=counts),
+        torch.isinf(x).sum(dims, dtype=counts),
         torch.where(finite, x, float("inf")).amin(dims),
         torch.where(finite, x, float("-inf")).amax(dims),
         zeroed.clamp_min(0.0).sum(dims),
     )
+
+
+def _elements(x: torch.Tensor, dims: list[int]) -> int:
+    """Elements per unit: the product of the reduced dimensions."""
+    n = 1
+    for d in dims:
+        n *= int(x.shape[d])
+    return n
 
 
 def moments_from_fused(parts: tuple[torch.Tensor, ...], shift: torch.Tensor) -> BatchMoments:

@@ -149,3 +149,16 @@ def test_compiled_reductions_equal_eager() -> None:
         np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.stats.std, b.stats.std, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a.stats.maximum, b.stats.maximum, rtol=1e-6)
+
+
+def test_fused_counts_stay_exact_past_float32_integers() -> None:
+    """The accelerator path's counts: 2**24 + 1 positives in one batch of one unit."""
+    from deadrelu.reductions import fused_reductions, moments_from_fused
+
+    n = (1 << 24) + 1
+    x = torch.ones(n + 1, 1)
+    x[0, 0] = float("inf")
+    shift = torch.zeros(1, 1)
+    moments = moments_from_fused(fused_reductions(x, [0], shift), shift)
+    assert int(moments.positive[0]) == n + 1  # +Inf is positive
+    assert int(moments.inf[0]) == 1 and float(moments.count[0]) == n
