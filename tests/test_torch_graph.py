@@ -244,3 +244,33 @@ def test_counts_stay_exact_past_float32_integers() -> None:
     assert masked[4, 0].item() == n and masked[6, 0].item() == 1
     unmasked = torch_graph.site_reductions_unmasked(x[1:], shift, [0])
     assert unmasked[4, 0].item() == n and unmasked.dtype == torch.float64
+
+
+class Masked(nn.Module):
+    """Two inputs, the second by keyword: relu(fc(x) * mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x) * mask)
+
+
+@needs_compiler
+def test_keyword_inputs_are_captured() -> None:
+    torch.manual_seed(0)
+    model = Masked().eval()
+    batches = [{"mask": (torch.rand(8, 3) > 0.3).float(), "x": torch.randn(8, 4)} for _ in range(5)]
+    compiled = scan(model, batches, ScanOptions(device="cpu", compile="on"))
+    assert compiled.engine == "torch-compiled-graph"
+    eager = scan(model, batches, ScanOptions(device="cpu", compile="off"))
+    for a, b in zip(compiled.sites, eager.sites):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+        np.testing.assert_allclose(a.stats.mean, b.stats.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.stats.maximum, b.stats.maximum, rtol=1e-6)
+    x = torch.cat([b["x"] for b in batches])
+    mask = torch.cat([b["mask"] for b in batches])
+    with torch.no_grad():
+        ref = unit_stats((model.fc(x) * mask).numpy(), 1)
+    np.testing.assert_array_equal(compiled.sites[0].stats.positive, ref["positive"])

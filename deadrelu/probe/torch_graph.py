@@ -164,8 +164,9 @@ class GraphScan:
 
     def __init__(self, program: Callable[..., tuple[torch.Tensor, torch.Tensor]], slots: list[SiteSlot],
                  shifts: list[torch.Tensor], per_unit: list[int], masked: bool, example: ModelInput,
-                 cudagraphs: bool = False) -> None:
+                 cudagraphs: bool = False, keywords: tuple[str, ...] = ()) -> None:
         self.program = program
+        self.keywords = keywords  # keyword inputs, fed positionally in this order after the others
         self.slots = slots
         self.shifts = shifts
         self.masked = masked
@@ -186,7 +187,8 @@ class GraphScan:
         False (nothing kept) when an unmasked program met a value that is not finite."""
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        acc, bad = self.program(*inputs.args, *self.shifts, self.flat_shift, self.per_unit, self.acc)
+        keyword_inputs = [inputs.kwargs[k] for k in self.keywords]
+        acc, bad = self.program(*inputs.args, *keyword_inputs, *self.shifts, self.flat_shift, self.per_unit, self.acc)
         if not self.masked and bool(bad):  # a host check: the unmasked program runs on CPU only
             return False
         self.acc = acc.clone() if self.cudagraphs else acc  # a graph's outputs are reused by its next replay
@@ -208,8 +210,10 @@ class GraphScan:
 
 
 def _signature(inputs: ModelInput) -> tuple[Any, ...]:
-    return tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
-                 for t in inputs.args) + (bool(inputs.kwargs),)
+    def of(t: Any) -> Any:
+        return (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+
+    return tuple(of(a) for a in inputs.args) + tuple(sorted((k, of(v)) for k, v in inputs.kwargs.items()))
 
 
 def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts: dict[str, torch.Tensor],
@@ -222,17 +226,18 @@ def capture(module: Any, example: ModelInput, calls: Sequence[SiteCall], shifts:
     """
     if isinstance(module, torch.jit.ScriptModule):
         raise CaptureError("TorchScript models cannot be captured")
-    if example.kwargs or not all(isinstance(a, torch.Tensor) for a in example.args):
-        raise CaptureError("only models fed positional tensors are captured")
+    if not all(isinstance(t, torch.Tensor) for t in (*example.args, *example.kwargs.values())):
+        raise CaptureError("only models fed tensors are captured")
     graph_module = _graph_of(module, example)
+    keywords = _keyword_order(graph_module, example)
     graph = torch.fx.Graph()
     graph.graph_copy(graph_module.graph, {})  # every node but the output: the model's outputs are dropped
-    masked = example.args[0].device.type != "cpu"
+    masked = next(iter((*example.args, *example.kwargs.values()))).device.type != "cpu"
     taps = _attach_reductions(graph, calls, shifts, site_reductions_two_stage if masked else site_reductions_unmasked)
     program = _statistics_program(graph_module, graph, taps.results)
     compiled = torch.compile(program, dynamic=False, mode=compile_mode) if compile_mode else program
     return GraphScan(compiled, taps.slots, taps.shifts, taps.per_unit, masked, example,
-                     cudagraphs=compile_mode == "reduce-overhead")
+                     cudagraphs=compile_mode == "reduce-overhead", keywords=keywords)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,26 @@ def _statistics_program(graph_module: torch.fx.GraphModule, graph: torch.fx.Grap
     return program
 
 
+def _keyword_order(graph_module: torch.fx.GraphModule, example: ModelInput) -> tuple[str, ...]:
+    """The keyword inputs in the order the graph's placeholders take them (after the
+    positional ones): the order of the exported program's input spec."""
+    placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example.args) + len(example.kwargs):
+        raise CaptureError(f"the graph takes {len(placeholders)} inputs, the batch holds "
+                           f"{len(example.args) + len(example.kwargs)}")
+    if not example.kwargs:
+        return ()
+    spec = getattr(graph_module, "_in_spec", None)
+    try:
+        kwargs_spec = spec.child(1) if hasattr(spec, "child") else spec.children_specs[1]  # (args, kwargs)
+        keys = tuple(kwargs_spec.context)  # the kwargs dict's keys, in order
+    except (AttributeError, IndexError, TypeError):
+        raise CaptureError("the graph does not say in which order it takes keyword inputs") from None
+    if sorted(keys) != sorted(example.kwargs):
+        raise CaptureError(f"the graph takes keyword inputs {list(keys)}, the batch holds {sorted(example.kwargs)}")
+    return keys
+
+
 def _last_placeholder(graph: torch.fx.Graph) -> torch.fx.Node:
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
@@ -303,8 +328,9 @@ def _graph_of(module: Any, example: ModelInput) -> torch.fx.GraphModule:
         raise CaptureError(f"cannot capture a {type(module).__name__}")
     with torch.inference_mode(False), torch.no_grad():
         args = tuple(a.clone() for a in example.args)  # export rejects inference-mode tensors
+        kwargs = {k: v.clone() for k, v in sorted(example.kwargs.items())}
         try:
-            return torch.export.export(module, args, strict=False).module()
+            return torch.export.export(module, args, kwargs, strict=False).module()
         except Exception as exc:  # export's failures are many and varied; none may end the scan
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise CaptureError(f"torch.export failed ({first})") from exc
