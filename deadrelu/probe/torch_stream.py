@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,15 @@ def _seconds_since(started: float, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+@contextmanager
+def _compiler_hints_silenced() -> Iterator[None]:
+    """Inductor's advice to the model's author (e.g. "TensorFloat32 tensor cores ... not
+    enabled") is noise on a scan's stderr, which carries only deadrelu's own lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._inductor")
+        yield
+
+
 def model_dtype(module: Any) -> torch.dtype:
     """The floating dtype of the model's first floating parameter or buffer (float32 if none)."""
     tensors = list(module.parameters()) + list(module.buffers())
@@ -191,7 +201,8 @@ class _Runner:
         if not self._graph_live or self.graph is None or not self.graph.accepts(inputs):
             return False
         try:
-            return self.graph.run(inputs)  # False: a value was not finite, the eager path takes it
+            with _compiler_hints_silenced():
+                return self.graph.run(inputs)  # False: a value was not finite, the eager path takes it
         except KeyboardInterrupt:
             raise
         except torch.cuda.OutOfMemoryError:
