@@ -13,7 +13,7 @@ Three ways to reduce a batch, all giving the same `BatchMoments`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -29,7 +29,7 @@ class BatchMoments:
     number where every unit has the same value (e.g. the count of an all-finite batch)."""
 
     count: torch.Tensor | float  # finite elements per unit
-    positive: torch.Tensor  # elements > 0, +Inf included (int64)
+    positive: torch.Tensor  # elements > 0, +Inf included (int64, or float64 holding integers)
     nan: torch.Tensor | int
     inf: torch.Tensor | int  # both signs
     minimum: torch.Tensor  # finite minimum (float64; +inf when no finite value)
@@ -170,57 +170,60 @@ def begin_batch(x: torch.Tensor, axis: int, output_is_relu: bool, scratch: Scrat
 
 # --- the fused, sync-free path ----------------------------------------------------------------
 
+def count_dtype(x: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.dtype:
+    """float32 for counts of up to 2**24 elements per unit (exact there), float64 beyond."""
+    per_unit = 1
+    for d in dims:
+        per_unit *= int(x.shape[d])
+    return torch.float32 if per_unit < _EXACT_FLOAT_COUNT else torch.float64
+
+
 def fused_reductions(x: torch.Tensor, dims: list[int], shift: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every per-unit statistic of a batch in one expression (one kernel once compiled).
 
     Non-finite values are masked inside; moments are taken about `shift` (a per-unit value
     near the data, broadcastable to x), so float32 sums of squares do not cancel.
-    Returns (finite count, shifted sum, shifted sum of squares, positives, NaNs, Infs,
-    finite min, finite max, sum of max(x, 0)) -- counts as float32, or float64 from
-    2**24 elements per unit on (where float32 stops counting exactly).
+    Returns the rows of `moments_from_rows`: (shifted sum, shifted sum of squares, finite
+    min, finite max, positives, sum of max(x, 0), NaNs, Infs); counts in `count_dtype`.
     """
-    counts = torch.float32 if _elements(x, dims) < _EXACT_FLOAT_COUNT else torch.float64
+    counts = count_dtype(x, dims)
     finite = torch.isfinite(x)
     centred = torch.where(finite, x - shift, 0.0)
     zeroed = torch.where(finite, x, 0.0)
-    return (
-        finite.sum(dims, dtype=counts),
-        centred.sum(dims),
-        (centred * centred).sum(dims),
-        (x > 0).sum(dims, dtype=counts),
-        torch.isnan(x).sum(dims, dtype=counts),
-        torch.isinf(x).sum(dims, dtype=counts),
-        torch.where(finite, x, float("inf")).amin(dims),
-        torch.where(finite, x, float("-inf")).amax(dims),
-        zeroed.clamp_min(0.0).sum(dims),
-    )
+    return (centred.sum(dims), (centred * centred).sum(dims),
+            torch.where(finite, x, float("inf")).amin(dims), torch.where(finite, x, float("-inf")).amax(dims),
+            (x > 0).sum(dims, dtype=counts), zeroed.clamp_min(0.0).sum(dims),
+            torch.isnan(x).sum(dims, dtype=counts), torch.isinf(x).sum(dims, dtype=counts))
 
 
-def _elements(x: torch.Tensor, dims: list[int]) -> int:
-    """Elements per unit: the product of the reduced dimensions."""
-    n = 1
-    for d in dims:
-        n *= int(x.shape[d])
-    return n
+def moments_from_rows(parts: Sequence[torch.Tensor], shift: torch.Tensor,
+                      per_unit: torch.Tensor | float) -> BatchMoments:
+    """`BatchMoments` from the rows of `fused_reductions` (8) or `fast_reductions` (6, an
+    all-finite batch): float64 arithmetic on small vectors only, no host sync. Counts stay
+    float64 (exact to 2**53), so this also runs inside a compiled program."""
+    total, squares, minimum, maximum, positive, relu_sum = (p.double() for p in parts[:6])
+    if len(parts) == 8:
+        nan, inf = parts[6].double().round(), parts[7].double().round()
+        count = per_unit - nan - inf
+    else:
+        nan = inf = torch.zeros_like(total)
+        count = per_unit + torch.zeros_like(total)
+    offset = total / count.clamp_min(1.0)
+    return BatchMoments(count=count, positive=positive.round(), nan=nan, inf=inf, minimum=minimum,
+                        maximum=maximum, mean=torch.where(count > 0, shift.reshape(-1).double() + offset, 0.0),
+                        m2=(squares - total * offset).clamp_min(0.0), relu_sum=relu_sum)
 
 
-def moments_from_fused(parts: tuple[torch.Tensor, ...], shift: torch.Tensor) -> BatchMoments:
-    """`BatchMoments` from `fused_reductions` (float64 arithmetic on small vectors only)."""
-    count, total, squares, positive, nan, inf, minimum, maximum, relu_sum = (p.double() for p in parts)
-    shift = shift.reshape(-1).double()
-    safe = count.clamp_min(1)
-    offset = total / safe
-    return BatchMoments(
-        count=count,
-        positive=positive.round().to(torch.int64),
-        nan=nan.round().to(torch.int64),
-        inf=inf.round().to(torch.int64),
-        minimum=minimum,
-        maximum=maximum,
-        mean=torch.where(count > 0, shift + offset, 0.0),
-        m2=(squares - total * offset).clamp_min(0.0),
-        relu_sum=relu_sum,
-    )
+def chan_merge(a: BatchMoments, b: BatchMoments) -> BatchMoments:
+    """Chan's parallel merge of two sets of per-unit moments (running and batch, or two shards)."""
+    total = a.count + b.count
+    safe_total = total.clamp_min(1) if isinstance(total, torch.Tensor) else max(total, 1)
+    delta = b.mean - a.mean
+    return BatchMoments(count=total, positive=a.positive + b.positive, nan=a.nan + b.nan, inf=a.inf + b.inf,
+                        minimum=torch.minimum(a.minimum, b.minimum), maximum=torch.maximum(a.maximum, b.maximum),
+                        mean=a.mean + delta * (b.count / safe_total),
+                        m2=a.m2 + b.m2 + delta * delta * (a.count * b.count / safe_total),
+                        relu_sum=a.relu_sum + b.relu_sum)
 
 
 def site_shift(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -240,22 +243,17 @@ def site_shift(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def fast_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, ...]:
-    """The CPU statistics of an all-finite batch in one expression, for torch.compile:
-    (shifted sum, shifted sum of squares, min, max, positives, sum of max(x, 0))."""
+    """The statistics of an all-finite batch in one expression, for torch.compile: the
+    first six rows of `fused_reductions`, with fewer operations per element."""
     centred = x - shift
     return (centred.sum(dims), (centred * centred).sum(dims), x.amin(dims), x.amax(dims),
-            (x > 0).sum(dims, dtype=torch.float32), x.clamp_min(0.0).sum(dims))
+            (x > 0).sum(dims, dtype=count_dtype(x, dims)), x.clamp_min(0.0).sum(dims))
 
 
-def moments_from_fast(parts: tuple[torch.Tensor, ...], shift: torch.Tensor, per_unit: int) -> BatchMoments | None:
-    """`BatchMoments` from `fast_reductions`; None when a value was not finite."""
-    total, squares, minimum, maximum, positive, relu_sum = (p.double() for p in parts)
-    if not bool(torch.isfinite(total + minimum + maximum + squares).all()):
-        return None
-    offset = total / per_unit
-    return BatchMoments(count=float(per_unit), positive=positive.round().to(torch.int64), nan=0, inf=0,
-                        minimum=minimum, maximum=maximum, mean=shift.reshape(-1).double() + offset,
-                        m2=(squares - total * offset).clamp_min(0.0), relu_sum=relu_sum)
+def rows_finite(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool: the (unmasked) sums and bounds are finite, so the batch was."""
+    total, squares, minimum, maximum = (p.double() for p in parts[:4])
+    return torch.isfinite(total + squares + minimum + maximum).all()
 
 
 # Each distinct (site shape) compiles once; models have a few dozen. Dynamo's default
@@ -317,17 +315,17 @@ class BatchReducer:
         axis = axis % x.ndim
         dims = reduce_dims(x.ndim, axis)
         shift = shift.to(x.dtype)
+        per_unit = float(x.numel() // max(x.shape[axis], 1))
         if x.device.type == "cpu":
-            moments = moments_from_fast(self._run("fast", fast_reductions, x, shift, list(dims)), shift,
-                                        x.numel() // max(x.shape[axis], 1))
-            if moments is not None:
-                return PendingBatch(dims, moments, needs_output=False)
+            parts = self._run("fast", fast_reductions, x, shift, list(dims))
+            if bool(rows_finite(parts)):  # a free check on CPU
+                return PendingBatch(dims, moments_from_rows(parts, shift, per_unit), needs_output=False)
             return PendingBatch(dims, _masked_moments(x, dims), needs_output=False)
         if compiled:
             parts = self._run("fused", fused_reductions, x, list(dims), shift)
         else:
             parts = fused_reductions(x, list(dims), shift)
-        return PendingBatch(dims, moments_from_fused(parts, shift), needs_output=False)
+        return PendingBatch(dims, moments_from_rows(parts, shift, per_unit), needs_output=False)
 
     def _run(self, key: str, fn: Callable[..., tuple[torch.Tensor, ...]], *args: object) -> tuple[torch.Tensor, ...]:
         if not self._failed:

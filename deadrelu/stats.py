@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deadrelu.reductions import BatchMoments, begin_batch
+from deadrelu.reductions import BatchMoments, begin_batch, chan_merge
 
 
 class UnitStats:
@@ -71,18 +71,12 @@ class UnitStats:
 
     def fold(self, b: BatchMoments) -> None:
         """Chan's parallel merge of one batch's (or shard's) moments into the running ones."""
-        total = self.count + b.count
-        safe_total = total.clamp_min(1)
-        delta = b.mean - self.mean
-        self.mean = self.mean + delta * (b.count / safe_total)
-        self.m2 = self.m2 + b.m2 + delta * delta * (self.count * b.count / safe_total)
-        self.count = total
-        self.positive += b.positive
-        self.nan += b.nan
-        self.inf += b.inf
-        self.minimum = torch.minimum(self.minimum, b.minimum)
-        self.maximum = torch.maximum(self.maximum, b.maximum)
-        self.relu_sum = self.relu_sum + b.relu_sum
+        merged = chan_merge(self.as_moments(self.count.device), b)
+        for name in _FIELDS:
+            value = getattr(merged, name)
+            if name in _COUNTS:  # int64 accumulators; a batch's counts may come as exact floats
+                value = value.round().to(torch.int64) if value.is_floating_point() else value
+            setattr(self, name, value)
 
     def result(self) -> UnitSummary:
         """Copy the accumulators to the host (the only sync) as numpy float64/int64."""
@@ -91,6 +85,7 @@ class UnitStats:
 
 
 _FIELDS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
+_COUNTS = ("positive", "nan", "inf")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ fails, the scan says so in one line and stays on the eager path.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,8 @@ import torch
 
 from deadrelu import sites
 from deadrelu.data import ModelInput
-from deadrelu.reductions import reduce_dims
+from deadrelu.reductions import (BatchMoments, chan_merge, count_dtype, fast_reductions, fused_reductions,
+                                 moments_from_rows, reduce_dims, rows_finite)
 from deadrelu.stats import UnitStats
 
 
@@ -66,35 +68,10 @@ class SiteSlot:
 
 
 def site_reductions(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """One site's batch as rows of an [8, units] float32 tensor, NaN/Inf masked (for
-    accelerators: nothing needs a host check): shifted sum, shifted sum of squares,
-    finite min, finite max, positives, sum of max(x, 0), NaNs, Infs."""
-    return _masked_rows(x, shift, dims)
-
-
-def _masked_rows(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """One site's batch as the rows of `fused_reductions` stacked, [8, units], NaN/Inf
+    masked (for accelerators: nothing needs a host check)."""
     x = x.float()
-    counts = _count_dtype(x, dims)
-    finite = torch.isfinite(x)
-    centred = torch.where(finite, x - shift, 0.0)
-    zeroed = torch.where(finite, x, 0.0)
-    rows = (centred.sum(dims), (centred * centred).sum(dims),
-            torch.where(finite, x, float("inf")).amin(dims), torch.where(finite, x, float("-inf")).amax(dims),
-            (x > 0).sum(dims, dtype=counts), zeroed.clamp_min(0.0).sum(dims),
-            torch.isnan(x).sum(dims, dtype=counts), torch.isinf(x).sum(dims, dtype=counts))
-    return torch.stack([r.to(counts) for r in rows])
-
-
-# A float32 sum of 0/1 counts exactly up to 2**24; past that many elements per unit in one
-# batch, counts (and so the whole row block) are summed in float64.
-_EXACT_FLOAT32_COUNT = 1 << 24
-
-
-def _count_dtype(x: torch.Tensor, dims: list[int]) -> torch.dtype:
-    per_unit = 1
-    for d in dims:
-        per_unit *= int(x.shape[d])
-    return torch.float64 if per_unit >= _EXACT_FLOAT32_COUNT else torch.float32
+    return torch.stack([r.to(count_dtype(x, dims)) for r in fused_reductions(x, dims, shift)])
 
 
 def site_reductions_two_stage(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -103,25 +80,21 @@ def site_reductions_two_stage(x: torch.Tensor, shift: torch.Tensor, dims: list[i
     produces the tensor, so the compiler can fuse the two -- then the rows over samples."""
     inner = [d for d in dims if d > 1]
     if dims[:1] != [0] or not inner or len(inner) + 1 != len(dims):
-        return _masked_rows(x, shift, dims)
-    rows = _masked_rows(x, shift, inner).double()  # [8, N, C], small: summed over N in float64, counts exact
+        return site_reductions(x, shift, dims)
+    rows = site_reductions(x, shift, inner).double()  # [8, N, C], small: summed over N in float64, counts exact
     return torch.cat([rows[0:2].sum(1), rows[2:3].amin(1), rows[3:4].amax(1), rows[4:8].sum(1)])
 
 
 def site_reductions_unmasked(x: torch.Tensor, shift: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """The first six rows of `site_reductions` for an all-finite batch (CPU: fewer
-    operations per element; a batch that was not all finite shows as a non-finite sum
-    or bound, and is run again on the exact eager path)."""
+    """The rows of `fast_reductions` stacked, [6, units], for an all-finite batch (CPU:
+    fewer operations per element; a batch that was not all finite shows as a non-finite
+    sum or bound, and is run again on the exact eager path)."""
     x = x.float()
-    counts = _count_dtype(x, dims)
-    centred = x - shift
-    rows = (centred.sum(dims), (centred * centred).sum(dims), x.amin(dims), x.amax(dims),
-            (x > 0).sum(dims, dtype=counts), x.clamp_min(0.0).sum(dims))
-    return torch.stack([r.to(counts) for r in rows])
+    return torch.stack([r.to(count_dtype(x, dims)) for r in fast_reductions(x, shift, dims)])
 
 
-# Rows of the float64 accumulators the program updates.
-ACC_ROWS = ("count", "positive", "nan", "inf", "minimum", "maximum", "mean", "m2", "relu_sum")
+# Rows of the float64 accumulators the program updates: the fields of `BatchMoments`.
+ACC_ROWS = tuple(f.name for f in dataclasses.fields(BatchMoments))
 
 
 def empty_accumulators(units: int, device: torch.device) -> torch.Tensor:
@@ -133,29 +106,12 @@ def empty_accumulators(units: int, device: torch.device) -> torch.Tensor:
 
 def fold_batch(acc: torch.Tensor, parts: torch.Tensor, shift: torch.Tensor,
                per_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chan's merge of one batch's rows (`site_reductions`, 6 or 8 rows) into the float64
-    accumulators, inside the compiled program. Returns the new accumulators and whether
+    """The batch's rows (6 or 8) merged into the float64 accumulators, inside the compiled
+    program: the arithmetic of `UnitStats.fold`. Returns the new accumulators and whether
     an unmasked batch met a value that is not finite (its fold must then be discarded)."""
-    parts = parts.double()
-    total, squares, minimum, maximum, positive, relu_sum = parts[:6].unbind(0)
-    bad = ~torch.isfinite(total + squares + minimum + maximum).all()
-    if parts.shape[0] == 8:
-        nan, inf = parts[6], parts[7]
-        count = per_unit - nan - inf
-    else:
-        nan = inf = torch.zeros_like(total)
-        count = per_unit
-    offset = total / count.clamp_min(1.0)
-    mean_b = torch.where(count > 0, shift + offset, 0.0)
-    m2_b = (squares - total * offset).clamp_min(0.0)
-    n_a, pos_a, nan_a, inf_a, min_a, max_a, mean_a, m2_a, relu_a = acc.unbind(0)
-    n = n_a + count
-    safe = n.clamp_min(1.0)
-    delta = mean_b - mean_a
-    return torch.stack([n, pos_a + positive.round(), nan_a + nan.round(), inf_a + inf.round(),
-                        torch.minimum(min_a, minimum), torch.maximum(max_a, maximum),
-                        mean_a + delta * (count / safe), m2_a + m2_b + delta * delta * (n_a * count / safe),
-                        relu_a + relu_sum]), bad
+    rows = parts.unbind(0)
+    merged = chan_merge(BatchMoments(*acc.unbind(0)), moments_from_rows(rows, shift, per_unit))
+    return torch.stack([getattr(merged, name).double() for name in ACC_ROWS]), ~rows_finite(rows)
 
 
 class GraphScan:
