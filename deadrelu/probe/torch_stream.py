@@ -83,9 +83,10 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
 
 
 # `--compile auto` compiles the whole model when the eager path would take longer than this
-# over the rest of the data: compiling takes some 10 to 60 s (ResNet-50: about 20 s on an
-# H100 machine's 16 cores, 25 s on 2 CPU cores), and the compiled scan runs 1.3x (CPU, a
-# 6-layer MLP) to 8x (H100, ResNet-50) faster than the eager probe.
+# over the rest of the data: capture and compilation took 15 s (6x1024 MLP) and 27 s
+# (ResNet-50) on 2 CPU cores with a cold Inductor cache, 6 s and 18 s with a warm one;
+# the compiled scan then runs 1.2x (CPU, the MLP) to 8x (H100, ResNet-50) faster than the
+# eager probe.
 COMPILE_REPAYS_AFTER_S = 60.0
 
 
