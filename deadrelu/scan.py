@@ -222,7 +222,7 @@ def _stream(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.de
     if loaded.format is ModelFormat.ONNX:
         from deadrelu.probe.onnx_probe import stream_onnx
 
-        return stream_onnx(loaded, batches, device, progress)
+        return stream_onnx(loaded, batches, device, progress, settings.compile, settings.notify)
     return stream_torch(loaded, batches, device, progress, settings)
 
 

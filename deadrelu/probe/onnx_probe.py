@@ -51,6 +51,9 @@ from deadrelu.load import LoadedModel
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import OnnxSite, ScopeStep, Survey, copy_field, node_label, survey
 from deadrelu.probe import SiteObservation, StreamResult
+from deadrelu.probe.onnx_kernel import DOMAIN as KERNEL_DOMAIN
+from deadrelu.probe.onnx_kernel import OP_TYPE as KERNEL_OP
+from deadrelu.probe.onnx_kernel import kernel_library
 from deadrelu.stats import UnitSummary
 
 ProgressFn = Callable[[int], None]
@@ -66,16 +69,44 @@ EXACT_FLOAT_COUNT = 1 << 24  # a float32 sum of 0/1 values is exact up to here
 
 
 def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
-                progress: ProgressFn | None) -> StreamResult:
-    """Run every batch through the ONNX model with in-graph reductions at each ReLU site."""
-    return scan_batches(loaded.module, batches, execution_providers(device), progress)
+                progress: ProgressFn | None, compile_mode: str = "auto",
+                notify: Callable[[str], None] | None = None) -> StreamResult:
+    """Run every batch through the ONNX model with in-graph reductions at each ReLU site.
+
+    ``compile_mode`` (``--compile``) decides about deadrelu's one-pass kernel on CPU:
+    "auto" uses it when it can be built here (else says so through ``notify`` and uses
+    ONNX Runtime's operators), "on" requires it, "off" never builds it."""
+    kernel = choose_kernel(device, compile_mode, notify)
+    return scan_batches(loaded.module, batches, execution_providers(device), progress, kernel=kernel)
+
+
+def choose_kernel(device: torch.device, compile_mode: str, notify: Callable[[str], None] | None) -> Path | None:
+    """The kernel library to scan with, or None for ONNX Runtime's own operators."""
+    if compile_mode == "off":
+        return None
+    if device.type != "cpu":
+        if compile_mode == "on" and notify:
+            notify("--compile on: deadrelu's ONNX kernel runs on CPU only; on CUDA the reductions stay in "
+                   "ONNX Runtime's graph")
+        return None
+    library = kernel_library()
+    if library.path is not None:
+        return library.path
+    if compile_mode == "on":
+        raise UsageError(f"--compile on: deadrelu's ONNX kernel is not available here: {library.reason}")
+    if notify:
+        notify(f"deadrelu's one-pass ONNX kernel is not available ({library.reason}); "
+               "scanning with ONNX Runtime's own operators, which is slower")
+    return None
 
 
 def scan_batches(model: OnnxModel, batches: Iterator[ModelInput], providers: list[Any],
-                 progress: ProgressFn | None = None, *, optimise: bool = True) -> StreamResult:
+                 progress: ProgressFn | None = None, *, optimise: bool = True,
+                 kernel: Path | None = None) -> StreamResult:
     """`stream_onnx` with explicit providers; ``optimise=False`` turns every ORT graph
-    optimisation off (the reference the tests compare against)."""
-    with OnnxScanner(model, survey(model.proto), providers, optimise) as scanner:
+    optimisation off (the reference the tests compare against); ``kernel``: the library
+    of deadrelu's one-pass kernel (None: ONNX Runtime's operators)."""
+    with OnnxScanner(model, survey(model.proto), providers, optimise, kernel) as scanner:
         samples, partial = 0, False
         try:
             for batch in batches:
@@ -84,7 +115,8 @@ def scan_batches(model: OnnxModel, batches: Iterator[ModelInput], providers: lis
                     progress(batch.size)
         except KeyboardInterrupt:
             partial = True
-        return StreamResult(scanner.observations(), samples, partial, scanner.notes(), "onnxruntime")
+        engine = "onnxruntime-kernel" if kernel is not None else "onnxruntime"
+        return StreamResult(scanner.observations(), samples, partial, scanner.notes(), engine)
 
 
 def execution_providers(device: torch.device) -> list[Any]:
@@ -187,6 +219,13 @@ def _fast_batch(rows: np.ndarray, counts: np.ndarray) -> Batch | None:
             "relu_sum": rows[:, 5] * count}
 
 
+def _kernel_rows(packed: np.ndarray) -> np.ndarray:
+    """``(n, 9, units)`` from the kernel's ``(9, units)`` output (``(n, 9, units)`` from a loop)."""
+    if packed.size == 0 or packed.ndim < 2:
+        return np.zeros((0, len(MASKED_ROWS), 0))
+    return packed.reshape(-1, len(MASKED_ROWS), packed.shape[-1]).astype(np.float64, copy=False)
+
+
 def _masked_batch(rows: np.ndarray) -> Batch:
     """Host statistics from masked-path rows (`MASKED_ROWS`)."""
     counts = np.rint(rows[:, :4]).astype(np.int64)  # count, positive, nan, inf
@@ -205,6 +244,7 @@ class Emitted:
     stats: str  # packed statistics, one row per statistic along the pack axis
     shape: str  # the pre-activation's shape (int64)
     stats_type: int  # onnx data type of ``stats``
+    rows: str = "fast"  # the layout of ``stats``: "fast", "masked" or "kernel" (see `OnnxScanner._decode`)
 
 
 class Emitter:
@@ -383,7 +423,23 @@ def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
     relu_sum = em.reduce("ReduceSum", em.node("Relu", [zeroed], "relu"), axes, "relu_sum")
     packed = em.node("Concat", [count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum], "stats",
                      axis=plan.pack_axis)
-    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type)
+    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type, "masked")
+
+
+def emit_kernel(em: Emitter, plan: SitePlan) -> Emitted:
+    """One ``ai.deadrelu::ReluStats`` node (`deadrelu.probe.onnx_kernel`): the `MASKED_ROWS`
+    of the site as a ``(9, units)`` float64 tensor, from one read of the pre-activation.
+    Double-precision sites keep the masked standard-operator reductions (the kernel reads
+    float32; float16/bfloat16 pre-activations are cast to it, as for the other paths)."""
+    if plan.compute_type == TensorProto.DOUBLE:
+        return emit_masked(em, plan)
+    x = _work_input(em, plan)
+    stats = em.node(KERNEL_OP, [x], "kernel_stats", domain=KERNEL_DOMAIN, axis=plan.work_axis)
+    if plan.site.scope:  # a Loop/Scan body's outputs need a known rank; ORT infers none for custom ops
+        stats = em.node("Reshape", [stats, em.const(np.array([len(MASKED_ROWS), -1], np.int64), "rows")], "ranked")
+    # the shape output is unused on this path; the Shape of the small result costs nothing
+    # (a Shape of the pre-activation would make ORT convert a blocked NCHWc tensor to read it)
+    return Emitted(stats, em.node("Shape", [stats], "shape"), TensorProto.DOUBLE, "kernel")
 
 
 def emit_shape(em: Emitter, plan: SitePlan) -> Emitted:
@@ -406,6 +462,7 @@ class Exposure:
     stats: str
     shape: str
     stats_type: int
+    rows: str = "fast"
 
 
 class Rewriter:
@@ -462,7 +519,7 @@ class Rewriter:
                 em = self._emitter()
                 emitted = self.emit(em, plan)
                 blocks.append(em.nodes)
-                exposures.append(Exposure(plan, emitted.stats, emitted.shape, emitted.stats_type))
+                exposures.append(Exposure(plan, emitted.stats, emitted.shape, emitted.stats_type, emitted.rows))
         # Main graph: the blocks go last, the first site's last. ONNX Runtime orders nodes by
         # a depth-first walk from the graph's leaves, the last-listed leaf first, so each
         # site's reductions then run right after the site, while its tensor is in cache, and
@@ -519,7 +576,7 @@ class Rewriter:
         """New outputs of a container node carrying one site's tensors out of its subgraph."""
         stats, shape = em.fresh("stats_out"), em.fresh("shape_out")
         node.output.extend([stats, shape])
-        return Exposure(exposure.plan, stats, shape, exposure.stats_type)
+        return Exposure(exposure.plan, stats, shape, exposure.stats_type, exposure.rows)
 
 
 def _add_outputs(graph: onnx.GraphProto, exposure: Exposure) -> None:
@@ -533,7 +590,7 @@ def _placeholder(em: Emitter, exposure: Exposure, graph: onnx.GraphProto) -> Exp
     stats = em.const(np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(exposure.stats_type)), "empty_stats")
     shape = em.const(np.zeros((0,), dtype=np.int64), "empty_shape")
     graph.node.extend(em.nodes)
-    return Exposure(exposure.plan, stats, shape, exposure.stats_type)
+    return Exposure(exposure.plan, stats, shape, exposure.stats_type, exposure.rows)
 
 
 def model_bytes(head: onnx.ModelProto, initializers: Any) -> bytes:
@@ -574,10 +631,11 @@ def _varint(value: int) -> bytes:
 class SessionFactory:
     """Builds ONNX Runtime sessions for augmented versions of one model."""
 
-    def __init__(self, model: OnnxModel, providers: list[Any], optimise: bool) -> None:
+    def __init__(self, model: OnnxModel, providers: list[Any], optimise: bool, kernel: Path | None = None) -> None:
         self.model = model
         self.providers = providers
         self.optimise = optimise
+        self.kernel = kernel  # deadrelu's custom-op library, registered in every session's options
         self._stack = contextlib.ExitStack()
 
     def close(self) -> None:
@@ -595,11 +653,15 @@ class SessionFactory:
         # and bought no speed. The default execution order is kept: PRIORITY_BASED ran
         # the reductions late and held every tapped tensor (+800 MiB).
         options.enable_mem_pattern = False
+        if self.kernel is not None:
+            options.register_custom_ops_library(os.fspath(self.kernel))
         return options
 
     def session(self, head: onnx.ModelProto) -> Any:
         import onnxruntime as ort
 
+        if self.kernel is not None and not any(o.domain == KERNEL_DOMAIN for o in head.opset_import):
+            head.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
         data = model_bytes(head, self.model.proto.graph.initializer)
         options = self.options()
         if self.model.has_external_data:
@@ -831,11 +893,13 @@ class OnnxScanner:
     survey: Survey
     providers: list[Any]
     optimise: bool = True
+    kernel: Path | None = None  # deadrelu's one-pass kernel library (`onnx_kernel`), CPU only
     plans: list[SitePlan] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.factory = SessionFactory(self.model, self.providers, self.optimise)
+        self.factory = SessionFactory(self.model, self.providers, self.optimise, self.kernel)
+        self.emit: EmitFn = emit_kernel if self.kernel is not None else emit_fast
         self.feeder = Feeder(input_specs(self.model.proto), self.model.path)
         self._fast: tuple[Any, dict[int, Exposure]] | None = None
         self._masked: tuple[Any, dict[int, Exposure]] | None = None
@@ -875,11 +939,11 @@ class OnnxScanner:
             self.plans.append(plan)
             self._accumulators[plan.id] = _Accumulator(plan)
         try:
-            self._fast = self._session(emit_fast)
+            self._fast = self._session(self.emit)
         except ModelLoadError:
             if not self._distrust_dims():
                 raise
-            self._fast = self._session(emit_fast)
+            self._fast = self._session(self.emit)
 
     def _distrust_dims(self) -> bool:
         """Stop taking unit counts from shape inference; False if no plan took one.
@@ -913,18 +977,18 @@ class OnnxScanner:
         assert self._fast is not None
         session, exposures = self._fast
         try:
-            decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
+            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
         except ModelRunError:
             if not self._distrust_dims():
                 raise
-            self._fast = self._session(emit_fast)
+            self._fast = self._session(self.emit)
             session, exposures = self._fast
-            decoded = self._decode(self._fetch(session, exposures, feed), fast=True)
+            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
         if decoded is None:
             if self._masked is None:
                 self._masked = self._session(emit_masked)
             session, exposures = self._masked
-            decoded = self._decode(self._fetch(session, exposures, feed), fast=False)
+            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
         assert decoded is not None
         for plan_id, batch in decoded.items():
             self._accumulators[plan_id].fold(batch)
@@ -949,14 +1013,19 @@ class OnnxScanner:
             raise ModelRunError(f"{self.model.path}: onnxruntime failed on input {shapes}: {_line(exc)}") from exc
 
     def _decode(self, fetched: dict[int, tuple[np.ndarray, np.ndarray]],
-                fast: bool) -> dict[int, Batch] | None:
+                exposures: dict[int, Exposure]) -> dict[int, Batch] | None:
+        """Each site's statistics of the batch; None when a fast-path site saw NaN/Inf."""
         decoded = {}
         for plan in self.plans:
             packed, shapes = fetched[plan.id]
-            rows = plan.unpack(np.asarray(packed), len(FAST_ROWS if fast else MASKED_ROWS))
+            layout = exposures[plan.id].rows
+            if layout == "kernel":
+                rows = _kernel_rows(np.asarray(packed))
+            else:
+                rows = plan.unpack(np.asarray(packed), len(FAST_ROWS if layout == "fast" else MASKED_ROWS))
             if rows.shape[0] == 0:
                 continue
-            if not fast:
+            if layout != "fast":
                 decoded[plan.id] = _masked_batch(rows)
                 continue
             counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])

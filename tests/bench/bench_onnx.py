@@ -10,8 +10,10 @@ same batches, interleaved, several times, it times
 
 * plain: ``onnxruntime.InferenceSession`` of the unmodified model (default options:
   every graph optimisation, as many threads as physical cores);
-* deadrelu: the scan's streaming path (`deadrelu.probe.onnx_probe.OnnxScanner.run`): six
-  per-unit statistics at every ReLU site, folded on the host;
+* deadrelu: the scan's streaming path (`deadrelu.probe.onnx_probe.OnnxScanner.run`) as a
+  CPU scan runs by default: deadrelu's one-pass kernel (`deadrelu.probe.onnx_kernel`,
+  built on first use) at every ReLU site, nine per-unit statistics, folded on the host;
+* deadrelu-ops: the same scan with ONNX Runtime's own operators (``--compile off``);
 * calibrator: ``onnxruntime.quantization.calibrate``'s MinMax calibrator ``collect_data``
   (per-tensor min/max of every tensor, its default), and, without ``--quick``, the same
   restricted to the tensors around Relu nodes (``op_types_to_calibrate=["Relu"]``).
@@ -55,10 +57,12 @@ import models  # noqa: E402
 from deadrelu.data import ModelInput  # noqa: E402
 from deadrelu.load.onnx_format import load_onnx  # noqa: E402
 from deadrelu.onnx_sites import survey  # noqa: E402
+from deadrelu.probe.onnx_kernel import kernel_library  # noqa: E402
 from deadrelu.probe.onnx_probe import OnnxScanner  # noqa: E402
 
-MODES = ("plain", "deadrelu", "calibrator", "calibrator-relu")
-QUICK_MODES = ("plain", "deadrelu", "calibrator")
+MODES = ("plain", "deadrelu", "deadrelu-ops", "calibrator", "calibrator-relu")
+QUICK_MODES = ("plain", "deadrelu", "deadrelu-ops", "calibrator")
+SCANS = ("deadrelu", "deadrelu-ops")
 # issue #7: ResNet-50 224 px batch 8, ResNet-18 (112 px batch 8), the 6 x 1024 MLP (batch 256);
 # (batch, image side, batches per timed block: enough for ~0.5 s, so one scheduler hiccup
 # on a shared machine does not decide a repeat)
@@ -119,9 +123,12 @@ class Runner:
         start = time.perf_counter()
         if mode == "plain":
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        elif mode == "deadrelu":
+        elif mode in SCANS:
             model = load_onnx(path)
-            self.scanner = OnnxScanner(model, survey(model.proto), ["CPUExecutionProvider"])
+            kernel = kernel_library().path if mode == "deadrelu" else None
+            if mode == "deadrelu" and kernel is None:
+                raise SystemExit(f"deadrelu's ONNX kernel is not available: {kernel_library().reason}")
+            self.scanner = OnnxScanner(model, survey(model.proto), ["CPUExecutionProvider"], kernel=kernel)
             self.scanner.run(ModelInput((torch.from_numpy(batches[0]),)))  # builds the session
         else:
             from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
@@ -139,7 +146,7 @@ class Runner:
         if self.mode == "plain":
             for batch in batches:
                 self.session.run(None, {"input": batch})
-        elif self.mode == "deadrelu":
+        elif self.mode in SCANS:
             for batch in batches:
                 self.scanner.run(ModelInput((torch.from_numpy(batch),)))
         else:
@@ -153,7 +160,7 @@ class Runner:
         return self.run()
 
     def close(self) -> None:
-        if self.mode == "deadrelu":
+        if self.mode in SCANS:
             self.scanner.factory.close()
 
 

@@ -1,0 +1,348 @@
+/* Per-unit statistics of one pre-activation tensor, in one read of it.
+ *
+ * The tensor is viewed as (outer, units, inner): the unit axis in the middle, every axis
+ * before it folded into `outer`, every axis after it into `inner`. For each unit the
+ * kernel writes nine float64 values, deadrelu's MASKED_ROWS, row r at out[r * units + u]:
+ *
+ *   count (finite values), positive (values > 0, +inf included), nan, inf,
+ *   minimum, maximum (of the finite values; +inf / -inf when there are none),
+ *   mean, m2 (sum of squared deviations from the mean), relu_sum (sum of the finite
+ *   positive values)
+ *
+ * NaN and +-Inf are counted apart and kept out of min/max/moments, as in the graph's
+ * masked reductions. Sums are taken of x - k, k being the unit's first value when finite
+ * (the shifted-data algorithm: no cancellation for a unit far from zero), in float32 over
+ * at most CHUNK / LANES values per vector lane and in float64 across chunks. Counts are
+ * exact. A chunk is first reduced assuming finite values (9 vector operations per 8
+ * values); when its sum comes out NaN or infinite it is reduced again value by value
+ * with NaN/Inf kept apart, so the careful path costs only where such values are.
+ *
+ * Two loop orders: `reduce_unit_rows` for units whose values lie in rows of >= LANES
+ * contiguous values (a convolution's (N, C, H, W)), one unit per work item;
+ * `reduce_column_block` for units that lie across rows (a dense layer's (N, F):
+ * inner == 1), a block of whole units per work item, vectorised across the units.
+ */
+#ifndef DEADRELU_RELU_STATS_COMPUTE_H
+#define DEADRELU_RELU_STATS_COMPUTE_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#define STAT_ROWS 9
+#define LANES 8
+#define CHUNK 1024         /* values of one unit reduced in float32 before a float64 flush */
+#define BLOCK_COLUMNS 16   /* columns (unit x inner positions) per column-path work item */
+
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+/* Float64 totals of a unit (or of one column, before columns fold into their unit). */
+typedef struct {
+    double count, positive, nan, inf, minimum, maximum, s1, s2, relu;
+} Totals;
+
+/* Float32 per-lane partial sums of one chunk. */
+typedef struct {
+    vfloat s1, s2, relu, minimum, maximum;
+    vint positive;
+} Lanes;
+
+typedef struct {
+    const float *x;
+    double *out;
+    size_t outer, units, inner;
+} Tensor;
+
+static inline vfloat vload(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vfloat vsplat(float value) {
+    vfloat v;
+    for (int i = 0; i < LANES; i++) v[i] = value;
+    return v;
+}
+
+#if defined(__AVX__)
+static inline vfloat vmin(vfloat a, vfloat b) { return (vfloat)_mm256_min_ps((__m256)a, (__m256)b); }
+static inline vfloat vmax(vfloat a, vfloat b) { return (vfloat)_mm256_max_ps((__m256)a, (__m256)b); }
+#else
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) {
+    return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
+}
+static inline vfloat vmin(vfloat a, vfloat b) { return vselect(a < b, a, b); }
+static inline vfloat vmax(vfloat a, vfloat b) { return vselect(a > b, a, b); }
+#endif
+
+static inline void lanes_reset(Lanes *l) {
+    memset(l, 0, sizeof *l);
+    l->minimum = vsplat(INFINITY);
+    l->maximum = vsplat(-INFINITY);
+}
+
+/* `vectors` vectors at p (stride: floats between them) into l, assuming finite values;
+ * two independent accumulator sets hide the add latency. */
+static inline void lanes_add_run(Lanes *l, const float *p, size_t vectors, size_t stride, vfloat k) {
+    const vfloat zero = vsplat(0.0f);
+    vfloat s1a = l->s1, s2a = l->s2, ra = l->relu, lo_a = l->minimum, hi_a = l->maximum;
+    vfloat s1b = zero, s2b = zero, rb = zero, lo_b = lo_a, hi_b = hi_a;
+    vint pa = l->positive, pb = {0};
+    size_t i = 0;
+    for (; i + 2 <= vectors; i += 2) {
+        vfloat va = vload(p + i * stride), vb = vload(p + (i + 1) * stride);
+        vfloat da = va - k, db = vb - k;
+        s1a += da;
+        s1b += db;
+        s2a += da * da;
+        s2b += db * db;
+        ra += vmax(va, zero);
+        rb += vmax(vb, zero);
+        lo_a = vmin(va, lo_a);
+        lo_b = vmin(vb, lo_b);
+        hi_a = vmax(va, hi_a);
+        hi_b = vmax(vb, hi_b);
+        pa -= va > zero;  /* comparison masks are -1 where true */
+        pb -= vb > zero;
+    }
+    if (i < vectors) {
+        vfloat va = vload(p + i * stride), da = va - k;
+        s1a += da;
+        s2a += da * da;
+        ra += vmax(va, zero);
+        lo_a = vmin(va, lo_a);
+        hi_a = vmax(va, hi_a);
+        pa -= va > zero;
+    }
+    l->s1 = s1a + s1b;
+    l->s2 = s2a + s2b;
+    l->relu = ra + rb;
+    l->minimum = vmin(lo_a, lo_b);
+    l->maximum = vmax(hi_a, hi_b);
+    l->positive = pa + pb;
+}
+
+/* Two adjacent column vectors (a at p, b at p + LANES) of `rows` rows `stride` apart,
+ * assuming finite values: one pass over the rows for both. */
+static inline void lanes_add_run2(Lanes *a, Lanes *b, const float *p, size_t rows, size_t stride, vfloat ka,
+                                  vfloat kb) {
+    const vfloat zero = vsplat(0.0f);
+    vfloat s1a = a->s1, s2a = a->s2, ra = a->relu, lo_a = a->minimum, hi_a = a->maximum;
+    vfloat s1b = b->s1, s2b = b->s2, rb = b->relu, lo_b = b->minimum, hi_b = b->maximum;
+    vint pa = a->positive, pb = b->positive;
+    for (size_t i = 0; i < rows; i++) {
+        vfloat va = vload(p + i * stride), vb = vload(p + i * stride + LANES);
+        vfloat da = va - ka, db = vb - kb;
+        s1a += da;
+        s1b += db;
+        s2a += da * da;
+        s2b += db * db;
+        ra += vmax(va, zero);
+        rb += vmax(vb, zero);
+        lo_a = vmin(va, lo_a);
+        lo_b = vmin(vb, lo_b);
+        hi_a = vmax(va, hi_a);
+        hi_b = vmax(vb, hi_b);
+        pa -= va > zero;
+        pb -= vb > zero;
+    }
+    a->s1 = s1a, a->s2 = s2a, a->relu = ra, a->minimum = lo_a, a->maximum = hi_a, a->positive = pa;
+    b->s1 = s1b, b->s2 = s2b, b->relu = rb, b->minimum = lo_b, b->maximum = hi_b, b->positive = pb;
+}
+
+/* Did the chunk's values all turn out finite? (A NaN or +-Inf leaves s1 NaN or infinite.) */
+static inline int lanes_finite(const Lanes *l) {
+    for (int i = 0; i < LANES; i++)
+        if (l->s1[i] - l->s1[i] != 0) return 0;
+    return 1;
+}
+
+static inline void totals_reset(Totals *t) {
+    memset(t, 0, sizeof *t);
+    t->minimum = INFINITY;
+    t->maximum = -INFINITY;
+}
+
+/* One value, NaN and +-Inf kept apart. */
+static inline void totals_add_value(Totals *t, float v, float k) {
+    if (v != v) {
+        t->nan += 1;
+        return;
+    }
+    if (v > 0) t->positive += 1;
+    if (v - v != 0) {
+        t->inf += 1;
+        return;
+    }
+    float d = v - k;
+    t->count += 1;
+    t->s1 += d;
+    t->s2 += (double)d * d;
+    if (v > 0) t->relu += v;
+    if (v < t->minimum) t->minimum = v;
+    if (v > t->maximum) t->maximum = v;
+}
+
+/* Lane i of a finite chunk that gave it `values` values. */
+static inline void totals_add_lane(Totals *t, const Lanes *l, int i, double values) {
+    t->count += values;
+    t->positive += l->positive[i];
+    t->s1 += l->s1[i];
+    t->s2 += l->s2[i];
+    t->relu += l->relu[i];
+    if (l->minimum[i] < t->minimum) t->minimum = l->minimum[i];
+    if (l->maximum[i] > t->maximum) t->maximum = l->maximum[i];
+}
+
+static inline void totals_merge(Totals *t, const Totals *o) {
+    t->count += o->count;
+    t->positive += o->positive;
+    t->nan += o->nan;
+    t->inf += o->inf;
+    t->s1 += o->s1;
+    t->s2 += o->s2;
+    t->relu += o->relu;
+    if (o->minimum < t->minimum) t->minimum = o->minimum;
+    if (o->maximum > t->maximum) t->maximum = o->maximum;
+}
+
+/* A unit's shift: its first value (outer 0, inner 0) when finite, else 0. */
+static inline float unit_shift(const Tensor *x, size_t u) {
+    float k = x->x[u * x->inner];
+    return (k - k == 0) ? k : 0.0f;
+}
+
+static void totals_write(const Totals *t, float k, const Tensor *x, size_t u) {
+    double n = t->count, mean = 0.0, m2 = 0.0;
+    if (n > 0) {
+        mean = t->s1 / n;
+        m2 = t->s2 - t->s1 * mean;
+        if (m2 < 0) m2 = 0;
+        mean += (double)k;
+    }
+    const double row[STAT_ROWS] = {n, t->positive, t->nan, t->inf, t->minimum, t->maximum, mean, m2, t->relu};
+    for (int r = 0; r < STAT_ROWS; r++) x->out[(size_t)r * x->units + u] = row[r];
+}
+
+/* Rows [o0, o1) of unit u, values [i0, i1) of each (i1 - i0 a multiple of LANES), into t:
+ * assuming finite values, else again value by value. */
+static void rows_chunk(const Tensor *x, size_t u, size_t o0, size_t o1, size_t i0, size_t i1, float k, Totals *t) {
+    Lanes l;
+    lanes_reset(&l);
+    const vfloat kv = vsplat(k);
+    for (size_t o = o0; o < o1; o++)
+        lanes_add_run(&l, x->x + (o * x->units + u) * x->inner + i0, (i1 - i0) / LANES, LANES, kv);
+    if (lanes_finite(&l)) {
+        double per_lane = (double)((o1 - o0) * (i1 - i0) / LANES);
+        for (int j = 0; j < LANES; j++) totals_add_lane(t, &l, j, per_lane);
+        return;
+    }
+    for (size_t o = o0; o < o1; o++) {
+        const float *row = x->x + (o * x->units + u) * x->inner;
+        for (size_t i = i0; i < i1; i++) totals_add_value(t, row[i], k);
+    }
+}
+
+/* Unit u, whose values lie in the contiguous rows o * units + u of `inner` >= LANES values. */
+static void reduce_unit_rows(const Tensor *x, size_t u) {
+    const float k = unit_shift(x, u);
+    const size_t body = x->inner / LANES * LANES;
+    Totals t;
+    totals_reset(&t);
+    if (body <= CHUNK) {  /* several whole rows per chunk */
+        const size_t rows = CHUNK / body;
+        for (size_t o = 0; o < x->outer; o += rows)
+            rows_chunk(x, u, o, o + rows < x->outer ? o + rows : x->outer, 0, body, k, &t);
+    } else {  /* each row in chunks */
+        for (size_t o = 0; o < x->outer; o++)
+            for (size_t i = 0; i < body; i += CHUNK)
+                rows_chunk(x, u, o, o + 1, i, i + CHUNK < body ? i + CHUNK : body, k, &t);
+    }
+    for (size_t o = 0; o < x->outer && body < x->inner; o++) {
+        const float *row = x->x + (o * x->units + u) * x->inner;
+        for (size_t i = body; i < x->inner; i++) totals_add_value(&t, row[i], k);
+    }
+    totals_write(&t, k, x, u);
+}
+
+/* Units per column-path work item: whole units, at most BLOCK_COLUMNS columns. */
+static inline size_t block_units(const Tensor *x) {
+    size_t n = BLOCK_COLUMNS / x->inner;
+    return n ? n : 1;
+}
+
+/* Work item b of the column path: the block of units from b * block_units, all rows. */
+static void reduce_column_block(const Tensor *x, size_t b) {
+    const size_t per = block_units(x), u0 = b * per;
+    const size_t u1 = u0 + per < x->units ? u0 + per : x->units;
+    const size_t c0 = u0 * x->inner, width = (u1 - u0) * x->inner, stride = x->units * x->inner;
+    const size_t vectors = width / LANES, rows_per_chunk = CHUNK / LANES;
+    Totals columns[BLOCK_COLUMNS];
+    float shift[BLOCK_COLUMNS];
+    for (size_t c = 0; c < width; c++) {
+        totals_reset(&columns[c]);
+        shift[c] = unit_shift(x, u0 + c / x->inner);
+    }
+    for (size_t o0 = 0; o0 < x->outer; o0 += rows_per_chunk) {
+        const size_t o1 = o0 + rows_per_chunk < x->outer ? o0 + rows_per_chunk : x->outer;
+        Lanes lanes[BLOCK_COLUMNS / LANES];
+        for (size_t j = 0; j < vectors; j++) lanes_reset(&lanes[j]);
+        const float *first = x->x + o0 * stride + c0;
+        if (vectors == 2)
+            lanes_add_run2(&lanes[0], &lanes[1], first, o1 - o0, stride, vload(shift), vload(shift + LANES));
+        else
+            for (size_t j = 0; j < vectors; j++)
+                lanes_add_run(&lanes[j], first + j * LANES, o1 - o0, stride, vload(shift + j * LANES));
+        for (size_t j = 0; j < vectors; j++) {
+            if (lanes_finite(&lanes[j])) {
+                for (int i = 0; i < LANES; i++)
+                    totals_add_lane(&columns[j * LANES + (size_t)i], &lanes[j], i, (double)(o1 - o0));
+                continue;
+            }
+            for (size_t o = o0; o < o1; o++)
+                for (size_t c = j * LANES; c < (j + 1) * LANES; c++)
+                    totals_add_value(&columns[c], x->x[o * stride + c0 + c], shift[c]);
+        }
+        for (size_t o = o0; o < o1; o++)
+            for (size_t c = vectors * LANES; c < width; c++)
+                totals_add_value(&columns[c], x->x[o * stride + c0 + c], shift[c]);
+    }
+    for (size_t u = u0; u < u1; u++) {
+        Totals t = columns[(u - u0) * x->inner];
+        for (size_t p = 1; p < x->inner; p++) totals_merge(&t, &columns[(u - u0) * x->inner + p]);
+        totals_write(&t, shift[(u - u0) * x->inner], x, u);
+    }
+}
+
+/* The loop order for a tensor: rows when each unit has rows of >= LANES values. */
+static inline int use_rows(const Tensor *x) {
+    return x->inner >= LANES;
+}
+
+static inline size_t work_items(const Tensor *x) {
+    if (use_rows(x)) return x->units;
+    const size_t per = block_units(x);
+    return (x->units + per - 1) / per;
+}
+
+static inline void reduce_item(const Tensor *x, size_t item) {
+    if (use_rows(x))
+        reduce_unit_rows(x, item);
+    else
+        reduce_column_block(x, item);
+}
+
+/* A tensor with no values: zero counts and moments, min +inf, max -inf, for every unit. */
+static void write_empty(const Tensor *x) {
+    Totals t;
+    totals_reset(&t);
+    for (size_t u = 0; u < x->units; u++) totals_write(&t, 0.0f, x, u);
+}
+
+#endif
