@@ -202,36 +202,42 @@ class SitePlan:
         return np.prod(shapes, axis=1, dtype=np.float64) / max(units, 1)
 
 
-# One site's statistics of a batch: each field (n, units) -- n stacked rows -- or broadcastable to it.
-Batch = dict[str, Any]
+# One site's statistics of a batch, whatever path computed them: ``(n, 9, units)`` float64,
+# the `MASKED_ROWS` of n stacked rows (n > 1: the iterations of a Loop/Scan body). Counts
+# are float64, exact up to 2**53.
+Rows = np.ndarray
+COUNT, POSITIVE, NAN, INF, MINIMUM, MAXIMUM, MEAN, M2, RELU_SUM = range(len(MASKED_ROWS))
 
 
-def _fast_batch(rows: np.ndarray, counts: np.ndarray) -> Batch | None:
-    """Host statistics from fast-path rows (`FAST_ROWS`); None when a value is not finite.
+def _fast_rows(rows: np.ndarray, counts: np.ndarray) -> Rows | None:
+    """`MASKED_ROWS` from fast-path rows (`FAST_ROWS`); None when a value is not finite.
 
     Per-element variance and ReLU mean become sums in float64 here, so the graph needs
     no float64 cast and no division by the count."""
     if not np.isfinite(rows[:, :4]).all():
         return None
+    out = np.zeros((rows.shape[0], len(MASKED_ROWS), rows.shape[2]))
     count = counts[:, None]
-    return {"count": count, "positive": np.rint(rows[:, 4]).astype(np.int64), "nan": 0, "inf": 0,
-            "minimum": rows[:, 1], "maximum": rows[:, 0], "mean": rows[:, 2], "m2": rows[:, 3] * count,
-            "relu_sum": rows[:, 5] * count}
+    out[:, COUNT] = count
+    out[:, POSITIVE] = np.rint(rows[:, 4])
+    out[:, MINIMUM], out[:, MAXIMUM], out[:, MEAN] = rows[:, 1], rows[:, 0], rows[:, 2]
+    out[:, M2] = rows[:, 3] * count
+    out[:, RELU_SUM] = rows[:, 5] * count
+    return out
 
 
-def _kernel_rows(packed: np.ndarray) -> np.ndarray:
-    """``(n, 9, units)`` from the kernel's ``(9, units)`` output (``(n, 9, units)`` from a loop)."""
+def _masked_rows(rows: np.ndarray) -> Rows:
+    """`MASKED_ROWS` from the masked graph's rows, counts rounded to integers."""
+    out = np.array(rows, dtype=np.float64)
+    out[:, :MINIMUM] = np.rint(out[:, :MINIMUM])  # count, positive, nan, inf
+    return out
+
+
+def _kernel_rows(packed: np.ndarray) -> Rows:
+    """`Rows` from the kernel's ``(9, units)`` output (``(n, 9, units)`` out of a loop)."""
     if packed.size == 0 or packed.ndim < 2:
         return np.zeros((0, len(MASKED_ROWS), 0))
     return packed.reshape(-1, len(MASKED_ROWS), packed.shape[-1]).astype(np.float64, copy=False)
-
-
-def _masked_batch(rows: np.ndarray) -> Batch:
-    """Host statistics from masked-path rows (`MASKED_ROWS`)."""
-    counts = np.rint(rows[:, :4]).astype(np.int64)  # count, positive, nan, inf
-    return {"count": counts[:, 0].astype(np.float64), "positive": counts[:, 1], "nan": counts[:, 2],
-            "inf": counts[:, 3], "minimum": rows[:, 4], "maximum": rows[:, 5], "mean": rows[:, 6], "m2": rows[:, 7],
-            "relu_sum": rows[:, 8]}
 
 
 # --- emitting nodes --------------------------------------------------------------------------
@@ -831,58 +837,46 @@ def _convert(array: np.ndarray, spec: InputSpec, model_path: Path) -> np.ndarray
 # --- the scanner ---------------------------------------------------------------------------------
 
 
-def _row(values: Any, i: int) -> Any:
-    """Row i of a (n, units) or (n, 1) array; a plain number as it is."""
-    return values[i] if isinstance(values, np.ndarray) else values
-
-
 class _Accumulator:
-    """Running per-unit statistics of one site: float64/int64 numpy vectors folded with
-    Chan's merge, the same arithmetic as `deadrelu.stats.UnitStats.fold` without a
-    torch call per statistic per batch."""
+    """Running per-unit statistics of one site: one ``(9, units)`` float64 array in
+    `MASKED_ROWS` order, folded with Chan's merge (the arithmetic of
+    `deadrelu.stats.UnitStats.fold`), a dozen numpy operations per batch."""
 
     def __init__(self, plan: SitePlan) -> None:
         self.plan = plan
-        self.units: int | None = None
-        self.state: dict[str, np.ndarray] = {}
+        self.state: np.ndarray | None = None
 
-    def fold(self, batch: Batch) -> None:
-        mean = batch["mean"]
-        units = int(mean.shape[1])
-        if self.units is None:
-            self._start(units)
+    @property
+    def units(self) -> int | None:
+        return None if self.state is None else int(self.state.shape[1])
+
+    def fold(self, rows: Rows) -> None:
+        units = int(rows.shape[2])
+        if self.state is None:
+            self.state = np.zeros((len(MASKED_ROWS), units))
+            self.state[MINIMUM], self.state[MAXIMUM] = np.inf, -np.inf
         elif self.units != units:
             raise ModelRunError(f"site '{self.plan.site.name}': {units} units along axis {self.plan.axis} in "
                                 f"this batch, {self.units} before; the unit axis must have a fixed size")
         a = self.state
-        for i in range(mean.shape[0]):
-            b = {name: _row(values, i) for name, values in batch.items()}
-            total = a["count"] + b["count"]
-            safe_total = np.maximum(total, 1)
-            delta = b["mean"] - a["mean"]
-            a["mean"] = a["mean"] + delta * (b["count"] / safe_total)
-            a["m2"] = a["m2"] + b["m2"] + delta * delta * (a["count"] * b["count"] / safe_total)
-            a["count"] = total
-            a["positive"] = a["positive"] + b["positive"]
-            a["nan"] = a["nan"] + b["nan"]
-            a["inf"] = a["inf"] + b["inf"]
-            a["minimum"] = np.minimum(a["minimum"], b["minimum"])
-            a["maximum"] = np.maximum(a["maximum"], b["maximum"])
-            a["relu_sum"] = a["relu_sum"] + b["relu_sum"]
-
-    def _start(self, units: int) -> None:
-        self.units = units
-        self.state = {
-            "count": np.zeros(units), "positive": np.zeros(units, dtype=np.int64),
-            "nan": np.zeros(units, dtype=np.int64), "inf": np.zeros(units, dtype=np.int64),
-            "minimum": np.full(units, np.inf), "maximum": np.full(units, -np.inf), "mean": np.zeros(units),
-            "m2": np.zeros(units), "relu_sum": np.zeros(units),
-        }
+        for b in rows:
+            delta = b[MEAN] - a[MEAN]
+            a[COUNT] += b[COUNT]
+            weight = b[COUNT] / np.maximum(a[COUNT], 1)
+            a[M2] += b[M2] + delta * delta * (a[COUNT] - b[COUNT]) * weight
+            a[MEAN] += delta * weight
+            a[POSITIVE:MINIMUM] += b[POSITIVE:MINIMUM]  # positive, nan, inf
+            a[RELU_SUM] += b[RELU_SUM]
+            np.minimum(a[MINIMUM], b[MINIMUM], out=a[MINIMUM])
+            np.maximum(a[MAXIMUM], b[MAXIMUM], out=a[MAXIMUM])
 
     def result(self) -> UnitSummary | None:
-        if self.units is None:
+        if self.state is None:
             return None
-        return UnitSummary(**{name: np.array(values) for name, values in self.state.items()})
+        a = self.state
+        whole = {name: a[row].astype(np.int64) for name, row in (("positive", POSITIVE), ("nan", NAN), ("inf", INF))}
+        return UnitSummary(count=a[COUNT].copy(), minimum=a[MINIMUM].copy(), maximum=a[MAXIMUM].copy(),
+                           mean=a[MEAN].copy(), m2=a[M2].copy(), relu_sum=a[RELU_SUM].copy(), **whole)
 
 
 @dataclass
@@ -1013,7 +1007,7 @@ class OnnxScanner:
             raise ModelRunError(f"{self.model.path}: onnxruntime failed on input {shapes}: {_line(exc)}") from exc
 
     def _decode(self, fetched: dict[int, tuple[np.ndarray, np.ndarray]],
-                exposures: dict[int, Exposure]) -> dict[int, Batch] | None:
+                exposures: dict[int, Exposure]) -> dict[int, Rows] | None:
         """Each site's statistics of the batch; None when a fast-path site saw NaN/Inf."""
         decoded = {}
         for plan in self.plans:
@@ -1026,10 +1020,10 @@ class OnnxScanner:
             if rows.shape[0] == 0:
                 continue
             if layout != "fast":
-                decoded[plan.id] = _masked_batch(rows)
+                decoded[plan.id] = rows if layout == "kernel" else _masked_rows(rows)
                 continue
             counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])
-            batch = _fast_batch(rows, counts)
+            batch = _fast_rows(rows, counts)
             if batch is None:
                 return None
             decoded[plan.id] = batch
