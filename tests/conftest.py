@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,15 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def expected() -> dict:
     return json.loads((FIXTURES / "expected.json").read_text())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """deadrelu's ONNX kernel is built into a cache folder of this test session (not the
+    user's ~/.cache), once per session; DEADRELU_CACHE_DIR set by the caller wins."""
+    if "DEADRELU_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="deadrelu-test-cache-")
+        os.environ["DEADRELU_CACHE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

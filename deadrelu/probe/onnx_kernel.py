@@ -197,17 +197,21 @@ def reference_rows(x: np.ndarray, axis: int) -> np.ndarray:
 
 
 def check_cases() -> list[tuple[np.ndarray, int]]:
-    """Tensors for the self-check: both loop orders, tails, NaN/Inf, subnormals, far-off units."""
+    """Tensors for the self-check: both loop orders, tails, subnormals, far-off units, each
+    all finite and again with NaN/Inf in its first slice (finite blocks and re-read blocks)."""
     rng = np.random.default_rng(7)
     cases = []
     for shape, axis in [((3, 16, 9, 7), 1), ((37, 40), 1), ((5, 6, 3), 1), ((4, 3, 2100), 1), ((9,), 0),
                         ((2, 3, 4, 5), 3)]:
         offsets = rng.uniform(-3, 3, shape[axis]).reshape([-1 if d == axis else 1 for d in range(len(shape))])
         x = (rng.standard_normal(shape) + offsets).astype(np.float32)
-        x.flat[::29] = np.nan
-        x.flat[3::41] = np.inf
-        x.flat[5::43] = -np.inf
         x.flat[7::13] = np.float32(1e-42)
+        cases.append((x, axis))
+        x = x.copy()
+        first = x[:1].reshape(-1)
+        first[::29] = np.nan
+        first[3::41] = np.inf
+        first[5::43] = -np.inf
         cases.append((x, axis))
     cases.append(((rng.standard_normal((6, 5, 64)) * 0.01 + 1000).astype(np.float32), 1))
     return cases
