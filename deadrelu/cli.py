@@ -88,7 +88,7 @@ def scan_command(
     mean: Annotated[Optional[str], typer.Option("--mean", help="Image folders: normalisation mean, a preset (imagenet, clip, half, none) or numbers.")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for --data random.")] = 0,
-    compile_mode: Annotated[str, typer.Option("--compile", help="torch.compile the model with its statistics: auto (when the data would take the eager path over a minute), on, off.")] = "auto",
+    compile_mode: Annotated[str, typer.Option("--compile", help="PyTorch: torch.compile the model with its statistics (auto: when the data would take the eager path over a minute). ONNX on CPU: build and use deadrelu's one-pass kernel (auto: when a C compiler is found). auto, on, off.")] = "auto",
     near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,

@@ -42,7 +42,7 @@ class ScanOptions:
     batch_size: int = 32
     samples: int | None = None  # cap on the number of samples
     inputs: str | None = None  # which batch elements are model inputs: "0", "0,1", "image,mask"
-    compile: str = "auto"  # auto | on | off: torch.compile the per-site reductions (auto: large data)
+    compile: str = "auto"  # auto | on | off: torch.compile the model with its statistics; ONNX: deadrelu's kernel
     data: DataOptions = field(default_factory=DataOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
 
