@@ -245,6 +245,21 @@ def test_the_kernel_is_built_once_and_then_taken_from_the_cache(kernel: Path, fr
     assert onnx_kernel.kernel_library().path == built.path
 
 
+def test_an_unwritable_cache_folder_builds_into_a_temporary_one(kernel: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DEADRELU_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    forget = onnx_kernel.kernel_library.cache_clear
+    forget()
+    try:
+        library = onnx_kernel.kernel_library()
+    finally:
+        forget()
+    assert library.path is not None and library.path.exists()
+    assert not str(library.path).startswith(str(blocker))
+
+
 def test_a_library_that_fails_its_self_check_is_not_used(kernel: Path, fresh_cache: Path) -> None:
     fresh_cache.mkdir(parents=True)
     broken = fresh_cache / "broken.so"

@@ -9,7 +9,8 @@ NaN/Inf counted apart, exact counts, shifted sums (see ``relu_stats_compute.h``)
 
 It is C, so it is built on first use with the system C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``) for this machine (``-O3 -march=native``) into a cache folder
-(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu``, else ``~/.cache/deadrelu``),
+(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu``, else ``~/.cache/deadrelu``;
+a temporary folder for this process where that cannot be written),
 under a name that hashes the sources, the compiler, the flags, the CPU's features and the
 onnxruntime version. A fresh build is first loaded into ONNX Runtime in a subprocess and
 checked against numpy on planted values (a crash there costs the subprocess, not the scan);
@@ -19,6 +20,7 @@ scans use the standard-operator reductions and say so once.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
@@ -84,8 +86,7 @@ def kernel_library() -> KernelLibrary:
 
 
 def _built(compiler: str) -> KernelLibrary:
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _writable(cache_dir())
     library = folder / f"relu_stats-{_build_key(compiler)}.so"
     verdict_ok, verdict_bad = library.with_suffix(".ok"), library.with_suffix(".bad")
     if library.exists() and verdict_ok.exists():
@@ -98,6 +99,19 @@ def _built(compiler: str) -> KernelLibrary:
         return KernelLibrary(None, reason)
     _write_atomically(verdict_ok, "checked against numpy\n")
     return KernelLibrary(library)
+
+
+def _writable(folder: Path) -> Path:
+    """The cache folder; a temporary one, removed at exit, where it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    except OSError:
+        pass
+    temporary = Path(tempfile.mkdtemp(prefix="deadrelu-kernel-"))
+    atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+    return temporary
 
 
 def _build_key(compiler: str) -> str:
@@ -152,8 +166,12 @@ def _compile(compiler: str, library: Path) -> str:
 
 
 def _check(library: Path) -> str:
-    """Load the library into ONNX Runtime in a subprocess and compare with numpy; '' if right."""
-    command = [sys.executable, "-m", "deadrelu.probe.onnx_kernel", str(library)]
+    """Load the library into ONNX Runtime in a subprocess and compare with numpy; '' if right.
+
+    The subprocess runs this file as a script: it needs numpy, onnx and onnxruntime, not
+    the deadrelu package (nor torch), so it starts fast and finds everything it imports
+    wherever deadrelu itself was imported from."""
+    command = [sys.executable, str(Path(__file__).resolve()), str(library)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -2,17 +2,19 @@
 
 Three phases, like ONNX Runtime's calibrators, without their costs:
 
-1. *Augment.* Right after each site, a few nodes reduce its pre-activation over every axis
-   but the unit axis -- max, min, mean, variance, count of values > 0, mean of the ReLU
-   output (`FAST_ROWS`, see `emit_fast` for how few passes they take) -- and pack them into
-   one small ``(6, units)`` float32 tensor; that tensor and the pre-activation's ``Shape``
-   become graph outputs (threaded out of ``If`` branches and ``Loop``/``Scan`` bodies).
-   Whole pre-activations never leave ONNX Runtime. The model is built in memory; its
-   weights are appended as serialized protobuf fragments, not copied into a second model,
-   and external data stays where it is.
-2. *Collect.* One session run per batch; each site's packed rows are folded on the host
-   into float64 numpy accumulators with Chan's merge (the arithmetic of
-   `deadrelu.stats.UnitStats.fold`).
+1. *Augment.* Right after each site, nodes reduce its pre-activation over every axis but
+   the unit axis and bring out one small tensor per site, threaded out of ``If`` branches
+   and ``Loop``/``Scan`` bodies. Whole pre-activations never leave ONNX Runtime. On CPU,
+   by default, that is one node of deadrelu's own kernel (`emit_kernel`,
+   `deadrelu.probe.onnx_kernel`): nine statistics from one read, ``(9, units)`` float64.
+   Otherwise ONNX Runtime's own operators compute max, min, mean, variance, positive count
+   and ReLU mean (`emit_fast`; see it for how few passes they take) into ``(6, units)``
+   float32, plus the pre-activation's ``Shape``. The model is built in memory; its weights
+   are appended as serialized protobuf fragments, not copied into a second model, and
+   external data stays where it is.
+2. *Collect.* One session run per batch; each site's rows become the nine `MASKED_ROWS`
+   and are folded on the host into one float64 array per site with Chan's merge (the
+   arithmetic of `deadrelu.stats.UnitStats.fold`).
 3. *Result.* A `UnitSummary` per site.
 
 Graph optimisations stay on (ORT_ENABLE_ALL: its blocked NCHWc convolutions make plain
@@ -21,13 +23,15 @@ its ReLU, so ONNX Runtime cannot fuse the ReLU into its producer or drop the ten
 tests check the results against a session with every optimisation off. The reduction
 nodes are listed so that ONNX Runtime runs each site's right after the site (see
 `Rewriter._graph`): each pre-activation is reduced while in cache and freed at once, not
-kept to the end. `emit_fast` lists the alternatives that were measured and lost.
+kept to the end.
 
-The fast reductions assume finite values. When a batch's statistics come back not finite,
-that batch runs again through a second, lazily built session whose reductions count NaN
-and +-Inf apart and keep them out of min/max/moments (the split of `deadrelu.stats`).
-Per-batch partial sums are float32 (float64 for double models): positive counts are exact
-below 2**24 elements per unit per batch, and "dead" (no value > 0) is exact at any size.
+The kernel counts NaN and +-Inf apart by itself. The operator reductions assume finite
+values: when a batch's statistics come back not finite, that batch runs again through a
+second, lazily built session whose reductions count NaN and +-Inf apart and keep them out
+of min/max/moments (the split of `deadrelu.stats`). Their per-batch partial sums are
+float32 (float64 for double models): positive counts are exact below 2**24 elements per
+unit per batch, and "dead" (no value > 0) is exact at any size; the kernel's counts are
+exact at any size.
 """
 
 from __future__ import annotations
@@ -248,7 +252,7 @@ class Emitted:
     """The two tensors a site's reductions produce, in the graph that holds the site."""
 
     stats: str  # packed statistics, one row per statistic along the pack axis
-    shape: str  # the pre-activation's shape (int64)
+    shape: str | None  # the pre-activation's shape (int64); None where the rows need none (kernel)
     stats_type: int  # onnx data type of ``stats``
     rows: str = "fast"  # the layout of ``stats``: "fast", "masked" or "kernel" (see `OnnxScanner._decode`)
 
@@ -443,9 +447,9 @@ def emit_kernel(em: Emitter, plan: SitePlan) -> Emitted:
     stats = em.node(KERNEL_OP, [x], "kernel_stats", domain=KERNEL_DOMAIN, axis=plan.work_axis)
     if plan.site.scope:  # a Loop/Scan body's outputs need a known rank; ORT infers none for custom ops
         stats = em.node("Reshape", [stats, em.const(np.array([len(MASKED_ROWS), -1], np.int64), "rows")], "ranked")
-    # the shape output is unused on this path; the Shape of the small result costs nothing
-    # (a Shape of the pre-activation would make ORT convert a blocked NCHWc tensor to read it)
-    return Emitted(stats, em.node("Shape", [stats], "shape"), TensorProto.DOUBLE, "kernel")
+    # no Shape: the rows carry their counts (a Shape of the pre-activation would also make
+    # ORT convert a blocked NCHWc tensor just to read its dimensions)
+    return Emitted(stats, None, TensorProto.DOUBLE, "kernel")
 
 
 def emit_shape(em: Emitter, plan: SitePlan) -> Emitted:
@@ -466,7 +470,7 @@ class Exposure:
 
     plan: SitePlan
     stats: str
-    shape: str
+    shape: str | None
     stats_type: int
     rows: str = "fast"
 
@@ -574,27 +578,34 @@ class Rewriter:
         if node.op_type == "Scan":  # new scan outputs: stacked along axis 0, forward
             for attr in node.attribute:
                 if attr.name in ("scan_output_axes", "scan_output_directions"):
-                    attr.ints.extend([0] * (2 * len(found)))
+                    attr.ints.extend([0] * sum(len(_names(e)) for e in found))
         return [self._node_outputs(node, em, e) for e in found]
 
     @staticmethod
     def _node_outputs(node: onnx.NodeProto, em: Emitter, exposure: Exposure) -> Exposure:
         """New outputs of a container node carrying one site's tensors out of its subgraph."""
-        stats, shape = em.fresh("stats_out"), em.fresh("shape_out")
-        node.output.extend([stats, shape])
+        stats = em.fresh("stats_out")
+        shape = em.fresh("shape_out") if exposure.shape else None
+        node.output.extend([stats, shape] if shape else [stats])
         return Exposure(exposure.plan, stats, shape, exposure.stats_type, exposure.rows)
+
+
+def _names(exposure: Exposure) -> list[str]:
+    """The graph outputs of one site: its statistics, and its shape where it has one."""
+    return [exposure.stats, exposure.shape] if exposure.shape else [exposure.stats]
 
 
 def _add_outputs(graph: onnx.GraphProto, exposure: Exposure) -> None:
     graph.output.append(helper.make_tensor_value_info(exposure.stats, exposure.stats_type, None))
-    graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
+    if exposure.shape:
+        graph.output.append(helper.make_tensor_value_info(exposure.shape, TensorProto.INT64, None))
 
 
 def _placeholder(em: Emitter, exposure: Exposure, graph: onnx.GraphProto) -> Exposure:
     """Empty stand-ins, in one If branch, for a site that sits in the other branch."""
     em.nodes = []
     stats = em.const(np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(exposure.stats_type)), "empty_stats")
-    shape = em.const(np.zeros((0,), dtype=np.int64), "empty_shape")
+    shape = em.const(np.zeros((0,), dtype=np.int64), "empty_shape") if exposure.shape else None
     graph.node.extend(em.nodes)
     return Exposure(exposure.plan, stats, shape, exposure.stats_type, exposure.rows)
 
@@ -989,13 +1000,13 @@ class OnnxScanner:
 
     def _fetch(self, session: Any, exposures: dict[int, Exposure],
                feed: dict[str, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        names = []
-        for plan in self.plans:
-            names.extend([exposures[plan.id].stats, exposures[plan.id].shape])
+        names = [_names(exposures[plan.id]) for plan in self.plans]
         if not names:
             return {}
-        values = self._call(session, names, feed)
-        return {plan.id: (values[2 * i], values[2 * i + 1]) for i, plan in enumerate(self.plans)}
+        values = iter(self._call(session, [name for site in names for name in site], feed))
+        no_shape = np.zeros(0, dtype=np.int64)
+        return {plan.id: (next(values), next(values) if len(site) == 2 else no_shape)
+                for plan, site in zip(self.plans, names)}
 
     def _call(self, session: Any, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
