@@ -315,3 +315,31 @@ def test_the_kernel_sources_ship_with_the_package() -> None:
     assert '"kernels/*.c", "kernels/*.h"' in text
     for name in onnx_kernel.SOURCES:
         assert (onnx_kernel.kernel_sources() / name).is_file()
+
+
+def test_a_compiler_that_refuses_the_tuning_flag_builds_portably(kernel: Path, fresh_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler wrapper that rejects -march=native (as some do on some CPUs): the kernel is
+    built without it, checked, and used."""
+    real = onnx_kernel.find_compiler()
+    assert real is not None
+    wrapper = tmp_path / "picky-cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && {{ echo "error: unsupported '
+                       f'option -march=native" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    library = onnx_kernel.kernel_library()
+    assert library.path is not None, library.reason
+    x = planted((3, 10, 5, 5), 1, seed=2, nonfinite=True)
+    assert_matches(run_kernel(library.path, x, 1), x, 1)
+
+
+def test_a_compiler_that_fails_gives_its_last_line_as_the_reason(fresh_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken-cc"
+    broken.write_text('#!/bin/sh\necho "fatal error: no space left on device" >&2\nexit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    library = onnx_kernel.kernel_library()
+    assert library.path is None
+    assert library.reason == "broken-cc failed on relu_stats.c: fatal error: no space left on device"

@@ -37,7 +37,8 @@ import numpy as np
 DOMAIN = "ai.deadrelu"
 OP_TYPE = "ReluStats"
 SOURCES = ("relu_stats.c", "relu_stats_compute.h")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-fno-strict-aliasing")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-fno-strict-aliasing")
+TUNING = ("-march=native",)  # dropped, and the build retried, where the compiler refuses it
 BUILD_TIMEOUT_S = 120
 CHECK_TIMEOUT_S = 120
 
@@ -120,7 +121,7 @@ def _build_key(compiler: str) -> str:
     digest = hashlib.sha256()
     for name in SOURCES:
         digest.update((kernel_sources() / name).read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + TUNING).encode())
     digest.update(_compiler_version(compiler).encode())
     digest.update(onnxruntime.__version__.encode())
     digest.update(platform.machine().encode())
@@ -148,16 +149,19 @@ def _cpu_features() -> str:
 
 
 def _compile(compiler: str, library: Path) -> str:
-    """Build into a temporary file beside `library`, then rename; an error line or ''."""
+    """Build into a temporary file beside `library`, then rename; an error line or ''.
+    Tuned for this CPU where the compiler can (`TUNING`), else portable."""
     handle, temporary = tempfile.mkstemp(prefix=library.stem, suffix=".tmp.so", dir=library.parent)
     os.close(handle)
-    command = [compiler, *FLAGS, "-o", temporary, str(kernel_sources() / "relu_stats.c"), "-lm"]
+    source = str(kernel_sources() / "relu_stats.c")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
-            return f"{Path(compiler).name} failed on relu_stats.c: {_last_line(done.stderr)}"
-        os.replace(temporary, library)
-        return ""
+        for tuning in (TUNING, ()):
+            command = [compiler, *FLAGS, *tuning, "-o", temporary, source, "-lm"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+            if done.returncode == 0:
+                os.replace(temporary, library)
+                return ""
+        return f"{Path(compiler).name} failed on relu_stats.c: {_last_line(done.stderr)}"
     except subprocess.TimeoutExpired:
         return f"{Path(compiler).name} took over {BUILD_TIMEOUT_S} s on relu_stats.c"
     finally:
