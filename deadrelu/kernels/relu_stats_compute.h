@@ -17,8 +17,10 @@
  * values); when its sum comes out NaN or infinite it is reduced again value by value
  * with NaN/Inf kept apart, so the careful path costs only where such values are.
  *
- * Two loop orders: `reduce_unit_rows` for units whose values lie in rows of >= LANES
- * contiguous values (a convolution's (N, C, H, W)), one unit per work item;
+ * Two loop orders: `reduce_row_block` for units whose values lie in rows of >= LANES
+ * contiguous values (a convolution's (N, C, H, W)), a block of units per work item read
+ * in memory order (short rows read unit by unit halved the bandwidth: each row is a new
+ * stream for the prefetcher);
  * `reduce_column_block` for units that lie across rows (a dense layer's (N, F):
  * inner == 1), a block of whole units per work item, vectorised across the units.
  */
@@ -37,6 +39,8 @@
 #define LANES 8
 #define CHUNK 1024         /* values of one unit reduced in float32 before a float64 flush */
 #define BLOCK_COLUMNS 16   /* columns (unit x inner positions) per column-path work item */
+#define ROW_BLOCK_VALUES 16384 /* values per outer index that a row-path work item reads */
+#define MAX_ROW_UNITS 64       /* units per row-path work item, at most */
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
@@ -70,13 +74,14 @@ static inline vfloat vsplat(float value) {
     return v;
 }
 
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) {
+    return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
+}
+
 #if defined(__AVX__)
 static inline vfloat vmin(vfloat a, vfloat b) { return (vfloat)_mm256_min_ps((__m256)a, (__m256)b); }
 static inline vfloat vmax(vfloat a, vfloat b) { return (vfloat)_mm256_max_ps((__m256)a, (__m256)b); }
 #else
-static inline vfloat vselect(vint mask, vfloat a, vfloat b) {
-    return (vfloat)(((vint)a & mask) | ((vint)b & ~mask));
-}
 static inline vfloat vmin(vfloat a, vfloat b) { return vselect(a < b, a, b); }
 static inline vfloat vmax(vfloat a, vfloat b) { return vselect(a > b, a, b); }
 #endif
@@ -126,6 +131,34 @@ static inline void lanes_add_run(Lanes *l, const float *p, size_t vectors, size_
     l->minimum = vmin(lo_a, lo_b);
     l->maximum = vmax(hi_a, hi_b);
     l->positive = pa + pb;
+}
+
+/* The last `tail` (< LANES) values before `end`, assuming finite values: one vector load
+ * ending at `end` (at least LANES values after the row's start), its first lanes masked. */
+static inline void lanes_add_tail(Lanes *l, const float *end, size_t tail, vfloat k) {
+    const vfloat zero = vsplat(0.0f);
+    vint lane, first_kept;
+    for (int i = 0; i < LANES; i++) {
+        lane[i] = i;
+        first_kept[i] = (int32_t)(LANES - tail);
+    }
+    const vint keep = lane >= first_kept;
+    const vfloat v = vload(end - LANES);
+    const vfloat d = (vfloat)((vint)(v - k) & keep);  /* masked lanes add 0, even if NaN */
+    l->s1 += d;
+    l->s2 += d * d;
+    l->relu += (vfloat)((vint)vmax(v, zero) & keep);
+    l->minimum = vmin(vselect(keep, v, vsplat(INFINITY)), l->minimum);
+    l->maximum = vmax(vselect(keep, v, vsplat(-INFINITY)), l->maximum);
+    l->positive -= (v > zero) & keep;
+}
+
+/* Values [i0, i1) of a row into l, assuming finite values; i1 - i0 is a multiple of LANES
+ * unless i1 is the row's end (>= LANES values from its start). */
+static inline void lanes_add_segment(Lanes *l, const float *row, size_t i0, size_t i1, vfloat k) {
+    const size_t vectors = (i1 - i0) / LANES, tail = (i1 - i0) % LANES;
+    lanes_add_run(l, row + i0, vectors, LANES, k);
+    if (tail) lanes_add_tail(l, row + i1, tail, k);
 }
 
 /* Two adjacent column vectors (a at p, b at p + LANES) of `rows` rows `stride` apart,
@@ -200,6 +233,19 @@ static inline void totals_add_lane(Totals *t, const Lanes *l, int i, double valu
     if (l->maximum[i] > t->maximum) t->maximum = l->maximum[i];
 }
 
+/* Every lane of a finite chunk of `values` values (lanes may hold different numbers of them). */
+static inline void totals_add_lanes(Totals *t, const Lanes *l, double values) {
+    t->count += values;
+    for (int i = 0; i < LANES; i++) {
+        t->positive += l->positive[i];
+        t->s1 += l->s1[i];
+        t->s2 += l->s2[i];
+        t->relu += l->relu[i];
+        if (l->minimum[i] < t->minimum) t->minimum = l->minimum[i];
+        if (l->maximum[i] > t->maximum) t->maximum = l->maximum[i];
+    }
+}
+
 static inline void totals_merge(Totals *t, const Totals *o) {
     t->count += o->count;
     t->positive += o->positive;
@@ -230,45 +276,74 @@ static void totals_write(const Totals *t, float k, const Tensor *x, size_t u) {
     for (int r = 0; r < STAT_ROWS; r++) x->out[(size_t)r * x->units + u] = row[r];
 }
 
-/* Rows [o0, o1) of unit u, values [i0, i1) of each (i1 - i0 a multiple of LANES), into t:
- * assuming finite values, else again value by value. */
-static void rows_chunk(const Tensor *x, size_t u, size_t o0, size_t o1, size_t i0, size_t i1, float k, Totals *t) {
-    Lanes l;
-    lanes_reset(&l);
-    const vfloat kv = vsplat(k);
-    for (size_t o = o0; o < o1; o++)
-        lanes_add_run(&l, x->x + (o * x->units + u) * x->inner + i0, (i1 - i0) / LANES, LANES, kv);
-    if (lanes_finite(&l)) {
-        double per_lane = (double)((o1 - o0) * (i1 - i0) / LANES);
-        for (int j = 0; j < LANES; j++) totals_add_lane(t, &l, j, per_lane);
-        return;
-    }
+/* Units per row-path work item: enough whole rows that each outer index is a long
+ * contiguous read, not so many that small tensors give a pool of threads too few items. */
+static inline size_t row_block_units(const Tensor *x) {
+    size_t n = ROW_BLOCK_VALUES / x->inner;
+    if (n < 1) n = 1;
+    return n < MAX_ROW_UNITS ? n : MAX_ROW_UNITS;
+}
+
+static inline const float *row_of(const Tensor *x, size_t o, size_t u) {
+    return x->x + (o * x->units + u) * x->inner;
+}
+
+/* Rows [o0, o1) of unit u, values [i0, i1) of each, value by value, NaN/Inf kept apart. */
+static void rows_careful(const Tensor *x, size_t u, size_t o0, size_t o1, size_t i0, size_t i1, float k, Totals *t) {
     for (size_t o = o0; o < o1; o++) {
-        const float *row = x->x + (o * x->units + u) * x->inner;
+        const float *row = row_of(x, o, u);
         for (size_t i = i0; i < i1; i++) totals_add_value(t, row[i], k);
     }
 }
 
-/* Unit u, whose values lie in the contiguous rows o * units + u of `inner` >= LANES values. */
-static void reduce_unit_rows(const Tensor *x, size_t u) {
-    const float k = unit_shift(x, u);
-    const size_t body = x->inner / LANES * LANES;
-    Totals t;
-    totals_reset(&t);
-    if (body <= CHUNK) {  /* several whole rows per chunk */
-        const size_t rows = CHUNK / body;
-        for (size_t o = 0; o < x->outer; o += rows)
-            rows_chunk(x, u, o, o + rows < x->outer ? o + rows : x->outer, 0, body, k, &t);
-    } else {  /* each row in chunks */
+/* Work item b of the row path: units [b * row_block_units, ...), whose values lie in rows
+ * of `inner` >= LANES contiguous values. The rows are read in memory order (outer index,
+ * then unit), each unit's into its own float32 lanes, flushed to float64 every window of
+ * at most CHUNK / LANES values per lane; a window that met NaN/Inf is read again, carefully. */
+static void reduce_row_block(const Tensor *x, size_t b) {
+    const size_t per = row_block_units(x), u0 = b * per;
+    const size_t n = u0 + per < x->units ? per : x->units - u0;
+    const size_t per_lane = CHUNK / LANES, row_vectors = (x->inner + LANES - 1) / LANES;
+    Totals totals[MAX_ROW_UNITS];
+    float shift[MAX_ROW_UNITS];
+    Lanes lanes[MAX_ROW_UNITS];
+    vfloat kv[MAX_ROW_UNITS];
+    for (size_t j = 0; j < n; j++) {
+        totals_reset(&totals[j]);
+        shift[j] = unit_shift(x, u0 + j);
+        kv[j] = vsplat(shift[j]);
+    }
+    if (row_vectors <= per_lane) {  /* windows of whole rows */
+        const size_t window = per_lane / row_vectors;
+        for (size_t o0 = 0; o0 < x->outer; o0 += window) {
+            const size_t o1 = o0 + window < x->outer ? o0 + window : x->outer;
+            for (size_t j = 0; j < n; j++) lanes_reset(&lanes[j]);
+            for (size_t o = o0; o < o1; o++)
+                for (size_t j = 0; j < n; j++) lanes_add_segment(&lanes[j], row_of(x, o, u0 + j), 0, x->inner, kv[j]);
+            for (size_t j = 0; j < n; j++) {
+                if (lanes_finite(&lanes[j]))
+                    totals_add_lanes(&totals[j], &lanes[j], (double)((o1 - o0) * x->inner));
+                else
+                    rows_careful(x, u0 + j, o0, o1, 0, x->inner, shift[j], &totals[j]);
+            }
+        }
+    } else {  /* long rows, in segments of CHUNK values */
         for (size_t o = 0; o < x->outer; o++)
-            for (size_t i = 0; i < body; i += CHUNK)
-                rows_chunk(x, u, o, o + 1, i, i + CHUNK < body ? i + CHUNK : body, k, &t);
+            for (size_t j = 0; j < n; j++) {
+                const float *row = row_of(x, o, u0 + j);
+                for (size_t i0 = 0; i0 < x->inner; i0 += CHUNK) {
+                    const size_t i1 = i0 + CHUNK < x->inner ? i0 + CHUNK : x->inner;
+                    Lanes l;
+                    lanes_reset(&l);
+                    lanes_add_segment(&l, row, i0, i1, kv[j]);
+                    if (lanes_finite(&l))
+                        totals_add_lanes(&totals[j], &l, (double)(i1 - i0));
+                    else
+                        rows_careful(x, u0 + j, o, o + 1, i0, i1, shift[j], &totals[j]);
+                }
+            }
     }
-    for (size_t o = 0; o < x->outer && body < x->inner; o++) {
-        const float *row = x->x + (o * x->units + u) * x->inner;
-        for (size_t i = body; i < x->inner; i++) totals_add_value(&t, row[i], k);
-    }
-    totals_write(&t, k, x, u);
+    for (size_t j = 0; j < n; j++) totals_write(&totals[j], shift[j], x, u0 + j);
 }
 
 /* Units per column-path work item: whole units, at most BLOCK_COLUMNS columns. */
@@ -326,14 +401,13 @@ static inline int use_rows(const Tensor *x) {
 }
 
 static inline size_t work_items(const Tensor *x) {
-    if (use_rows(x)) return x->units;
-    const size_t per = block_units(x);
+    const size_t per = use_rows(x) ? row_block_units(x) : block_units(x);
     return (x->units + per - 1) / per;
 }
 
 static inline void reduce_item(const Tensor *x, size_t item) {
     if (use_rows(x))
-        reduce_unit_rows(x, item);
+        reduce_row_block(x, item);
     else
         reduce_column_block(x, item);
 }
