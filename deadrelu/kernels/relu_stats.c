@@ -58,7 +58,6 @@ enum {
 #define ELEMENT_FLOAT 1
 #define ELEMENT_DOUBLE 11
 #define MAX_RANK 64
-#define BATCH_VALUES 16384
 
 typedef OrtStatus *(*CreateStatusFn)(int code, const char *message);
 typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
@@ -199,14 +198,11 @@ static OrtStatus *compute(void *opaque, OrtKernelContext *context) {
         write_empty(&x);
         return NULL;
     }
-    /* contiguous batches of work items of >= BATCH_VALUES values each: a thread picks up
-     * a batch, not a single small unit (a 7x7 unit of 8 samples is 392 values) */
-    const size_t items = work_items(&x), values = x.outer * x.units * x.inner;
-    size_t batches = values / BATCH_VALUES;
-    if (batches < 1) batches = 1;
-    if (batches > items) batches = items;
+    /* num_batch 0: the pool hands out work items as threads free up. (Fixed batches of
+     * >= 16K values each were slower inside a ResNet-50 scan: 16-17 ms against 10-13 ms
+     * per batch of 8, while equal on the kernel alone.) */
     return CALL(api, SLOT_KERNEL_CONTEXT_PARALLEL_FOR, KernelContextParallelForFn)(
-        context, reduce_one_item, items, batches, &x);
+        context, reduce_one_item, work_items(&x), 0, &x);
 }
 
 static CustomOp relu_stats_op = {
