@@ -236,13 +236,16 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 def test_the_kernel_is_built_once_and_then_taken_from_the_cache(kernel: Path, fresh_cache: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    built = onnx_kernel.kernel_library()
+    messages: list[str] = []
+    built = onnx_kernel.kernel_library(messages.append)
+    assert len(messages) == 1 and messages[0].startswith("building deadrelu's ONNX kernel for this machine")
     assert built.path is not None and built.path.parent == fresh_cache
     assert built.path.with_suffix(".ok").exists()
     assert not [p for p in fresh_cache.iterdir() if ".tmp" in p.name]  # no half-written file left
     onnx_kernel.kernel_library.cache_clear()
     monkeypatch.setattr(onnx_kernel, "_compile", lambda *a: pytest.fail("compiled again"))
-    assert onnx_kernel.kernel_library().path == built.path
+    assert onnx_kernel.kernel_library(messages.append).path == built.path
+    assert len(messages) == 1  # nothing to announce: found in the cache
 
 
 def test_an_unwritable_cache_folder_builds_into_a_temporary_one(kernel: Path, tmp_path: Path,
@@ -303,8 +306,8 @@ def test_without_a_compiler_the_scan_says_so_and_uses_operators(fresh_cache: Pat
 
 
 def test_compile_off_never_builds_the_kernel(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_kernel, "kernel_library", lambda: pytest.fail("looked for the kernel"))
-    monkeypatch.setattr(onnx_probe, "kernel_library", lambda: pytest.fail("looked for the kernel"))
+    monkeypatch.setattr(onnx_kernel, "kernel_library", lambda *a: pytest.fail("looked for the kernel"))
+    monkeypatch.setattr(onnx_probe, "kernel_library", lambda *a: pytest.fail("looked for the kernel"))
     report = scan(FIX / "mlp.onnx", FIX / "mlp.calib.npy", ScanOptions(device="cpu", compile="off"))
     assert report.engine == "onnxruntime"
 

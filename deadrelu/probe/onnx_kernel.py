@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +76,20 @@ def find_compiler() -> str | None:
 
 
 @functools.cache
-def kernel_library() -> KernelLibrary:
-    """The kernel for this machine: built, checked and cached on first use (once per process)."""
+def kernel_library(announce: Callable[[str], None] | None = None) -> KernelLibrary:
+    """The kernel for this machine: built, checked and cached on first use (then found in
+    the cache folder; the answer is also kept for the process). ``announce`` hears one
+    line before a build starts (a few seconds, once per machine)."""
     compiler = find_compiler()
     if compiler is None:
         return KernelLibrary(None, "no C compiler on PATH (cc, gcc or clang; or set $CC)")
     try:
-        return _built(compiler)
+        return _built(compiler, announce)
     except OSError as exc:
         return KernelLibrary(None, f"cannot build it: {exc}")
 
 
-def _built(compiler: str) -> KernelLibrary:
+def _built(compiler: str, announce: Callable[[str], None] | None = None) -> KernelLibrary:
     folder = _writable(cache_dir())
     library = folder / f"relu_stats-{_build_key(compiler)}.so"
     verdict_ok, verdict_bad = library.with_suffix(".ok"), library.with_suffix(".bad")
@@ -94,6 +97,9 @@ def _built(compiler: str) -> KernelLibrary:
         return KernelLibrary(library)
     if verdict_bad.exists():
         return KernelLibrary(None, verdict_bad.read_text().strip())
+    if announce:
+        announce(f"building deadrelu's ONNX kernel for this machine with {Path(compiler).name} "
+                 f"(once; cached in {folder})")
     reason = _compile(compiler, library) or _check(library)
     if reason:
         _write_atomically(verdict_bad, reason + "\n")

@@ -93,7 +93,7 @@ def choose_kernel(device: torch.device, compile_mode: str, notify: Callable[[str
             notify("--compile on: deadrelu's ONNX kernel runs on CPU only; on CUDA the reductions stay in "
                    "ONNX Runtime's graph")
         return None
-    library = kernel_library()
+    library = kernel_library(notify)
     if library.path is not None:
         return library.path
     if compile_mode == "on":
