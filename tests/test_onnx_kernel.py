@@ -348,3 +348,25 @@ def test_a_compiler_that_fails_gives_its_last_line_as_the_reason(fresh_cache: Pa
     library = onnx_kernel.kernel_library()
     assert library.path is None
     assert library.reason == "broken-cc failed on relu_stats.c: fatal error: no space left on device"
+
+
+def test_an_old_failure_is_tried_again_and_a_timeout_is_not_kept(kernel: Path, fresh_cache: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    fresh_cache.mkdir(parents=True)
+    compiler = onnx_kernel.find_compiler()
+    assert compiler is not None
+    bad = fresh_cache / f"relu_stats-{onnx_kernel._build_key(compiler)}.bad"
+    bad.write_text("cc failed on relu_stats.c: a day ago\n")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(bad, (two_days_ago, two_days_ago))
+    monkeypatch.setattr(onnx_kernel, "_compile", lambda *a: "cc took over 120 s on relu_stats.c")
+    library = onnx_kernel.kernel_library()
+    assert library.path is None and library.reason == "cc took over 120 s on relu_stats.c"
+    assert bad.read_text() == "cc failed on relu_stats.c: a day ago\n"  # the timeout was not written
+    monkeypatch.undo()
+    monkeypatch.setenv("DEADRELU_CACHE_DIR", str(fresh_cache))
+    onnx_kernel.kernel_library.cache_clear()
+    assert onnx_kernel.kernel_library().path is not None  # built, checked, used

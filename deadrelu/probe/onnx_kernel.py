@@ -1,21 +1,23 @@
 """deadrelu's ONNX Runtime kernel: every statistic of a site in one read of its pre-activation.
 
-ONNX Runtime's standard operators read a tapped tensor once per statistic, and on CPU
-each non-blocked consumer of a convolution's output makes ORT convert it out of its NCHWc
-layout; on ResNet-50 that held a scan at ~1.5x plain inference. The custom operator
-``ai.deadrelu::ReluStats`` (``deadrelu/kernels/relu_stats.c``) reads each pre-activation
-once, on ORT's intra-op threads, and returns the nine `MASKED_ROWS` per unit in float64:
-NaN/Inf counted apart, exact counts, shifted sums (see ``relu_stats_compute.h``).
+ONNX Runtime's standard operators read a tapped tensor once per statistic, some of them
+single-threaded; on ResNet-50 that held a scan at 1.6-1.7x plain inference. The custom
+operator ``ai.deadrelu::ReluStats`` (``deadrelu/kernels/relu_stats.c``) reads each
+pre-activation once, on ORT's intra-op threads, and returns the nine `MASKED_ROWS` per unit
+in float64: NaN/Inf counted apart, exact counts, shifted sums (``relu_stats_compute.h``).
+ResNet-50 scans at ~1.2x; what remains is ORT converting each tapped convolution output out
+of its blocked NCHWc layout and the ReLU that can no longer fuse into it.
 
-It is C, so it is built on first use with the system C compiler (``$CC``, ``cc``, ``gcc`` or
-``clang``) for this machine (``-O3 -march=native``) into a cache folder
-(``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu``, else ``~/.cache/deadrelu``;
-a temporary folder for this process where that cannot be written),
+It is C, so it is built on first use with the system C compiler (``$CC``, ``cc``, ``gcc``
+or ``clang``) for this machine (``-O3 -march=native``, portable where that is refused) into
+a cache folder (``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu``, else
+``~/.cache/deadrelu``; a temporary folder for this process where that cannot be written),
 under a name that hashes the sources, the compiler, the flags, the CPU's features and the
 onnxruntime version. A fresh build is first loaded into ONNX Runtime in a subprocess and
-checked against numpy on planted values (a crash there costs the subprocess, not the scan);
-the verdict is cached beside the library. Without a compiler, or when the check fails,
-scans use the standard-operator reductions and say so once.
+checked against numpy on planted values (a crash there costs the subprocess, not the
+scan); the verdict is kept beside the library (a failure for a day, a timeout not at all).
+Without a compiler, or when the check fails, scans use the standard-operator reductions and
+say so in one line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,8 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 TUNING = ("-march=native",)  # dropped, and the build retried, where the compiler refuses it
 BUILD_TIMEOUT_S = 120
 CHECK_TIMEOUT_S = 120
+TIMED_OUT = "took over"  # in a failure reason: not kept as a verdict
+RETRY_AFTER_S = 24 * 3600  # a failure verdict older than this is tried again
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,28 @@ def _built(compiler: str, announce: Callable[[str], None] | None = None) -> Kern
     verdict_ok, verdict_bad = library.with_suffix(".ok"), library.with_suffix(".bad")
     if library.exists() and verdict_ok.exists():
         return KernelLibrary(library)
-    if verdict_bad.exists():
+    if _recent(verdict_bad):
         return KernelLibrary(None, verdict_bad.read_text().strip())
     if announce:
         announce(f"building deadrelu's ONNX kernel for this machine with {Path(compiler).name} "
                  f"(once; cached in {folder})")
     reason = _compile(compiler, library) or _check(library)
     if reason:
-        _write_atomically(verdict_bad, reason + "\n")
+        if TIMED_OUT not in reason:  # a slow, loaded machine is no verdict on the kernel
+            _write_atomically(verdict_bad, reason + "\n")
         return KernelLibrary(None, reason)
     _write_atomically(verdict_ok, "checked against numpy\n")
+    verdict_bad.unlink(missing_ok=True)  # an old failure, now tried again and passed
     return KernelLibrary(library)
+
+
+def _recent(verdict: Path) -> bool:
+    """A failure verdict younger than `RETRY_AFTER_S` stands; an older one is tried again
+    (the compiler may have been fixed or the disk freed since)."""
+    try:
+        return time.time() - verdict.stat().st_mtime < RETRY_AFTER_S
+    except OSError:
+        return False
 
 
 def _writable(folder: Path) -> Path:
@@ -169,7 +185,7 @@ def _compile(compiler: str, library: Path) -> str:
                 return ""
         return f"{Path(compiler).name} failed on relu_stats.c: {_last_line(done.stderr)}"
     except subprocess.TimeoutExpired:
-        return f"{Path(compiler).name} took over {BUILD_TIMEOUT_S} s on relu_stats.c"
+        return f"{Path(compiler).name} {TIMED_OUT} {BUILD_TIMEOUT_S} s on relu_stats.c"
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -185,7 +201,7 @@ def _check(library: Path) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return f"its self-check took over {CHECK_TIMEOUT_S} s"
+        return f"its self-check {TIMED_OUT} {CHECK_TIMEOUT_S} s"
     if done.returncode == 0:
         return ""
     if done.returncode < 0:
