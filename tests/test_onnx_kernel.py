@@ -240,7 +240,7 @@ def test_the_kernel_is_built_once_and_then_taken_from_the_cache(kernel: Path, fr
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     messages: list[str] = []
     built = onnx_kernel.kernel_library(messages.append)
-    assert len(messages) == 1 and messages[0].startswith("building deadrelu's ONNX kernel for this machine")
+    assert len(messages) == 1 and messages[0].startswith("building the one-pass ONNX kernel for this machine")
     assert built.path is not None and built.path.parent == fresh_cache
     assert built.path.with_suffix(".ok").exists()
     assert not [p for p in fresh_cache.iterdir() if ".tmp" in p.name]  # no half-written file left
@@ -287,7 +287,7 @@ def test_a_cached_failure_is_reported_not_rebuilt(kernel: Path, fresh_cache: Pat
     report = scan(FIX / "mlp.onnx", FIX / "mlp.calib.npy", ScanOptions(device="cpu"), notify=messages.append)
     assert report.engine == "onnxruntime"
     assert len(messages) == 1 and "planted by a test" in messages[0] and "\n" not in messages[0]
-    with pytest.raises(UsageError, match="--compile on: deadrelu's ONNX kernel is not available here"):
+    with pytest.raises(UsageError, match="--compile on: the one-pass ONNX kernel is not available here"):
         scan(FIX / "mlp.onnx", FIX / "mlp.calib.npy", ScanOptions(device="cpu", compile="on"))
 
 
@@ -302,7 +302,7 @@ def test_without_a_compiler_the_scan_says_so_and_uses_operators(fresh_cache: Pat
     result = CliRunner().invoke(app, ["scan", str(FIX / "mlp.onnx"), "--data", str(FIX / "mlp.calib.npy"),
                                       "--device", "cpu", "--compile", "on"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
-    assert "--compile on: deadrelu's ONNX kernel is not available here: no C compiler" in result.output
+    assert "--compile on: the one-pass ONNX kernel is not available here: no C compiler" in result.output
     assert "Traceback" not in result.output
     assert not fresh_cache.exists() or not list(fresh_cache.iterdir())
 

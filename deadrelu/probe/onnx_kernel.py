@@ -103,7 +103,7 @@ def _built(compiler: str, announce: Callable[[str], None] | None = None) -> Kern
     if _recent(verdict_bad):
         return KernelLibrary(None, verdict_bad.read_text().strip())
     if announce:
-        announce(f"building deadrelu's ONNX kernel for this machine with {Path(compiler).name} "
+        announce(f"building the one-pass ONNX kernel for this machine with {Path(compiler).name} "
                  f"(once; cached in {folder})")
     reason = _compile(compiler, library) or _check(library)
     if reason:

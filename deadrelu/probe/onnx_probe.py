@@ -90,16 +90,16 @@ def choose_kernel(device: torch.device, compile_mode: str, notify: Callable[[str
         return None
     if device.type != "cpu":
         if compile_mode == "on" and notify:
-            notify("--compile on: deadrelu's ONNX kernel runs on CPU only; on CUDA the reductions stay in "
+            notify("--compile on: the one-pass ONNX kernel runs on CPU only; on CUDA the reductions stay in "
                    "ONNX Runtime's graph")
         return None
     library = kernel_library(notify)
     if library.path is not None:
         return library.path
     if compile_mode == "on":
-        raise UsageError(f"--compile on: deadrelu's ONNX kernel is not available here: {library.reason}")
+        raise UsageError(f"--compile on: the one-pass ONNX kernel is not available here: {library.reason}")
     if notify:
-        notify(f"deadrelu's one-pass ONNX kernel is not available ({library.reason}); "
+        notify(f"the one-pass ONNX kernel is not available ({library.reason}); "
                "scanning with ONNX Runtime's own operators, which is slower")
     return None
 
