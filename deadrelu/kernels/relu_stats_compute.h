@@ -92,45 +92,40 @@ static inline void lanes_reset(Lanes *l) {
     l->maximum = vsplat(-INFINITY);
 }
 
+/* One vector of values into l, assuming finite values. */
+static inline void lanes_add(Lanes *l, vfloat v, vfloat k) {
+    const vfloat zero = vsplat(0.0f), d = v - k;
+    l->s1 += d;
+    l->s2 += d * d;
+    l->relu += vmax(v, zero);
+    l->minimum = vmin(v, l->minimum);
+    l->maximum = vmax(v, l->maximum);
+    l->positive -= v > zero;  /* comparison masks are -1 where true */
+}
+
+/* b's lanes into a's. */
+static inline void lanes_merge(Lanes *a, const Lanes *b) {
+    a->s1 += b->s1;
+    a->s2 += b->s2;
+    a->relu += b->relu;
+    a->minimum = vmin(a->minimum, b->minimum);
+    a->maximum = vmax(a->maximum, b->maximum);
+    a->positive += b->positive;
+}
+
 /* `vectors` vectors at p (stride: floats between them) into l, assuming finite values;
- * two independent accumulator sets hide the add latency. */
+ * two independent accumulator sets (locals, kept in registers) hide the add latency. */
 static inline void lanes_add_run(Lanes *l, const float *p, size_t vectors, size_t stride, vfloat k) {
-    const vfloat zero = vsplat(0.0f);
-    vfloat s1a = l->s1, s2a = l->s2, ra = l->relu, lo_a = l->minimum, hi_a = l->maximum;
-    vfloat s1b = zero, s2b = zero, rb = zero, lo_b = lo_a, hi_b = hi_a;
-    vint pa = l->positive, pb = {0};
+    Lanes a = *l, b;
+    lanes_reset(&b);
     size_t i = 0;
     for (; i + 2 <= vectors; i += 2) {
-        vfloat va = vload(p + i * stride), vb = vload(p + (i + 1) * stride);
-        vfloat da = va - k, db = vb - k;
-        s1a += da;
-        s1b += db;
-        s2a += da * da;
-        s2b += db * db;
-        ra += vmax(va, zero);
-        rb += vmax(vb, zero);
-        lo_a = vmin(va, lo_a);
-        lo_b = vmin(vb, lo_b);
-        hi_a = vmax(va, hi_a);
-        hi_b = vmax(vb, hi_b);
-        pa -= va > zero;  /* comparison masks are -1 where true */
-        pb -= vb > zero;
+        lanes_add(&a, vload(p + i * stride), k);
+        lanes_add(&b, vload(p + (i + 1) * stride), k);
     }
-    if (i < vectors) {
-        vfloat va = vload(p + i * stride), da = va - k;
-        s1a += da;
-        s2a += da * da;
-        ra += vmax(va, zero);
-        lo_a = vmin(va, lo_a);
-        hi_a = vmax(va, hi_a);
-        pa -= va > zero;
-    }
-    l->s1 = s1a + s1b;
-    l->s2 = s2a + s2b;
-    l->relu = ra + rb;
-    l->minimum = vmin(lo_a, lo_b);
-    l->maximum = vmax(hi_a, hi_b);
-    l->positive = pa + pb;
+    if (i < vectors) lanes_add(&a, vload(p + i * stride), k);
+    lanes_merge(&a, &b);
+    *l = a;
 }
 
 /* The last `tail` (< LANES) values before `end`, assuming finite values: one vector load
@@ -165,28 +160,13 @@ static inline void lanes_add_segment(Lanes *l, const float *row, size_t i0, size
  * assuming finite values: one pass over the rows for both. */
 static inline void lanes_add_run2(Lanes *a, Lanes *b, const float *p, size_t rows, size_t stride, vfloat ka,
                                   vfloat kb) {
-    const vfloat zero = vsplat(0.0f);
-    vfloat s1a = a->s1, s2a = a->s2, ra = a->relu, lo_a = a->minimum, hi_a = a->maximum;
-    vfloat s1b = b->s1, s2b = b->s2, rb = b->relu, lo_b = b->minimum, hi_b = b->maximum;
-    vint pa = a->positive, pb = b->positive;
+    Lanes la = *a, lb = *b;
     for (size_t i = 0; i < rows; i++) {
-        vfloat va = vload(p + i * stride), vb = vload(p + i * stride + LANES);
-        vfloat da = va - ka, db = vb - kb;
-        s1a += da;
-        s1b += db;
-        s2a += da * da;
-        s2b += db * db;
-        ra += vmax(va, zero);
-        rb += vmax(vb, zero);
-        lo_a = vmin(va, lo_a);
-        lo_b = vmin(vb, lo_b);
-        hi_a = vmax(va, hi_a);
-        hi_b = vmax(vb, hi_b);
-        pa -= va > zero;
-        pb -= vb > zero;
+        lanes_add(&la, vload(p + i * stride), ka);
+        lanes_add(&lb, vload(p + i * stride + LANES), kb);
     }
-    a->s1 = s1a, a->s2 = s2a, a->relu = ra, a->minimum = lo_a, a->maximum = hi_a, a->positive = pa;
-    b->s1 = s1b, b->s2 = s2b, b->relu = rb, b->minimum = lo_b, b->maximum = hi_b, b->positive = pb;
+    *a = la;
+    *b = lb;
 }
 
 /* Did the chunk's values all turn out finite? (A NaN or +-Inf leaves s1 NaN or infinite.) */

@@ -95,6 +95,7 @@ def kernel_library(announce: Callable[[str], None] | None = None) -> KernelLibra
 
 
 def _built(compiler: str, announce: Callable[[str], None] | None = None) -> KernelLibrary:
+    from deadrelu.outputs import write_atomic  # here: the self-check runs this file without the package
     folder = _writable(cache_dir())
     library = folder / f"relu_stats-{_build_key(compiler)}.so"
     verdict_ok, verdict_bad = library.with_suffix(".ok"), library.with_suffix(".bad")
@@ -108,9 +109,9 @@ def _built(compiler: str, announce: Callable[[str], None] | None = None) -> Kern
     reason = _compile(compiler, library) or _check(library)
     if reason:
         if TIMED_OUT not in reason:  # a slow, loaded machine is no verdict on the kernel
-            _write_atomically(verdict_bad, reason + "\n")
+            write_atomic(verdict_bad, reason + "\n")
         return KernelLibrary(None, reason)
-    _write_atomically(verdict_ok, "checked against numpy\n")
+    write_atomic(verdict_ok, "checked against numpy\n")
     verdict_bad.unlink(missing_ok=True)  # an old failure, now tried again and passed
     return KernelLibrary(library)
 
@@ -212,13 +213,6 @@ def _check(library: Path) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no message)"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temporary, path)
 
 
 # --- reference and self-check -------------------------------------------------------------------

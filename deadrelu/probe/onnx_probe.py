@@ -850,8 +850,10 @@ def _convert(array: np.ndarray, spec: InputSpec, model_path: Path) -> np.ndarray
 
 class _Accumulator:
     """Running per-unit statistics of one site: one ``(9, units)`` float64 array in
-    `MASKED_ROWS` order, folded with Chan's merge (the arithmetic of
-    `deadrelu.stats.UnitStats.fold`), a dozen numpy operations per batch."""
+    `MASKED_ROWS` order, folded with Chan's merge. The arithmetic of
+    `deadrelu.reductions.chan_merge`, written again for numpy: that one is torch, whose
+    per-call overhead made it 28 us per site and batch of 1024 units against 12 us here
+    (about 1% of a batch of the benchmark MLP)."""
 
     def __init__(self, plan: SitePlan) -> None:
         self.plan = plan
