@@ -151,6 +151,31 @@ def stream(model_path: Path, batches: list[ModelInput], optimise: bool = True):
 # --- the exported fixtures: parity with the PyTorch scan and the brute force -----------------
 
 
+ROUNDING_BAND = 1e-5  # of a unit's largest |pre-activation|: float32 convolutions of two engines differ there
+
+
+@functools.cache
+def eager_unit_matrices(name: str) -> tuple[np.ndarray, ...]:
+    """The eager PyTorch fixture's pre-activations per site, as (positions, units) float64."""
+    recorded = bruteforce.record_preactivations(bruteforce.load_eager_model(name), bruteforce.load_calibration(name))
+    return tuple(bruteforce.unit_matrix(preact, axis) for axis, preact in recorded.values())
+
+
+def assert_positive_counts_up_to_rounding(got: np.ndarray, matrix: np.ndarray, site: str) -> None:
+    """ONNX Runtime's and PyTorch's float32 kernels round differently, so a pre-activation
+    within rounding of 0 may fall on either side of it. Every count must lie between the
+    count of values clearly above 0 and the count of values not clearly below 0 (the
+    eager values within `ROUNDING_BAND` of 0 are a handful per site), and the dead
+    units (no value > 0) must be the same."""
+    band = ROUNDING_BAND * np.abs(matrix).max(axis=0)
+    clearly_positive = (matrix > band).sum(axis=0)
+    not_clearly_negative = (matrix > -band).sum(axis=0)
+    outside = np.flatnonzero((got < clearly_positive) | (got > not_clearly_negative))
+    assert outside.size == 0, (f"{site}: positive counts of units {outside.tolist()} are {got[outside].tolist()}, "
+                               f"outside [{clearly_positive[outside].tolist()}, {not_clearly_negative[outside].tolist()}]")
+    np.testing.assert_array_equal(got == 0, (matrix > 0).sum(axis=0) == 0, err_msg=site)
+
+
 @functools.cache
 def pair(name: str, batch_size: int = BATCH):
     calib = FIX / f"{name}.calib.npy"
@@ -163,11 +188,13 @@ def test_exported_fixture_matches_pytorch_scan(name: str) -> None:
     onnx_report, torch_report = pair(name)
     assert onnx_report.model.format == "onnx"
     assert len(onnx_report.sites) == len(torch_report.sites)
-    for got, want in zip(onnx_report.sites, torch_report.sites):  # matched by execution order
+    matrices = eager_unit_matrices(name)
+    assert len(matrices) == len(onnx_report.sites)
+    for got, want, matrix in zip(onnx_report.sites, torch_report.sites, matrices):  # matched by execution order
         assert (got.op, got.units, got.unit_axis, got.axis_source) == \
             (want.op, want.units, want.unit_axis, want.axis_source), (got.name, want.name)
         assert got.verdict == want.verdict, (got.name, want.name)
-        np.testing.assert_array_equal(got.stats.positive, want.stats.positive, err_msg=got.name)
+        assert_positive_counts_up_to_rounding(got.stats.positive, matrix, got.name)
         np.testing.assert_array_equal(got.stats.count, want.stats.count, err_msg=got.name)
         for field in ("minimum", "maximum", "mean", "std", "relu_mean"):
             np.testing.assert_allclose(getattr(got.stats, field), getattr(want.stats, field), rtol=1e-5, atol=1e-4,
@@ -182,9 +209,9 @@ def test_exported_fixture_matches_brute_force(name: str, expected: dict) -> None
     planted = [s["dead_units"] for s in expected["models"][name]["sites"]]
     assert [list(s.verdict.dead) for s in report.sites] == [t["dead_units"] for t in truth] == planted
     assert [list(s.verdict.near_dead) for s in report.sites] == [t["near_dead_units"] for t in truth]
-    for site, ref in zip(report.sites, truth):
+    for site, ref, matrix in zip(report.sites, truth, eager_unit_matrices(name), strict=True):
         unit = ref["per_unit"]
-        np.testing.assert_array_equal(site.stats.positive, unit["positive"], err_msg=site.name)
+        assert_positive_counts_up_to_rounding(site.stats.positive, matrix, site.name)
         np.testing.assert_allclose(site.stats.mean, unit["mean"], rtol=1e-5, atol=1e-4, err_msg=site.name)
         np.testing.assert_allclose(site.stats.std, unit["std"], rtol=1e-5, atol=1e-4, err_msg=site.name)
         np.testing.assert_allclose(site.stats.relu_mean, unit["relu_mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
