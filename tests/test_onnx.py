@@ -743,3 +743,71 @@ def test_cuda_without_onnxruntime_gpu_says_what_to_install(monkeypatch: pytest.M
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert execution_providers(torch.device("cuda:1"))[0] == ("CUDAExecutionProvider", {"device_id": 1})
     assert execution_providers(torch.device("cpu")) == CPU
+
+
+# --- the scan computes what its statistics need, not the model's head ------------------------
+
+
+def _model_with_a_head(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x -> MatMul -> Relu (site) -> MatMul (a wide head, 64 -> 4096) -> Softmax -> y."""
+    weights = {"w": rng.standard_normal((8, 64)).astype(np.float32),
+               "head_w": rng.standard_normal((64, 4096)).astype(np.float32)}
+    model = tiny_model([helper.make_node("MatMul", ["x", "w"], ["pre"], name="mm"),
+                        helper.make_node("Relu", ["pre"], ["act"], name="relu"),
+                        helper.make_node("MatMul", ["act", "head_w"], ["logits"], name="head"),
+                        helper.make_node("Softmax", ["logits"], ["y"], name="softmax")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4096])],
+                       [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return model, weights
+
+
+@pytest.mark.parametrize("emit", ["emit_fast", "emit_kernel", "emit_masked"])
+def test_the_head_after_the_last_site_is_neither_run_nor_loaded(emit: str) -> None:
+    model, _ = _model_with_a_head(np.random.default_rng(11))
+    loaded = OnnxModel(model, Path("head.onnx"), 17)
+    plans = [onnx_probe.SitePlan(i, s, 2, 1) for i, s in enumerate(survey(model).sites)]
+    head, exposures = onnx_probe.Rewriter(loaded, plans, getattr(onnx_probe, emit), statistics_only=True).head()
+    names = [node.name for node in head.graph.node]
+    assert "mm" in names and "head" not in names and "softmax" not in names
+    assert [o.name for o in head.graph.output] == onnx_probe._names(exposures[0])
+    used = [t.name for t in onnx_probe.used_initializers(head, model.graph.initializer)]
+    assert "w" in used and "head_w" not in used
+    # without statistics_only (what `deadrelu fix` verifies outputs with) the head stays
+    whole, _ = onnx_probe.Rewriter(loaded, [], onnx_probe.emit_fast).head()
+    assert [node.name for node in whole.graph.node] == ["mm", "relu", "head", "softmax"]
+    assert [o.name for o in whole.graph.output] == ["y"]
+
+
+def test_a_pruned_scan_gives_the_brute_force_statistics(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    model, weights = _model_with_a_head(rng)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    report = scan(save(model, tmp_path), write_data(tmp_path, {"x": x}), options())
+    (site,) = report.sites
+    assert_stats(site, unit_stats(x.astype(np.float64) @ weights["w"], 1), rtol=1e-4, atol=1e-4)
+
+
+def test_values_a_subgraph_reads_from_the_enclosing_graph_are_kept(tmp_path: Path) -> None:
+    """The If's branches read `scaled`, which nothing in the main graph reads: pruning must
+    see the bodies' reads, or the session would not load."""
+    def branch(name: str, sign: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Mul", ["scaled", f"{name}_sign"], [f"{name}_pre"], name=f"{name}_mul"),
+             helper.make_node("Relu", [f"{name}_pre"], [f"{name}_out"], name=f"{name}_relu")],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.array(sign, np.float32), f"{name}_sign")])
+
+    model = tiny_model([helper.make_node("Mul", ["x", "two"], ["scaled"], name="scale"),
+                        helper.make_node("ReduceSum", ["x"], ["total"], name="total", keepdims=0),
+                        helper.make_node("Greater", ["total", "zero"], ["cond"], name="cond"),
+                        helper.make_node("If", ["cond"], ["y"], name="if",
+                                         then_branch=branch("then", 1.0), else_branch=branch("else", -1.0))],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                        numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    x = np.abs(np.random.default_rng(13).standard_normal((16, 3)).astype(np.float32))  # total > 0: then
+    report = scan(save(model, tmp_path), write_data(tmp_path, {"x": x}), options())
+    assert [s.name for s in report.sites] == ["then_relu"]
+    assert_stats(report.sites[0], unit_stats(2.0 * x.astype(np.float64), 1))

@@ -476,12 +476,19 @@ class Exposure:
 
 
 class Rewriter:
-    """Adds the reductions of every plan to a copy of the graph and brings them out."""
+    """Adds the reductions of every plan to a copy of the graph and brings them out.
 
-    def __init__(self, model: OnnxModel, plans: list[SitePlan], emit: EmitFn) -> None:
+    With ``statistics_only`` the model's own outputs are dropped and, with them, every
+    main-graph node that no site's statistics depend on (`prune_to`): a classifier's or
+    a language model's head after its last ReLU is not computed, since ONNX Runtime runs
+    every node of a graph whatever outputs a run asks for."""
+
+    def __init__(self, model: OnnxModel, plans: list[SitePlan], emit: EmitFn,
+                 statistics_only: bool = False) -> None:
         self.model = model
         self.plans = plans
         self.emit = emit
+        self.statistics_only = statistics_only
         self._emitters = 0
 
     def head(self) -> tuple[onnx.ModelProto, dict[int, Exposure]]:
@@ -493,8 +500,12 @@ class Rewriter:
             if descriptor.name not in ("graph",):
                 copy_field(head, descriptor, value)
         graph, exposures = self._graph(source.graph, (), skip=("node", "initializer"))
+        if self.statistics_only and exposures:
+            del graph.output[:]
         for exposure in exposures:
             _add_outputs(graph, exposure)
+        if self.statistics_only and exposures:
+            prune_to(graph, [output.name for output in graph.output])
         head.graph.CopyFrom(graph)
         return head, {e.plan.id: e for e in exposures}
 
@@ -590,6 +601,45 @@ class Rewriter:
         return Exposure(exposure.plan, stats, shape, exposure.stats_type, exposure.rows)
 
 
+def prune_to(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """Keep only the nodes that ``outputs`` depend on; they become the graph's outputs.
+
+    Nodes are listed in topological order (ONNX requires it, and the reduction blocks
+    are appended after every node they read), so one backward pass finds them. A node
+    with subgraphs depends on every name its bodies read, which covers the values they
+    take from the enclosing scope. Graph inputs stay, used or not: feeds are unchanged."""
+    needed = set(outputs)
+    kept: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    known = {output.name: output for output in graph.output}
+    del graph.output[:]
+    graph.output.extend(known[name] for name in outputs)
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node reads: its inputs and, recursively, those of its subgraphs."""
+    reads = {name for name in node.input if name}
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in body.node:
+                reads |= node_reads(inner)
+            reads.update(output.name for output in body.output)
+    return reads
+
+
+def graph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name the nodes of a graph (and their subgraphs) read, and its outputs."""
+    reads = {output.name for output in graph.output}
+    for node in graph.node:
+        reads |= node_reads(node)
+    return reads
+
+
 def _names(exposure: Exposure) -> list[str]:
     """The graph outputs of one site: its statistics, and its shape where it has one."""
     return [exposure.stats, exposure.shape] if exposure.shape else [exposure.stats]
@@ -624,6 +674,13 @@ def model_bytes(head: onnx.ModelProto, initializers: Any) -> bytes:
     parts.append(_varint(graph_field << 3 | 2) + _varint(size))
     parts.extend(inner)
     return b"".join(parts)
+
+
+def used_initializers(head: onnx.ModelProto, initializers: Any) -> list[Any]:
+    """The initializers that the head's nodes read, or that are also graph inputs (an
+    input with a default): weights of pruned nodes are neither loaded nor kept."""
+    used = graph_reads(head.graph) | {value.name for value in head.graph.input}
+    return [tensor for tensor in initializers if tensor.name in used]
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
@@ -679,7 +736,7 @@ class SessionFactory:
 
         if self.kernel is not None and not any(o.domain == KERNEL_DOMAIN for o in head.opset_import):
             head.opset_import.append(helper.make_opsetid(KERNEL_DOMAIN, 1))
-        data = model_bytes(head, self.model.proto.graph.initializer)
+        data = model_bytes(head, used_initializers(head, self.model.proto.graph.initializer))
         options = self.options()
         if self.model.has_external_data:
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, os.fspath(self.model.base_dir))
@@ -964,7 +1021,7 @@ class OnnxScanner:
         return True
 
     def _session(self, emit: EmitFn) -> tuple[Any, dict[int, Exposure]]:
-        head, exposures = Rewriter(self.model, self.plans, emit).head()
+        head, exposures = Rewriter(self.model, self.plans, emit, statistics_only=True).head()
         return self.factory.session(head), exposures
 
     def _discover_ranks(self, feed: dict[str, np.ndarray]) -> dict[str, int]:
@@ -973,7 +1030,7 @@ class OnnxScanner:
         if not unknown:
             return {}
         plans = [SitePlan(i, s, 2, 1) for i, s in enumerate(unknown)]
-        head, exposures = Rewriter(self.model, plans, emit_shape).head()
+        head, exposures = Rewriter(self.model, plans, emit_shape, statistics_only=True).head()
         session = self.factory.session(head)
         outputs = self._call(session, [exposures[p.id].shape for p in plans], feed)
         return {p.site.name: int(np.asarray(out).size) for p, out in zip(plans, outputs)}

@@ -93,3 +93,10 @@ def mlp(width: int = 1024, depth: int = 6, inputs: int = 784) -> nn.Sequential:
     for i in range(depth):
         layers += [nn.Linear(inputs if i == 0 else width, width), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def mlp_head(width: int = 1024, depth: int = 6, inputs: int = 784, head: int = 8192) -> nn.Sequential:
+    """The MLP with a wide output layer after its last ReLU (a vocabulary-sized head):
+    what a scan need not compute (bench_onnx.py --model mlp_head)."""
+    body = mlp(width, depth, inputs)
+    return nn.Sequential(*list(body)[:-1], nn.Linear(width, head))
