@@ -2,8 +2,10 @@
 
     python tests/bench/bench_memory.py [--model fixtures/mlp.ts.pt] [--samples 20000] [--width 32]
 
-Each scan runs in its own process (peak RSS from getrusage); the data are .npy files read
-a batch at a time. Prints both peaks and their ratio.
+Each scan runs in its own process (peak RSS: VmHWM, which unlike getrusage's ru_maxrss
+does not carry the parent's peak over fork + exec); the data are .npy files read a batch
+at a time. Prints both peaks, the engine each scan ran on (``--compile auto`` may compile
+the larger scan only) and their ratio.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from pathlib import Path
 import numpy as np
 
 PROBE = """
-import resource, sys
+import re, resource, sys
+from pathlib import Path
 from deadrelu import ScanOptions, scan
 report = scan(sys.argv[1], sys.argv[2], ScanOptions(device="cpu", batch_size=256))
-print(report.data.samples, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+status = Path("/proc/self/status")
+hwm = re.search(r"VmHWM:\\s+(\\d+)", status.read_text()) if status.exists() else None
+print(report.data.samples, report.engine, hwm.group(1) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak(model: str, data: Path) -> tuple[int, int]:
+def peak(model: str, data: Path) -> tuple[int, str, int]:
     out = subprocess.run([sys.executable, "-c", PROBE, model, str(data)], capture_output=True, text=True, check=True)
-    samples, rss = out.stdout.split()[-2:]
-    return int(samples), int(rss)
+    samples, engine, rss = out.stdout.split()[-3:]
+    return int(samples), engine, int(rss)
 
 
 def main() -> None:
@@ -45,9 +50,9 @@ def main() -> None:
             np.save(path, rng.normal(size=(args.samples * scale, args.width)).astype(np.float32))
             results[scale] = peak(args.model, path)
     print(f"machine: {platform.machine()} {platform.python_implementation()} {platform.python_version()}")
-    for scale, (samples, rss) in results.items():
-        print(f"{scale:>2}x data: {samples:>9} samples, peak RSS {rss / 1024:8.1f} MiB")
-    print(f"peak RSS 10x / 1x: {results[10][1] / results[1][1]:.3f}")
+    for scale, (samples, engine, rss) in results.items():
+        print(f"{scale:>2}x data: {samples:>9} samples, peak RSS {rss / 1024:8.1f} MiB ({engine})")
+    print(f"peak RSS 10x / 1x: {results[10][2] / results[1][2]:.3f}")
 
 
 if __name__ == "__main__":
