@@ -11,7 +11,8 @@ Three phases, like ONNX Runtime's calibrators, without their costs:
    and ReLU mean (`emit_fast`; see it for how few passes they take) into ``(6, units)``
    float32, plus the pre-activation's ``Shape``. The model is built in memory; its weights
    are appended as serialized protobuf fragments, not copied into a second model, and
-   external data stays where it is.
+   external data stays where it is. The model's own outputs are dropped, and with them
+   every node (and weight) that no site's statistics depend on (`prune_to`).
 2. *Collect.* One session run per batch; each site's rows become the nine `MASKED_ROWS`
    and are folded on the host into one float64 array per site with Chan's merge (the
    arithmetic of `deadrelu.stats.UnitStats.fold`).
