@@ -786,6 +786,12 @@ def test_a_pruned_scan_gives_the_brute_force_statistics(tmp_path: Path) -> None:
     report = scan(save(model, tmp_path), write_data(tmp_path, {"x": x}), options())
     (site,) = report.sites
     assert_stats(site, unit_stats(x.astype(np.float64) @ weights["w"], 1), rtol=1e-4, atol=1e-4)
+    # the scanner's own session (what a scan runs) has no model output and no head
+    loaded = load_onnx(tmp_path / "model.onnx")
+    with onnx_probe.OnnxScanner(loaded, survey(loaded.proto), CPU) as scanner:
+        scanner.run(ModelInput((torch.from_numpy(x[:BATCH]),)))
+        session = scanner._fast[0]
+        assert "y" not in [o.name for o in session.get_outputs()]
 
 
 def test_values_a_subgraph_reads_from_the_enclosing_graph_are_kept(tmp_path: Path) -> None:
