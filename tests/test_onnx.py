@@ -220,11 +220,16 @@ def test_exported_fixture_matches_brute_force(name: str, expected: dict) -> None
 
 
 def test_batch_size_does_not_change_results() -> None:
+    """Another batch size may change how ORT's float32 GEMMs round (not what a unit sees):
+    the same positions are counted, the dead sets are equal, and each positive count lies
+    within rounding of the eager PyTorch values."""
     a, _ = pair("convnet", 16)
     b, _ = pair("convnet", 7)
-    for x, y in zip(a.sites, b.sites):
+    for x, y, matrix in zip(a.sites, b.sites, eager_unit_matrices("convnet"), strict=True):
         assert x.verdict == y.verdict
-        np.testing.assert_array_equal(x.stats.positive, y.stats.positive)
+        np.testing.assert_array_equal(x.stats.count, y.stats.count, err_msg=x.name)
+        for report in (x, y):
+            assert_positive_counts_up_to_rounding(report.stats.positive, matrix, x.name)
         np.testing.assert_allclose(x.stats.mean, y.stats.mean, rtol=1e-6, atol=1e-6)
         # the model's own float32 outputs round differently with another batch size
         np.testing.assert_allclose(x.stats.m2, y.stats.m2, rtol=1e-3, atol=1e-6)
@@ -232,15 +237,23 @@ def test_batch_size_does_not_change_results() -> None:
 
 @pytest.mark.parametrize("path", [FIX / "convnet.onnx", ONNX_DIR / "sitekinds.onnx"], ids=["convnet", "sitekinds"])
 def test_graph_optimisations_do_not_change_the_watched_tensors(path: Path) -> None:
-    """ORT fuses Conv+Relu and BN into Conv when it can: the taps must prevent it."""
+    """ORT fuses Conv+Relu and BN into Conv when it can: the taps must prevent it. The
+    unoptimised scan counts exactly what the unmodified, unoptimised model computes; a
+    folded BatchNorm may round a value near 0 the other way, so the optimised scan's
+    positive counts are checked up to rounding of those values."""
     shape = [4, 6, 6] if "sitekinds" in path.name else [3, 16, 16]
     data = np.random.default_rng(5).standard_normal((48, *shape)).astype(np.float32)
     batches = [ModelInput((torch.from_numpy(data[i:i + BATCH]),)) for i in range(0, 48, BATCH)]
     optimised, reference = stream(path, batches), stream(path, batches, optimise=False)
     assert [s.name for s in optimised.sites] == [s.name for s in reference.sites]
-    for got, want in zip(optimised.sites, reference.sites):
-        np.testing.assert_array_equal(got.stats.positive, want.stats.positive, err_msg=got.name)
-        assert np.array_equal(got.stats.positive == 0, want.stats.positive == 0)
+    model = onnx.load(str(path))
+    input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    tensors = [site.extra["onnx"]["preact_tensor"] for site in reference.sites]
+    preacts = exposed_preacts(model, tensors, [{input_name: data[i:i + BATCH]} for i in range(0, 48, BATCH)])
+    for got, want, preact in zip(optimised.sites, reference.sites, preacts, strict=True):
+        matrix = bruteforce.unit_matrix(preact, want.axis)
+        np.testing.assert_array_equal(want.stats.positive, (matrix > 0).sum(axis=0), err_msg=want.name)
+        assert_positive_counts_up_to_rounding(got.stats.positive, matrix, got.name)
         for field in ("minimum", "maximum", "mean", "m2", "relu_sum"):
             np.testing.assert_allclose(getattr(got.stats, field), getattr(want.stats, field), rtol=1e-5, atol=1e-5,
                                        err_msg=f"{got.name} {field}")
