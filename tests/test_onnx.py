@@ -462,8 +462,9 @@ def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_n
     """What makes the fast path cheap, checked on the rewritten graph: no float64 cast of
     a pre-activation, one BatchNormalization (training mode, momentum 0) per site, the
     units-last sites transposed once to units-first rows, the ReLU mean of the 4-D site
-    pooled from the Relu's own output, and constant BatchNormalization parameters where
-    shape inference knows the unit count."""
+    pooled from the Relu's own output, and BatchNormalization parameters computed in
+    the run (from the positive count), never constants: ORT writes its running
+    statistics into them."""
     model = _paths_model(17)
     loaded = OnnxModel(model, Path("paths.onnx"), 17)
     plans = [onnx_probe.SitePlan(i, site, site.rank, site.axis.resolve(site.rank)) for i, site in enumerate(survey(model).sites)]
@@ -477,6 +478,9 @@ def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_n
                for n in norms)
     assert [n.input[0] for n in added if n.op_type == "GlobalAveragePool"] == ["conv_out"]
     assert not [n for n in added if n.op_type in ("ConstantOfShape", "Slice")]
+    constants = {o for n in head.graph.node if n.op_type == "Constant" for o in n.output}
+    constants |= {i.name for i in head.graph.initializer}
+    assert all(n.input[3] not in constants and n.input[4] not in constants for n in norms)
 
 
 def test_batch_norm_moments_inside_loop_and_if_bodies(case_report: Any, tmp_path: Path) -> None:
@@ -503,11 +507,46 @@ def test_batch_norm_moments_inside_loop_and_if_bodies(case_report: Any, tmp_path
                                        err_msg=f"{got.name} {field}")
 
 
+def test_model_weights_equal_to_batch_norm_parameters_are_not_overwritten(tmp_path: Path) -> None:
+    """ONNX Runtime's training-mode BatchNormalization writes its running mean and
+    variance into its input_mean and input_var buffers. They used to be constant ones
+    and zeros, which ORT shares with an equal initializer of the model: a LayerNorm's
+    scale (ones) and bias (zeros) were overwritten by the previous site's moments, and
+    the next site read wrong values (false dead units). Checked with ORT's operators
+    (the fast graph), at the optimisation level the scan runs, against the unmodified
+    model's tensors."""
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 7)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(7).astype(np.float32), "b"),
+             numpy_helper.from_array(np.ones(7, np.float32), "ln_scale"),
+             numpy_helper.from_array(np.zeros(7, np.float32), "ln_bias")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["fc"], name="fc"),
+             helper.make_node("Relu", ["fc"], ["h"], name="relu1"),
+             helper.make_node("LayerNormalization", ["h", "ln_scale", "ln_bias"], ["ln"], name="ln", axis=-1),
+             helper.make_node("Relu", ["ln"], ["y"], name="relu2")]
+    model = tiny_model(nodes, [_value("x", ["n", 6, 4])], [_value("y", ["n", 6, 7])], inits)
+    path = save(model, tmp_path)
+    data = rng.standard_normal((20, 6, 4)).astype(np.float32)
+    feeds = [{"x": data[i:i + 4]} for i in range(0, 20, 4)]
+    batches = [ModelInput((torch.from_numpy(f["x"]),)) for f in feeds]
+    loaded = load_onnx(path)
+    found = survey(loaded.proto).sites
+    plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found)]
+    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
+    assert sum(n.op_type == "BatchNormalization" for n in head.graph.node) == 2  # the path under test
+    result = scan_batches(loaded, iter(batches), CPU)  # no kernel: ORT's operators
+    preacts = exposed_preacts(model, ["fc", "ln"], feeds)
+    for site, preact in zip(result.sites, preacts, strict=True):
+        assert site.axis == 2
+        ref = unit_stats(preact, 2)
+        assert ref["positive"].min() > 0  # nothing is dead
+        assert_stats(SimpleNamespace(name=site.name, stats=site.stats), ref)
+
+
 def test_declared_shapes_that_contradict_the_data_do_not_break_the_scan(tmp_path: Path) -> None:
-    """The unit count goes into the graph as BatchNormalization constants when shape
-    inference knows it; a stale value_info (5 units declared as 7, which ONNX Runtime
-    only warns about) makes that session fail to load, and the scan rebuilds it with
-    the count taken from the data."""
+    """A stale value_info (5 units declared as 7, which ONNX Runtime only warns about):
+    the unit count is always taken from the data, never from shape inference."""
     w = numpy_helper.from_array(np.random.default_rng(6).standard_normal((6, 5)).astype(np.float32), "w")
     model = tiny_model([helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
                         helper.make_node("Relu", ["mm"], ["y"], name="relu")],

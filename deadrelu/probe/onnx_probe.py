@@ -41,7 +41,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,6 @@ class SitePlan:
     site: OnnxSite
     rank: int
     axis: int  # unit axis of the pre-activation
-    trust_dims: bool = True  # take the unit count from shape inference (see `static_units`)
 
     @property
     def flat(self) -> bool:
@@ -171,18 +170,6 @@ class SitePlan:
     def pack_axis(self) -> int:
         """The (reduced, size-1) axis the statistic rows are concatenated along."""
         return self.reduce_axes[0]
-
-    @property
-    def static_units(self) -> int | None:
-        """The size of the unit axis when shape inference knows it (and is trusted: a
-        model whose value_info contradicts its data is scanned again without it)."""
-        dims = self.site.dims
-        if not self.trust_dims or dims is None or len(dims) != self.rank:
-            return None
-        if self.rank == 0:
-            return 1
-        size = dims[0] if self.flat else dims[self.axis]
-        return size if size else None
 
     @property
     def compute_type(self) -> int:
@@ -332,17 +319,17 @@ def emit_fast(em: Emitter, plan: SitePlan) -> Emitted:
     else:
         maximum = _reduce_layout(em, "ReduceMax", x, plan, "max")
         minimum = _reduce_layout(em, "ReduceMin", x, plan, "min")
+    above = em.node("Greater", [x, em.const(np.array(0, dtype=dtype), "zero")], "gt0")
+    positive = em.reduce("ReduceSum", em.node("Cast", [above], "gt0f", to=plan.compute_type), axes, "pos")
     if em.opset >= 14 and plan.work_axis == 1:
-        mean, var = _emit_batch_norm(em, x, shape if x == plan.site.preact else None, plan)
+        mean, var = _emit_batch_norm(em, x, positive, plan)
     elif em.opset >= 14 and rows is not None:
         mean, var = _emit_batch_norm(em, em.node("Unsqueeze", [rows, em.const(np.array([0], np.int64), "ax0")],
-                                                 "rows3"), None, plan)
+                                                 "rows3"), positive, plan)
     else:
         mean = em.reduce("ReduceMean", x, axes, "mean")
         centred = em.node("Sub", [x, mean], "centred")
         var = em.reduce("ReduceMean", em.node("Mul", [centred, centred], "sq"), axes, "var")
-    above = em.node("Greater", [x, em.const(np.array(0, dtype=dtype), "zero")], "gt0")
-    positive = em.reduce("ReduceSum", em.node("Cast", [above], "gt0f", to=plan.compute_type), axes, "pos")
     relu_out = plan.site.output if (plan.site.op_type == "Relu" and x == plan.site.preact) else None
     relu = relu_out or em.node("Relu", [x], "relu")
     if plan.work_axis == 1 and plan.work_rank >= 3 and plan.compute_type == TensorProto.FLOAT:
@@ -385,23 +372,23 @@ def _keep_shape(em: Emitter, vector: str, plan: SitePlan, hint: str) -> str:
     return em.node("Reshape", [vector, em.const(keep, "keep_shape")], hint)
 
 
-def _emit_batch_norm(em: Emitter, x: str, shape: str | None, plan: SitePlan) -> tuple[str, str]:
+def _emit_batch_norm(em: Emitter, x: str, positive: str, plan: SitePlan) -> tuple[str, str]:
     """(mean, population variance) per unit of ``x``, whose axis 1 holds the units, in
-    the keepdims shape of the other reductions; ``shape`` is x's Shape if at hand.
+    the keepdims shape of the other reductions; ``positive`` is the site's per-unit
+    positive count (any finite per-unit vector of this batch would do).
 
-    momentum 0 makes the "running" outputs the batch's own statistics; the scale, bias
-    and input statistics are vectors as long as the unit axis: constants when shape
-    inference knows its size, else made at run time from the tensor's shape.
+    momentum 0 makes the "running" outputs the batch's own statistics. ONNX Runtime's
+    CPU kernel writes them into its input_mean and input_var buffers (it aliases them),
+    so those must be values computed in this run: a constant there is folded into an
+    initializer that ORT may share with an equal weight of the model (a LayerNorm's
+    ones or zeros), which the scan would then overwrite. They are 0 * positive and
+    0 * positive + 1: finite (a mean would carry a NaN over to the next batch), a few
+    vector operations per batch, and as long as the unit axis whatever shape inference
+    says.
     """
-    dtype = _np_type(plan)
-    if plan.static_units is not None:
-        ones = em.const(np.ones(plan.static_units, dtype), "ones")
-        zeros = em.const(np.zeros(plan.static_units, dtype), "zeros")
-    else:
-        units = em.node("Slice", [shape or em.node("Shape", [x], "bn_shape"), em.const(np.array([1], np.int64), "one_i"),
-                                  em.const(np.array([2], np.int64), "two_i")], "units")
-        ones = em.node("ConstantOfShape", [units], "ones", value=numpy_helper.from_array(np.ones(1, dtype)))
-        zeros = em.node("ConstantOfShape", [units], "zeros", value=numpy_helper.from_array(np.zeros(1, dtype)))
+    zeros = em.node("Mul", [em.node("Reshape", [positive, em.const(np.array([-1], np.int64), "flat")], "pos_flat"),
+                            em.const(np.array(0, dtype=_np_type(plan)), "nought")], "bn_zeros")
+    ones = em.node("Add", [zeros, em.const(np.array(1, dtype=_np_type(plan)), "unity")], "bn_ones")
     normalised, mean, var = em.fresh("bn_y"), em.fresh("bn_mean"), em.fresh("bn_var")
     em.nodes.append(helper.make_node("BatchNormalization", [x, ones, zeros, zeros, ones], [normalised, mean, var],
                                      name=normalised, training_mode=1, momentum=0.0))
@@ -1003,23 +990,7 @@ class OnnxScanner:
             plan = SitePlan(len(self.plans), site, rank, site.axis.resolve(rank))
             self.plans.append(plan)
             self._accumulators[plan.id] = _Accumulator(plan)
-        try:
-            self._fast = self._session(self.emit)
-        except ModelLoadError:
-            if not self._distrust_dims():
-                raise
-            self._fast = self._session(self.emit)
-
-    def _distrust_dims(self) -> bool:
-        """Stop taking unit counts from shape inference; False if no plan took one.
-
-        They go into the graph as constants (BatchNormalization's parameters); a model
-        whose declared shapes contradict its data (ONNX Runtime itself only warns) fails
-        on them, at load or at run time: its sessions are rebuilt without them, once."""
-        if not any(plan.static_units is not None for plan in self.plans):
-            return False
-        self.plans = [replace(plan, trust_dims=False) for plan in self.plans]
-        return True
+        self._fast = self._session(self.emit)
 
     def _session(self, emit: EmitFn) -> tuple[Any, dict[int, Exposure]]:
         head, exposures = Rewriter(self.model, self.plans, emit, statistics_only=True).head()
@@ -1041,14 +1012,7 @@ class OnnxScanner:
     def _run(self, feed: dict[str, np.ndarray]) -> None:
         assert self._fast is not None
         session, exposures = self._fast
-        try:
-            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
-        except ModelRunError:
-            if not self._distrust_dims():
-                raise
-            self._fast = self._session(self.emit)
-            session, exposures = self._fast
-            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
+        decoded = self._decode(self._fetch(session, exposures, feed), exposures)
         if decoded is None:
             if self._masked is None:
                 self._masked = self._session(emit_masked)
