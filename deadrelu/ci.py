@@ -20,7 +20,7 @@ from deadrelu.formats import Outcome, ReportFormat, deliver, deliver_diff, get_f
 from deadrelu.formats.summary import diff_summary, scan_summary
 from deadrelu.gates import GateReport, evaluate
 from deadrelu.judge import Thresholds
-from deadrelu.outputs import write_atomic
+from deadrelu.outputs import check_target, write_atomic
 from deadrelu.report import ScanReport
 from deadrelu.saved import load_report, rejudge
 
@@ -46,16 +46,19 @@ class Prepared:
 
 
 def prepare(flags: Settings, config: Path | None, out: OutputOptions, *, load_baseline: bool = True,
-            default_thresholds: Thresholds | None = None) -> Prepared:
-    """Merge the flags over the configuration file, and check the format, the output folder
-    and the baseline, before any work starts."""
+            default_thresholds: Thresholds | None = None, inputs: tuple[Path, ...] = ()) -> Prepared:
+    """Merge the flags over the configuration file, and check the format, the output paths
+    (writable, none of the command's ``inputs``) and the baseline, before any work starts."""
     settings = load_settings(config).overridden_by(flags)
     out = _resolve_json_stdout(out)
     fmt = get_format(out.format)
     fmt.check_available()
-    for target in (out.output, Path(out.json_out) if out.json_out and out.json_out != "-" else None):
-        if target is not None and not (target.parent if str(target.parent) else Path(".")).is_dir():
-            raise UsageError(f"{target}: directory {target.parent} does not exist")
+    targets = {"-o": out.output, "--json": Path(out.json_out) if out.json_out and out.json_out != "-" else None}
+    for flag, target in targets.items():
+        if target is not None:
+            check_target(target, flag, inputs)
+    if out.output is not None and targets["--json"] is not None and out.output.resolve() == targets["--json"].resolve():
+        raise UsageError(f"-o {out.output} and --json {out.json_out}: the same file; give two paths")
     thresholds = settings.thresholds(default_thresholds)
     baseline = None
     if settings.baseline is not None and load_baseline:

@@ -18,6 +18,7 @@ from deadrelu.cli_options import (BaselineOpt, ConfigOpt, ExitZeroOpt, FailOnOpt
                                    output_options, settings_from_flags)
 from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
 from deadrelu.distributed import ranks_from_env
+from deadrelu.outputs import read_paths
 from deadrelu.errors import DeadReluError, ExitCode, UsageError
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
@@ -109,7 +110,8 @@ def scan_command(
         flags = settings_from_flags(fail_on=fail_on, max_dead=max_dead, max_dead_fraction=max_dead_fraction,
                                     max_site_dead_fraction=max_site_dead_fraction, ignore=ignore, baseline=baseline,
                                     near_dead=near_dead, tau=tau)
-        prepared = ci.prepare(flags, config, output_options(fmt, output, quiet, exit_zero, json_out))
+        prepared = ci.prepare(flags, config, output_options(fmt, output, quiet, exit_zero, json_out),
+                              inputs=read_paths(model, data, baseline, config))
         normalise = parse_normalisation(mean, std)
         data_options = DataOptions(input_shape=parse_shape(input_shape), seed=seed, workers=workers,
                                    image=ImageOptions(image_size, normalise[0], normalise[1], workers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,8 +11,9 @@ import typer
 from rich.console import Console
 
 from deadrelu.cli import app, reported_errors, stderr_console
-from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
-from deadrelu.outputs import write_atomic
+from deadrelu.errors import UsageError
+from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix, written_paths
+from deadrelu.outputs import check_target, read_paths, write_atomic
 from deadrelu.scan import ScanOptions
 
 
@@ -38,7 +40,9 @@ def fix_command(
     """Suggest, and with --apply write and verify, LeakyReLU/PReLU swaps or BatchNorm insertion for dead units."""
     with reported_errors():
         if bn_init not in ("identity", "revive"):
-            raise typer.BadParameter("expected identity or revive", param_hint="--bn-init")
+            raise UsageError(f"--bn-init {bn_init!r}: expected identity or revive")
+        if slope is not None and not math.isfinite(slope):
+            raise UsageError(f"--slope {slope}: expected a finite number (a negative slope, e.g. 0.01)")
         options = FixOptions(
             plan=PlanOptions(to=to, sites=tuple(sites or ()), min_dead_fraction=min_dead_fraction),
             rewrite=RewriteOptions(slope=slope, bn_init=bn_init),
@@ -46,6 +50,10 @@ def fix_command(
         )
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
                                    samples=samples, inputs=inputs)
+        if json_out and json_out != "-":
+            check_target(Path(json_out), "--json", read_paths(model, data, report))
+            if any(Path(json_out).resolve() == w.resolve() for w in written_paths(options)):
+                raise UsageError(f"--json {json_out}: --apply writes the fixed model there; give another path")
         console = stderr_console()
         result = run_fix(model, data, options, scan_options,
                          notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))

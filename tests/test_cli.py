@@ -185,3 +185,38 @@ def test_written_files_are_ordinary_files(runner: CliRunner, tmp_path: Path) -> 
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_outputs_never_replace_an_input_and_are_checked_before_the_scan(runner: CliRunner, tmp_path: Path) -> None:
+    """-o/--json onto the model or the data, onto a directory, or into a read-only one:
+    one line, exit 2, before any scan, and the inputs byte-identical."""
+    model, data = tmp_path / "mlp.ts.pt", tmp_path / "mlp.calib.npy"
+    model.write_bytes((FIX / "mlp.ts.pt").read_bytes())
+    data.write_bytes((FIX / "mlp.calib.npy").read_bytes())
+    (tmp_path / "folder").mkdir()
+    cases = [
+        (["-o", model], r"-o .*mlp\.ts\.pt: that is the input .*never overwrites"),
+        (["--json", model], r"--json .*mlp\.ts\.pt: that is the input"),
+        (["--json", data], r"--json .*mlp\.calib\.npy: that is the input"),
+        (["-o", tmp_path / "folder"], r"-o .*folder: that is a directory"),
+        (["--json", tmp_path / "folder"], r"--json .*folder: that is a directory"),
+        (["-o", tmp_path / "r.txt", "--json", tmp_path / "r.txt"], r"the same file"),
+    ]
+    for extra, pattern in cases:
+        message = _error(run(runner, model, "--data", data, *extra))
+        assert re.search(pattern, message), message
+        assert "ReLU sites" not in message
+    assert model.read_bytes() == (FIX / "mlp.ts.pt").read_bytes()
+    assert data.read_bytes() == (FIX / "mlp.calib.npy").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "mlp.calib.npy", "mlp.ts.pt"]
+
+
+def test_an_unwritable_output_folder_is_one_line(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    real_access = os.access
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    message = _error(run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", locked / "r.json"))
+    assert re.search(r"--json .*r\.json: directory .*locked is not writable", message), message

@@ -167,3 +167,31 @@ def test_nothing_to_do(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "Nothing to fix" in result.stdout
     assert not (tmp_path / "o.pt2").exists()
+
+
+def test_outputs_never_replace_an_input(tmp_path: Path) -> None:
+    """OUT's state_dict beside it, --json and -o onto the model or the data: refused
+    before the scan, and nothing written."""
+    state, data = tmp_path / "mlp.state_dict.pt", tmp_path / "mlp.calib.npy"
+    state.write_bytes((FIX / "mlp.state_dict.pt").read_bytes())
+    data.write_bytes((FIX / "mlp.calib.npy").read_bytes())
+    arch = ("--arch", "fixtures/fixture_models.py:MLP")
+    side = cli(state, *arch, "--data", data, "--apply", "-o", tmp_path / "mlp.pt2")
+    assert side.exit_code == 2 and "mlp.state_dict.pt, which is an input" in side.stderr, side.output
+    onto_data = cli(state, *arch, "--data", data, "--apply", "-o", data)
+    assert onto_data.exit_code == 2 and "that is the input" in onto_data.stderr
+    json_model = cli(state, *arch, "--data", data, "--json", state)
+    assert json_model.exit_code == 2 and "--json" in json_model.stderr and "that is the input" in json_model.stderr
+    json_out = cli(state, *arch, "--data", data, "--apply", "-o", tmp_path / "fixed.pt2", "--json", tmp_path / "fixed.pt2")
+    assert json_out.exit_code == 2 and "--apply writes the fixed model there" in json_out.stderr
+    assert state.read_bytes() == (FIX / "mlp.state_dict.pt").read_bytes()
+    assert data.read_bytes() == (FIX / "mlp.calib.npy").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.calib.npy", "mlp.state_dict.pt"]
+
+
+@pytest.mark.parametrize(("args", "pattern"), [(["--bn-init", "bad"], "--bn-init 'bad': expected identity or revive"),
+                                               (["--slope", "nan"], "--slope nan: expected a finite number")])
+def test_bad_rewrite_options_are_one_line(tmp_path: Path, args: list[str], pattern: str) -> None:
+    result = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--apply", "-o", tmp_path / "x.pt2", *args)
+    assert result.exit_code == 2 and pattern in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not list(tmp_path.iterdir())

@@ -7,7 +7,6 @@ atomically -> reload the written file -> re-scan and compare outputs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
 from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
+from deadrelu.outputs import check_target, read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, model_batches, open_source, scan
 
@@ -78,7 +78,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
             notify: Callable[[str], None] | None = None) -> FixReport:
     """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units."""
     model = Path(model)
-    output = _check_output(model, options)
+    output = _check_output(model, data, options)
     loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle)
     report = _baseline_scan(loaded, data, options, scan_options, notify)
     plan = plan_fixes(report, options.plan)
@@ -98,17 +98,30 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
                      deviation, *extras)
 
 
-def _check_output(model: Path, options: FixOptions) -> Path | None:
+def state_dict_path(output: Path) -> Path:
+    """Where `fix --apply` writes the fixed weights of a state_dict model beside OUT.pt2."""
+    return output.with_name(output.name.removesuffix(".pt2") + ".state_dict.pt")
+
+
+def written_paths(options: FixOptions) -> tuple[Path, ...]:
+    """Every file `run_fix` may write (OUT, and the state_dict beside it)."""
+    if not options.apply or options.output is None:
+        return ()
+    return options.output, state_dict_path(options.output)
+
+
+def _check_output(model: Path, data: str | None, options: FixOptions) -> Path | None:
     if not options.apply:
         return options.output
     if options.output is None:
         raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
-    output = options.output
-    if output.resolve() == model.resolve() or (output.exists() and model.exists() and os.path.samefile(output, model)):
-        raise UsageError(f"-o {output}: that is the input model; deadrelu never overwrites it, choose another path")
-    if not output.parent.resolve().is_dir():
-        raise UsageError(f"-o {output}: directory {output.parent} does not exist")
-    return output
+    inputs = read_paths(model, data, options.report)
+    check_target(options.output, "-o", inputs)
+    side = state_dict_path(options.output)
+    if any(side.resolve() == p.resolve() for p in inputs):
+        raise UsageError(f"-o {options.output}: the fixed weights would go to {side}, which is an input; "
+                         "choose another name for -o")
+    return options.output
 
 
 def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, scan_options: ScanOptions,
@@ -162,7 +175,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     ndims = {f.index: int(report.sites[f.index].extra.get("preact_ndim", 4)) for f in plan}
     lines = tuple(how.instructions(plan, types, options.rewrite, ndims))
     state = how.fixed_state_dict(dict(loaded.module.state_dict()), plan, added, types)
-    target = output.with_name(output.name.removesuffix(".pt2") + ".state_dict.pt")
+    target = state_dict_path(output)
     import io
 
     buffer = io.BytesIO()

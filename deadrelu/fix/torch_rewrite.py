@@ -294,20 +294,15 @@ def _attr_name(gm: torch.fx.GraphModule, fix: SiteFix, role: str) -> str:
 
 def save_program(program: Any, path: Path) -> None:
     """torch.export.save to a temporary file beside `path`, then an atomic rename."""
-    import os
-    import tempfile
+    from deadrelu.outputs import atomic_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=path.parent)
-    os.close(fd)
     try:
-        with quiet_torch_logs():
-            torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, Exception):
-            raise ModelLoadError(f"{path}: cannot write the exported program ({_line(exc)})") from exc
+        with atomic_file(path) as handle, quiet_torch_logs():
+            torch.export.save(program, handle)
+    except DeadReluError:
         raise
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot write the exported program ({_line(exc)})") from exc
 
 
 def _line(exc: BaseException) -> str:
