@@ -44,11 +44,26 @@ def reported_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except DeadReluError as exc:
-        _fail(str(exc), exc, exc.exit_code)
+        _fail(one_line(str(exc)), exc, exc.exit_code)
     except KeyboardInterrupt as exc:
         _fail("interrupted", exc, ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug of ours: still one line, exit 2
-        _fail(f"internal error: {type(exc).__name__}: {exc} (set DEADRELU_DEBUG=1 for the traceback)", exc, ExitCode.ERROR)
+        _fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (set DEADRELU_DEBUG=1 for the traceback)",
+              exc, ExitCode.ERROR)
+
+
+def one_line(message: str) -> str:
+    """The line of an error message that says what went wrong. A DataLoader worker's
+    error comes back as "Caught X in DataLoader worker process N. Original Traceback
+    ...", ending with the original "pkg.X: message" line: that message is kept."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return message.strip()
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1]
+        kind, sep, rest = last.partition(": ")
+        return rest if sep and " " not in kind else last
+    return lines[0]
 
 
 def _fail(message: str, exc: BaseException, code: int) -> None:

@@ -47,10 +47,14 @@ def load_report(path: str | Path, thresholds: Thresholds | None = None) -> ScanR
         raise SavedReportError(f"{path}: no such report file") from None
     except OSError as exc:
         raise SavedReportError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SavedReportError(f"{path}: not a text file (expected a deadrelu JSON report)") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SavedReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise SavedReportError(f"{path}: not a deadrelu report (JSON nested too deeply)") from None
     return report_from_dict(doc, str(path), thresholds)
 
 

@@ -220,3 +220,29 @@ def test_an_unwritable_output_folder_is_one_line(runner: CliRunner, tmp_path: Pa
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
     message = _error(run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", locked / "r.json"))
     assert re.search(r"--json .*r\.json: directory .*locked is not writable", message), message
+
+
+def test_binary_reports_and_configs_are_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe{}")
+    (tmp_path / "deep.json").write_text("[" * 100000)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe[tool]")
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    cases = [(["report", tmp_path / "bin.json"], r"bin\.json: not a text file"),
+             (["report", tmp_path / "deep.json"], r"deep\.json: not a deadrelu report"),
+             (["merge", report, tmp_path / "bin.json"], r"bin\.json: not a text file"),
+             (["report", report, "--config", tmp_path / "bin.toml"], r"bin\.toml: not a text file \(expected TOML\)")]
+    for args, pattern in cases:
+        result = runner.invoke(app, [str(a) for a in args])
+        message = _error(result)
+        assert "internal error" not in message and re.search(pattern, message), message
+
+
+def test_dataloader_worker_errors_keep_the_original_message() -> None:
+    from deadrelu.cli import one_line
+
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 3, in f\n    raise DataError(m)\n'
+               "deadrelu.errors.DataError: imgs/bad.jpg: not a readable image (cannot identify image file)\n")
+    assert one_line(wrapped) == "imgs/bad.jpg: not a readable image (cannot identify image file)"
+    assert one_line("first line\nsecond line") == "first line"
