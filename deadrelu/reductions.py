@@ -107,8 +107,13 @@ class PendingBatch:
         if not self.needs_output:
             return self.moments
         assert output is not None, "this batch needs the op's output"
-        relu_sum = output.detach().sum(dim=self.dims, dtype=torch.float32).double()
+        relu_sum = output.detach().sum(dim=self.dims, dtype=_sum_dtype(output)).double()
         return replace(self.moments, relu_sum=relu_sum)
+
+
+def _sum_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 sums for a float64 model (its values may not fit float32), float32 otherwise."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scratch: Scratch,

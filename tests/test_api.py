@@ -84,3 +84,23 @@ def test_any_iterable_of_batches() -> None:
     for other in (as_list, as_pairs, as_loader):
         assert [s.verdict.dead for s in other.sites] == [s.verdict.dead for s in as_tensor.sites]
         assert other.data.samples == 64
+
+
+def test_a_float64_model_sums_its_relu_outputs_in_float64() -> None:
+    """A float64 model's values may not fit float32 (3e41) or need its precision (1e12 + x)."""
+
+    class Wide(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2).double()
+            with torch.no_grad():
+                self.fc.bias.copy_(torch.tensor([1e12, 3e41], dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.fc(x))
+
+    model = Wide().eval()
+    x = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    report = scan(model, [x[:25], x[25:]], ScanOptions(device="cpu"))
+    want = torch.relu(model.fc(x)).detach().numpy().mean(axis=0)
+    np.testing.assert_allclose(report.sites[0].stats.relu_mean, want, rtol=1e-12)
