@@ -90,12 +90,12 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
         data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data."),
-                      bool(data.get("random", False))),
+                      where.flag(data, "random", "data.")),
         sites=tuple(reports),
         thresholds=judged_with,
         device=str(doc.get("device", "")),
         engine=str(doc.get("engine", "")),
-        partial=bool(doc.get("partial", False)),
+        partial=where.flag(doc, "partial"),
         warnings=tuple(warnings),
     )
 
@@ -165,6 +165,13 @@ class _Where:
         value = doc.get(key)
         if not isinstance(value, str):
             raise self.error(prefix + key, "missing or not a string")
+        return value
+
+    def flag(self, doc: dict, key: str, prefix: str = "") -> bool:
+        """An optional true/false (absent: false); "no" or 0 is an error, not a truth value."""
+        value = doc.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(prefix + key, "not true or false")
         return value
 
     def integer(self, doc: dict, key: str, prefix: str = "") -> int:

@@ -246,3 +246,17 @@ def test_dataloader_worker_errors_keep_the_original_message() -> None:
                "deadrelu.errors.DataError: imgs/bad.jpg: not a readable image (cannot identify image file)\n")
     assert one_line(wrapped) == "imgs/bad.jpg: not a readable image (cannot identify image file)"
     assert one_line("first line\nsecond line") == "first line"
+
+
+def test_report_flags_must_be_true_or_false(runner: CliRunner, tmp_path: Path) -> None:
+    """"partial": "no" used to read as true (a PARTIAL report, exit 130)."""
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    doc = json.loads(report.read_text())
+    assert runner.invoke(app, ["report", str(report)]).exit_code == 0
+    for key, where in (("partial", doc), ("random", doc["data"])):
+        where[key] = "no"
+        (tmp_path / "bad.json").write_text(json.dumps(doc))
+        message = _error(runner.invoke(app, ["report", str(tmp_path / "bad.json")]))
+        assert "bad.json" in message and key in message and "not true or false" in message, message
+        where[key] = False
