@@ -53,12 +53,10 @@ def prepare(flags: Settings, config: Path | None, out: OutputOptions, *, load_ba
     out = _resolve_json_stdout(out)
     fmt = get_format(out.format)
     fmt.check_available()
-    targets = {"-o": out.output, "--json": Path(out.json_out) if out.json_out and out.json_out != "-" else None}
-    for flag, target in targets.items():
-        if target is not None:
-            check_target(target, flag, inputs)
-    if out.output is not None and targets["--json"] is not None and out.output.resolve() == targets["--json"].resolve():
-        raise UsageError(f"-o {out.output} and --json {out.json_out}: the same file; give two paths")
+    if out.output is not None:
+        check_target(out.output, "-o", inputs)
+    if out.json_out and out.json_out != "-":
+        check_target(Path(out.json_out), "--json", inputs, written=(out.output,) if out.output else ())
     thresholds = settings.thresholds(default_thresholds)
     baseline = None
     if settings.baseline is not None and load_baseline:

@@ -18,8 +18,8 @@ from deadrelu.cli_options import (BaselineOpt, ConfigOpt, ExitZeroOpt, FailOnOpt
                                    output_options, settings_from_flags)
 from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
 from deadrelu.distributed import ranks_from_env
-from deadrelu.outputs import read_paths
 from deadrelu.errors import DeadReluError, ExitCode, UsageError
+from deadrelu.outputs import read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
 

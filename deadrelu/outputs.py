@@ -25,10 +25,11 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         handle.write(data)
 
 
-def check_target(target: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
-    """Refuse, before any work starts, an output path that cannot be written or that is
-    one of the command's ``inputs`` (the model, the data, ...): a long scan never ends
-    in that error, and deadrelu never replaces a file it reads."""
+def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: Iterable[Path] = ()) -> None:
+    """Refuse, before any work starts, an output path that cannot be written, that is one
+    of the command's ``inputs`` (the model, the data, ...) or that another of its outputs
+    (``written``) takes: a long scan never ends in that error, and deadrelu never
+    replaces a file it reads."""
     directory = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"{flag} {target}: that is a directory; give a file path")
@@ -40,6 +41,9 @@ def check_target(target: Path, flag: str, inputs: Iterable[Path] = ()) -> None:
         if _same_file(target, source):
             raise UsageError(f"{flag} {target}: that is the input {source}; deadrelu never overwrites "
                              "what it reads, choose another path")
+    for other in written:
+        if _same_file(target, other):
+            raise UsageError(f"{flag} {target}: another output of this command goes there; give another path")
 
 
 def read_paths(*arguments: str | Path | None) -> tuple[Path, ...]:

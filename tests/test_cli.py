@@ -200,7 +200,7 @@ def test_outputs_never_replace_an_input_and_are_checked_before_the_scan(runner: 
         (["--json", data], r"--json .*mlp\.calib\.npy: that is the input"),
         (["-o", tmp_path / "folder"], r"-o .*folder: that is a directory"),
         (["--json", tmp_path / "folder"], r"--json .*folder: that is a directory"),
-        (["-o", tmp_path / "r.txt", "--json", tmp_path / "r.txt"], r"the same file"),
+        (["-o", tmp_path / "r.txt", "--json", tmp_path / "r.txt"], r"--json .*r\.txt: another output of this command goes there"),
     ]
     for extra, pattern in cases:
         message = _error(run(runner, model, "--data", data, *extra))

@@ -117,10 +117,7 @@ def _check_output(model: Path, data: str | None, options: FixOptions) -> Path | 
         raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
     inputs = read_paths(model, data, options.report)
     check_target(options.output, "-o", inputs)
-    side = state_dict_path(options.output)
-    if any(side.resolve() == p.resolve() for p in inputs):
-        raise UsageError(f"-o {options.output}: the fixed weights would go to {side}, which is an input; "
-                         "choose another name for -o")
+    check_target(state_dict_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
     return options.output
 
 

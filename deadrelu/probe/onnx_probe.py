@@ -386,9 +386,10 @@ def _emit_batch_norm(em: Emitter, x: str, positive: str, plan: SitePlan) -> tupl
     vector operations per batch, and as long as the unit axis whatever shape inference
     says.
     """
-    zeros = em.node("Mul", [em.node("Reshape", [positive, em.const(np.array([-1], np.int64), "flat")], "pos_flat"),
-                            em.const(np.array(0, dtype=_np_type(plan)), "nought")], "bn_zeros")
-    ones = em.node("Add", [zeros, em.const(np.array(1, dtype=_np_type(plan)), "unity")], "bn_ones")
+    dtype = _np_type(plan)
+    flat = em.node("Reshape", [positive, em.const(np.array([-1], np.int64), "flat")], "pos_flat")
+    zeros = em.node("Mul", [flat, em.const(np.array(0, dtype=dtype), "nought")], "bn_zeros")
+    ones = em.node("Add", [zeros, em.const(np.array(1, dtype=dtype), "unity")], "bn_ones")
     normalised, mean, var = em.fresh("bn_y"), em.fresh("bn_mean"), em.fresh("bn_var")
     em.nodes.append(helper.make_node("BatchNormalization", [x, ones, zeros, zeros, ones], [normalised, mean, var],
                                      name=normalised, training_mode=1, momentum=0.0))
