@@ -129,8 +129,7 @@ def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scrat
     squares = torch.mul(x, x, out=buf).sum(dim=dims).double()
     m2 = squares - total * mean
     if bool((m2 < _ONE_PASS_MIN_RATIO * squares).any()):
-        centred = torch.sub(x, mean.to(x.dtype).view(_unit_shape(x.ndim, dims)), out=buf)
-        m2 = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
+        mean, m2 = _centred_moments(x, mean, dims, per_unit, buf)
     if per_unit < _EXACT_FLOAT_COUNT:
         positive = torch.gt(x, 0, out=buf).sum(dim=dims).round().to(torch.int64)
     else:
@@ -138,6 +137,23 @@ def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scrat
     relu_sum = 0.0 if relu_from_output else torch.clamp_min(x, 0, out=buf).sum(dim=dims).double()
     return BatchMoments(count=float(per_unit), positive=positive, nan=0, inf=0, minimum=minimum, maximum=maximum,
                         mean=mean, m2=m2, relu_sum=relu_sum)
+
+
+def _centred_moments(x: torch.Tensor, rough_mean: torch.Tensor, dims: tuple[int, ...], per_unit: int,
+                     buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, M2) per unit about a rough mean, by the corrected two-pass formula.
+
+    With d = x - c (c: the rough mean rounded to x's dtype, so d is exact for x near c),
+    mean = c + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, the last two in float64. The
+    rounding of c and of the float32 sum behind it (about 1e-3 at 1e4) then cancels;
+    plain sum(d^2) would add n*(mean - c)^2, 1% of the variance of a unit whose std is
+    1e-6 of its mean (measured on batches of 8 to 32 samples).
+    """
+    centre = rough_mean.to(x.dtype)
+    centred = torch.sub(x, centre.view(_unit_shape(x.ndim, dims)), out=buf)
+    offset = centred.sum(dim=dims).double()
+    squares = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
+    return centre.double() + offset / per_unit, (squares - offset * offset / per_unit).clamp_min(0.0)
 
 
 def _unit_shape(ndim: int, dims: tuple[int, ...]) -> list[int]:

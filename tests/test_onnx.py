@@ -458,6 +458,44 @@ def test_every_reduction_path_matches_the_brute_force(tmp_path: Path, opset: int
         assert list(np.flatnonzero(sites["conv_relu"].stats.positive == 0)) == [3]
 
 
+@pytest.mark.parametrize("path_kind", ["operators", "kernel"])
+def test_units_far_from_zero_keep_their_std(tmp_path: Path, path_kind: str) -> None:
+    """Units with |mean| / std near 1e6 (std 0.01 at 1e4): the fast graph's float32 batch
+    moments were 0.1-0.4% off there; those batches take the masked graph's corrected
+    two-pass moments, in float64. Conv (BatchNormalization moments) and Gemm sites."""
+    rng = np.random.default_rng(5)
+    conv_bias = np.array([-1e4, 1e4, 0.5, -3.0], np.float32)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.003).astype(np.float32), "wc"),
+             numpy_helper.from_array(conv_bias, "bc"),
+             numpy_helper.from_array((rng.standard_normal((4, 3)) * 0.01).astype(np.float32), "wd"),
+             numpy_helper.from_array(np.array([-1e4, 2e4, 0.5], np.float32), "bd")]
+    model = tiny_model(
+        [helper.make_node("Conv", ["image", "wc", "bc"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["conv"], ["conv_out"], name="conv_relu"),
+         helper.make_node("Gemm", ["dense", "wd", "bd"], ["mm"], name="dense"),
+         helper.make_node("Relu", ["mm"], ["mm_out"], name="dense_relu")],
+        [_value("image", ["n", 3, 5, 5]), _value("dense", ["n", 4])],
+        [_value("conv_out", ["n", 4, 5, 5]), _value("mm_out", ["n", 3])], inits)
+    path = save(model, tmp_path)
+    arrays = {"image": rng.standard_normal((96, 3, 5, 5)).astype(np.float32),
+              "dense": rng.standard_normal((96, 4)).astype(np.float32)}
+    feeds = batched_feeds(arrays)
+    batches = [ModelInput((), {k: torch.from_numpy(v) for k, v in feed.items()}) for feed in feeds]
+    preacts = exposed_preacts(model, ["conv", "mm"], feeds, optimised=True)
+    kernel = None
+    if path_kind == "kernel":
+        kernel = onnx_probe.kernel_library().path
+        if kernel is None:
+            pytest.skip("deadrelu's ONNX kernel cannot be built here")
+    result = scan_batches(load_onnx(path), iter(batches), CPU, kernel=kernel)
+    for site, preact in zip(result.sites, preacts):
+        ref = unit_stats(preact, 1)
+        assert (np.abs(ref["mean"]) / ref["std"]).max() > 5e5  # the case this is about
+        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-9, atol=1e-9, err_msg=site.name)
+        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
+
+
 def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_norm() -> None:
     """What makes the fast path cheap, checked on the rewritten graph: no float64 cast of
     a pre-activation, one BatchNormalization (training mode, momentum 0) per site, the

@@ -49,6 +49,18 @@ def test_large_offset_keeps_variance() -> None:
     np.testing.assert_allclose(result.std, brute(whole, 1)["std"], rtol=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 2, 2), (32, 3)])
+def test_std_of_a_unit_far_from_zero_in_small_batches(shape: tuple[int, ...]) -> None:
+    """Mean -1e4, std 0.01 (1e-6 of the mean), batches of 8 to 32 samples: the float32
+    rounding of each batch's mean must not enter the variance (it made it 0.3% off)."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [(-1e4 + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)).float() for _ in range(200)]
+    result = accumulate(batches, 1).result()
+    expected = brute(torch.cat(batches).numpy(), 1)
+    np.testing.assert_allclose(result.std, expected["std"], rtol=1e-6)
+    np.testing.assert_allclose(result.mean, expected["mean"], rtol=1e-12)
+
+
 def test_non_finite_values_are_counted_apart() -> None:
     x = torch.randn(6, 4, 3, 3)
     x[0, 0, 0, 0] = float("nan")

@@ -218,6 +218,20 @@ def _fast_rows(rows: np.ndarray, counts: np.ndarray) -> Rows | None:
     return out
 
 
+# A float32 batch mean is off by up to half an ulp (6e-8 of it), and the batch variance
+# about it by that squared: (3e-8 * |mean| / std)^2 of the variance, 1e-6 at |mean|/std =
+# 3e4. Batches with a unit between that and 2 ulps of spread (below, the unit is constant
+# but for rounding) take the masked graph's corrected two-pass moments instead.
+_FAR_FROM_ZERO = (3e4, 4e6)  # |mean| / std
+
+
+def _far_from_zero(rows: np.ndarray) -> bool:
+    """Whether a unit's fast-path (float32) variance would be too coarse (see `_FAR_FROM_ZERO`)."""
+    squared_mean, var = rows[:, 2] ** 2, rows[:, 3]
+    low, high = _FAR_FROM_ZERO
+    return bool(((squared_mean > low * low * var) & (squared_mean < high * high * var)).any())
+
+
 def _masked_rows(rows: np.ndarray) -> Rows:
     """`MASKED_ROWS` from the masked graph's rows, counts rounded to integers."""
     out = np.array(rows, dtype=np.float64)
@@ -397,7 +411,14 @@ def _emit_batch_norm(em: Emitter, x: str, positive: str, plan: SitePlan) -> tupl
 
 
 def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
-    """Reductions that count NaN/Inf apart and keep them out of min/max/moments (`MASKED_ROWS`)."""
+    """Reductions that count NaN/Inf apart and keep them out of min/max/moments (`MASKED_ROWS`),
+    as float64 rows.
+
+    The moments are taken about the float32 mean c by the corrected two-pass formula,
+    mean = c + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n with d = x - c, finished in float64
+    on the per-unit vectors: the rounding of c cancels, so a unit whose std is 1e-6 of its
+    mean keeps its variance (the fast path's float32 batch moments lose 0.1-0.4% there,
+    and `OnnxScanner._decode` sends such batches here)."""
     x = _work_input(em, plan)
     axes, dtype, to = plan.reduce_axes, _np_type(plan), plan.compute_type
     big = em.const(np.array(np.finfo(dtype).max, dtype=dtype), "fmax")
@@ -410,9 +431,14 @@ def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
     nan = em.reduce("ReduceSum", em.node("Cast", [is_nan], "nanf", to=to), axes, "nan")
     inf = em.reduce("ReduceSum", em.node("Cast", [is_inf], "inff", to=to), axes, "inf")
     zeroed = em.node("Where", [finite, x, zero], "zeroed")
-    mean = em.node("Div", [em.reduce("ReduceSum", zeroed, axes, "sum"), em.node("Max", [count, one], "n")], "mean")
-    centred = em.node("Where", [finite, em.node("Sub", [zeroed, mean], "d"), zero], "centred")
-    m2 = em.reduce("ReduceSum", em.node("Mul", [centred, centred], "sq"), axes, "m2")
+    n = em.node("Max", [count, one], "n")
+    rough = em.node("Div", [em.reduce("ReduceSum", zeroed, axes, "sum"), n], "rough_mean")
+    centred = em.node("Where", [finite, em.node("Sub", [zeroed, rough], "d"), zero], "centred")
+    squares = em.reduce("ReduceSum", em.node("Mul", [centred, centred], "sq"), axes, "squares")
+    offset, n64 = _double(em, em.reduce("ReduceSum", centred, axes, "offset")), _double(em, n)
+    shift = em.node("Div", [offset, n64], "shift")
+    mean = em.node("Add", [_double(em, rough), shift], "mean")
+    m2 = em.node("Sub", [_double(em, squares), em.node("Mul", [offset, shift], "offset_sq")], "m2")
     inf_const = em.const(np.array(np.inf, dtype=dtype), "pinf")
     ninf_const = em.const(np.array(-np.inf, dtype=dtype), "ninf")
     minimum = em.reduce("ReduceMin", em.node("Where", [finite, x, inf_const], "minin"), axes, "min")
@@ -420,9 +446,14 @@ def emit_masked(em: Emitter, plan: SitePlan) -> Emitted:
     above = em.node("Cast", [em.node("Greater", [x, zero], "gt0")], "gt0f", to=to)
     positive = em.reduce("ReduceSum", above, axes, "pos")
     relu_sum = em.reduce("ReduceSum", em.node("Relu", [zeroed], "relu"), axes, "relu_sum")
-    packed = em.node("Concat", [count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum], "stats",
-                     axis=plan.pack_axis)
-    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), plan.compute_type, "masked")
+    rows = [_double(em, v) for v in (count, positive, nan, inf, minimum, maximum)] + [mean, m2, _double(em, relu_sum)]
+    packed = em.node("Concat", rows, "stats", axis=plan.pack_axis)
+    return Emitted(packed, em.node("Shape", [plan.site.preact], "shape"), TensorProto.DOUBLE, "masked")
+
+
+def _double(em: Emitter, vector: str) -> str:
+    """A (small, per-unit) vector cast to float64."""
+    return em.node("Cast", [vector], "f64", to=TensorProto.DOUBLE)
 
 
 def emit_kernel(em: Emitter, plan: SitePlan) -> Emitted:
@@ -1060,7 +1091,7 @@ class OnnxScanner:
                 continue
             counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])
             batch = _fast_rows(rows, counts)
-            if batch is None:
+            if batch is None or (plan.compute_type == TensorProto.FLOAT and _far_from_zero(rows)):
                 return None
             decoded[plan.id] = batch
             if counts.max(initial=0) > EXACT_FLOAT_COUNT and plan.compute_type == TensorProto.FLOAT:
