@@ -93,9 +93,10 @@ class AxisTrace:
     normalised: bool = False  # a normalisation node lies between the producer and the site
 
     def resolve(self, rank: int) -> int:
-        """The non-negative unit axis of a pre-activation of the given rank."""
+        """The non-negative unit axis of a pre-activation of the given rank; 1 for rank 0/1:
+        one unit, axis 1 of its ``(values, 1)`` view (see `deadrelu.sites.choose_axis`)."""
         if rank <= 1:
-            return 0
+            return 1
         if self.anchor is None:
             return 1
         axis = self.anchor + rank if self.anchor < 0 else self.anchor
@@ -598,7 +599,7 @@ def trace_axis(index: GraphIndex, tensor: str) -> AxisTrace:
         if origin.through:
             reason += f", through {', '.join(origin.through)}"
         return AxisTrace(origin.anchor, origin.source, reason, any(op in NORM_OPS for op in origin.through))
-    return AxisTrace(None, "default", f"default (dim 1, or dim 0 of a vector): {origin or _no_layout(index, tensor)}")
+    return AxisTrace(None, "default", f"default (dim 1; a vector is one unit): {origin or _no_layout(index, tensor)}")
 
 
 @dataclass(frozen=True)

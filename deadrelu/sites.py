@@ -230,18 +230,28 @@ class AxisChoice:
     """The unit axis of a site and why it was chosen."""
 
     axis: int  # non-negative
-    source: str  # "conv", "linear", or "default"
+    source: str  # "conv", "linear", "default", or "scalar"
 
 
 def choose_axis(ndim: int, producer: str | None) -> AxisChoice:
-    """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear."""
+    """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear.
+
+    A pre-activation of rank 0 or 1 (one value per sample, say ``fc(x).squeeze(-1)``) is
+    one unit: it is reduced as its ``(values, 1)`` view (`scalar_view`), whose axis 1
+    holds that unit. Taking dim 0 as the units would make the batch the units: counts
+    that change with the batch size and a scan that fails on a shorter last batch."""
     if ndim <= 1:
-        return AxisChoice(0, "default")
+        return AxisChoice(1, "scalar")
     if producer == "linear":
         return AxisChoice(ndim - 1, "linear")
     if producer == "conv":
         return AxisChoice(1, "conv")
     return AxisChoice(1, "default")
+
+
+def scalar_view(x: torch.Tensor) -> torch.Tensor:
+    """A rank-0/1 pre-activation as a ``(values, 1)`` matrix (one unit); others unchanged."""
+    return x.reshape(-1, 1) if x.ndim <= 1 else x
 
 
 def producer_kind(op: str) -> str | None:

@@ -308,6 +308,8 @@ class _Builder:
     def _unit_shape(self) -> tuple[int, ...]:
         """(units, 1, ..., 1): broadcasts along the unit axis from the right."""
         rank, axis = self.site.rank, self.fix.unit_axis
+        if rank == 0:  # one unit, a scalar: the slope must not add a dimension
+            return ()
         if rank is not None:
             return (self.fix.units,) + (1,) * max(rank - 1 - axis, 0)
         anchor = self.site.axis.anchor
@@ -338,9 +340,11 @@ class _Builder:
         return self._node("Transpose", [x], "from_axis1", nodes, perm=_movedim(rank, 1, axis))
 
     def _axes_node(self, op: str, x: str, role: str, nodes: list[onnx.NodeProto]) -> str:
+        """(Un)squeeze between a rank-0/1 pre-activation (one unit) and its (values, 1) view."""
+        axes = [1] if self.site.rank == 1 else [0, 1]
         if self.opset >= 13:
-            return self._node(op, [x, self._initializer(np.array([0], dtype=np.int64), f"{role}_axes")], role, nodes)
-        return self._node(op, [x], role, nodes, axes=[0])
+            return self._node(op, [x, self._initializer(np.array(axes, dtype=np.int64), f"{role}_axes")], role, nodes)
+        return self._node(op, [x], role, nodes, axes=axes)
 
     # primitives --------------------------------------------------------------------------
 

@@ -267,11 +267,23 @@ def _cap(gm: torch.fx.GraphModule, template: torch.fx.Node, value: torch.fx.Node
 
 
 def _to_axis1(gm: torch.fx.GraphModule, template: torch.fx.Node, value: Any, axis: int) -> Any:
+    """The pre-activation with its units on dim 1; a rank-0/1 one (one unit) as its (values, 1) view."""
+    if _rank(template.args[0]) in (0, 1):
+        return _call(gm, template, aten.reshape.default, (value, [-1, 1]))
     return value if axis == 1 else _call(gm, template, aten.movedim.int, (value, axis, 1))
 
 
 def _from_axis1(gm: torch.fx.GraphModule, template: torch.fx.Node, value: Any, axis: int) -> Any:
+    rank = _rank(template.args[0])
+    if rank in (0, 1):
+        return _call(gm, template, aten.reshape.default, (value, [-1] if rank else []))
     return value if axis == 1 else _call(gm, template, aten.movedim.int, (value, 1, axis))
+
+
+def _rank(value: Any) -> int | None:
+    """The rank of a graph value, from its recorded example (None when unknown)."""
+    example = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+    return example.ndim if isinstance(example, torch.Tensor) else None
 
 
 def _replace(node: torch.fx.Node, new: torch.fx.Node) -> None:

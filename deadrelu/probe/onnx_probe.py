@@ -151,7 +151,7 @@ class SitePlan:
 
     @property
     def flat(self) -> bool:
-        """A vector or scalar pre-activation is reduced as a (1, units) matrix."""
+        """A vector or scalar pre-activation is one unit, reduced as a (values, 1) matrix."""
         return self.rank < 2
 
     @property
@@ -295,7 +295,7 @@ def _work_input(em: Emitter, plan: SitePlan) -> str:
     if plan.site.elem_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
         x = em.node("Cast", [x], "cast", to=TensorProto.FLOAT)
     if plan.flat:
-        x = em.node("Reshape", [x, em.const(np.array([1, -1], dtype=np.int64), "flat")], "flat")
+        x = em.node("Reshape", [x, em.const(np.array([-1, 1], dtype=np.int64), "flat")], "flat")
     return x
 
 
@@ -1107,7 +1107,8 @@ class OnnxScanner:
             if summary is None:
                 continue
             site = plan.site
-            found.append(SiteObservation(site.name, site.op, plan.axis, site.axis.source, summary,
+            source = "scalar" if plan.flat else site.axis.source
+            found.append(SiteObservation(site.name, site.op, plan.axis, source, summary,
                                          {"normalised_input": site.axis.normalised, "onnx": site.describe()}))
         return tuple(found)
 

@@ -221,7 +221,10 @@ def _attach_reductions(graph: torch.fx.Graph, calls: Sequence[SiteCall], shifts:
         with graph.inserting_after(last_input):
             last_input = graph.placeholder(f"deadrelu_shift_{len(taps.slots)}")
         with graph.inserting_before(node):  # before: the op may be inplace (relu_)
-            taps.results.append(graph.call_function(reduce, (x, last_input, list(reduce_dims(call.ndim, call.axis)))))
+            if call.ndim <= 1:  # one unit: its (values, 1) view, as the eager probe reduces it
+                x = graph.call_function(torch.reshape, (x, (-1, 1)))
+            dims = reduce_dims(max(call.ndim, 2), call.axis)
+            taps.results.append(graph.call_function(reduce, (x, last_input, list(dims))))
         start = taps.slots[-1].start + taps.slots[-1].units if taps.slots else 0
         taps.slots.append(SiteSlot(call.site, start, call.units))
         taps.per_unit.append(call.per_unit)
@@ -296,6 +299,7 @@ def _check_shape(x: Any, call: SiteCall) -> None:
     value = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     if not isinstance(value, torch.Tensor):
         raise CaptureError("a site's pre-activation has no recorded shape in the graph")
-    if value.ndim != call.ndim or str(value.shape[call.axis]) != str(call.units):
+    units = 1 if value.ndim <= 1 else value.shape[call.axis] if value.ndim > call.axis else None
+    if value.ndim != call.ndim or str(units) != str(call.units):
         raise CaptureError(f"site '{call.site}': the graph's pre-activation {tuple(value.shape)} does not match "
                            f"the model's ({call.units} units along dim {call.axis})")

@@ -168,8 +168,8 @@ class ReluProbe(TorchDispatchMode):
         out = func(*args, **kwargs)
         if observed is not None:
             tap, pending = observed
-            self._staged.append((tap, pending.complete(out)))
             x = args[0]
+            self._staged.append((tap, pending.complete(sites.scalar_view(out) if x.ndim <= 1 else out)))
             self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
                                         x.numel() // max(tap.stats.units, 1)))
         elif functional is not None:
@@ -188,15 +188,16 @@ class ReluProbe(TorchDispatchMode):
             return None
         name = self._namer.name(sites.base_name(ctx, functional))
         tap = self.taps.get(name)
+        ndim, x = x.ndim, sites.scalar_view(x)
         if tap is None:
-            axis = sites.choose_axis(x.ndim, self._producers.get(x))
-            units = x.shape[axis.axis] if x.ndim else 1
+            axis = sites.choose_axis(ndim, self._producers.get(args[0]))
+            units = x.shape[axis.axis]
             tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps),
-                          normalised=bool(self._normalised.get(x, False)), ndim=x.ndim)
+                          normalised=bool(self._normalised.get(args[0], False)), ndim=ndim)
             self.taps[name] = tap
         elif x.ndim <= tap.axis.axis or x.shape[tap.axis.axis] != tap.stats.units:
             raise SiteShapeError(f"site '{name}' had {tap.stats.units} units along dim {tap.axis.axis}, "
-                                 f"now its pre-activation has shape {tuple(x.shape)}")
+                                 f"now its pre-activation has shape {tuple(args[0].shape)}")
         if tap.shift is None:
             tap.shift = site_shift(x, tap.axis.axis)
         return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift)
