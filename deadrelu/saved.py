@@ -71,25 +71,28 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
     data = where.obj(doc, "data")
     saved = where.obj(doc, "thresholds", required=False)
     judged_with = thresholds or Thresholds(
-        near_dead=float(saved.get("near_dead", Thresholds.near_dead)), tau=float(saved.get("tau", Thresholds.tau)))
+        near_dead=where.number(saved, "near_dead", Thresholds.near_dead, 0.0, 1.0, "thresholds."),
+        tau=where.number(saved, "tau", Thresholds.tau, 0.0, float("inf"), "thresholds."))
     sites = where.items(doc, "sites")
-    warnings = [str(w) for w in doc.get("warnings", [])]
+    warnings = where.texts(doc, "warnings")
     reports = []
     for index, site in enumerate(sites):
         at = where.at(f"sites[{index}]")
         if not isinstance(site, dict):
             raise at.error("", "expected an object")
+        name, op = at.text(site, "name"), at.text(site, "op")
+        unit_axis = at.integer(site, "unit_axis", minimum=0)
         summary, lacks_nonfinite = _summary(site, at)
         if lacks_nonfinite:
-            warnings.append(f"{site['name']}: the saved report has no per-unit NaN/Inf counts; "
+            warnings.append(f"{name}: the saved report has no per-unit NaN/Inf counts; "
                             "active rates of units that saw non-finite values may differ slightly")
         extra = {k: v for k, v in site.items() if k not in _SITE_KEYS}
-        reports.append(site_report(at.text(site, "name"), at.text(site, "op"), at.integer(site, "unit_axis"),
-                                   str(site.get("axis_source", "default")), summary, judged_with, extra))
+        reports.append(site_report(name, op, unit_axis, str(site.get("axis_source", "default")), summary,
+                                   judged_with, extra))
     return ScanReport(
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
-        data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data."),
+        data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data.", minimum=0),
                       where.flag(data, "random", "data.")),
         sites=tuple(reports),
         thresholds=judged_with,
@@ -100,9 +103,12 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
     )
 
 
+_COUNT_COLUMNS = ("count", "positive", "nan", "inf")  # non-negative integers, never null
+
+
 def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
     per_unit = at.obj(site, "per_unit")
-    units = at.integer(site, "units")
+    units = at.integer(site, "units", minimum=0)
     columns = {}
     for key in (*_REQUIRED_PER_UNIT, "nan", "inf"):
         values = per_unit.get(key)
@@ -112,17 +118,24 @@ def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
             continue
         if not isinstance(values, list) or len(values) != units:
             raise at.error(f"per_unit.{key}", f"expected a list of {units} values (one per unit)")
-        try:
-            columns[key] = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
-        except (TypeError, ValueError):
-            raise at.error(f"per_unit.{key}", "expected numbers") from None
-    count = np.nan_to_num(columns["count"], nan=0.0)
+        if any(isinstance(v, bool) or not (v is None or isinstance(v, (int, float))) for v in values):
+            raise at.error(f"per_unit.{key}", "expected numbers")
+        column = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+        if key in _COUNT_COLUMNS and not (np.isfinite(column) & (column >= 0) & (column == np.rint(column))).all():
+            raise at.error(f"per_unit.{key}", "expected counts (whole numbers >= 0)")
+        columns[key] = column
+    if (columns["positive"] > columns["count"] + columns.get("inf", np.inf)).any():
+        raise at.error("per_unit.positive", "more positive values than values seen (count + inf)")
+    if (columns["m2"] < 0).any():
+        raise at.error("per_unit.m2", "a sum of squared deviations cannot be negative")
+    count = columns["count"]
     zeros = np.zeros(units, dtype=np.int64)
-    lacks_nonfinite = "nan" not in columns and bool(site.get("nonfinite", {}).get("nan", 0)
-                                                      or site.get("nonfinite", {}).get("inf", 0))
+    nonfinite = site.get("nonfinite")
+    nonfinite = nonfinite if isinstance(nonfinite, dict) else {}
+    lacks_nonfinite = "nan" not in columns and bool(nonfinite.get("nan", 0) or nonfinite.get("inf", 0))
     summary = UnitSummary(
         count=count,
-        positive=np.nan_to_num(columns["positive"], nan=0.0).astype(np.int64),
+        positive=columns["positive"].astype(np.int64),
         nan=columns["nan"].astype(np.int64) if "nan" in columns else zeros,
         inf=columns["inf"].astype(np.int64) if "inf" in columns else zeros,
         minimum=np.nan_to_num(columns["min"], nan=np.inf, posinf=np.inf, neginf=-np.inf),
@@ -174,11 +187,29 @@ class _Where:
             raise self.error(prefix + key, "not true or false")
         return value
 
-    def integer(self, doc: dict, key: str, prefix: str = "") -> int:
+    def integer(self, doc: dict, key: str, prefix: str = "", minimum: int | None = None) -> int:
         value = doc.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(prefix + key, "missing or not an integer")
+        if minimum is not None and value < minimum:
+            raise self.error(prefix + key, f"expected an integer >= {minimum}, got {value}")
         return value
+
+    def number(self, doc: dict, key: str, default: float, low: float, high: float, prefix: str = "") -> float:
+        """An optional number in [low, high] (absent or null: the default)."""
+        value = doc.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise self.error(prefix + key, f"expected a number from {low:g} to {high:g}, got {value!r}")
+        return float(value)
+
+    def texts(self, doc: dict, key: str) -> list[str]:
+        """An optional list of strings (absent: empty)."""
+        value = doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, "expected a list of strings")
+        return list(value)
 
 
 def rejudge(report: ScanReport, thresholds: Thresholds) -> ScanReport:

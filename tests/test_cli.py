@@ -260,3 +260,49 @@ def test_report_flags_must_be_true_or_false(runner: CliRunner, tmp_path: Path) -
         message = _error(runner.invoke(app, ["report", str(tmp_path / "bad.json")]))
         assert "bad.json" in message and key in message and "not true or false" in message, message
         where[key] = False
+
+
+def _set(doc: dict, path: str, value: object) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    if isinstance(doc, list):
+        doc[int(last)] = value
+    elif value is _DELETE:
+        del doc[last]
+    else:
+        doc[last] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("path", "value", "pattern"), [
+    ("thresholds.near_dead", "abc", r"thresholds\.near_dead: expected a number from 0 to 1"),
+    ("thresholds.tau", -1, r"thresholds\.tau: expected a number from 0 to inf"),
+    ("warnings", 5, r"warnings: expected a list of strings"),
+    ("sites.0.name", _DELETE, r"sites\[0\]\.name: missing or not a string"),
+    ("sites.0.per_unit.count.0", -3, r"sites\[0\]\.per_unit\.count: expected counts"),
+    ("sites.0.per_unit.positive.0", 2.5, r"sites\[0\]\.per_unit\.positive: expected counts"),
+    ("sites.0.per_unit.positive.0", None, r"sites\[0\]\.per_unit\.positive: expected counts"),
+    ("sites.0.per_unit.positive.0", 10 ** 9, r"sites\[0\]\.per_unit\.positive: more positive values"),
+    ("sites.0.per_unit.mean.0", "1.5", r"sites\[0\]\.per_unit\.mean: expected numbers"),
+    ("sites.0.per_unit.m2.0", -1.0, r"sites\[0\]\.per_unit\.m2: .*cannot be negative"),
+    ("sites.0.nonfinite", None, None),  # optional: read only for a hint
+    ("sites.0.units", -1, r"sites\[0\]\.units: expected an integer >= 0"),
+    ("sites.0.unit_axis", -2, r"sites\[0\]\.unit_axis: expected an integer >= 0"),
+    ("data.samples", -5, r"data\.samples: expected an integer >= 0"),
+])
+def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunner, tmp_path: Path, path: str,
+                                                                 value: object, pattern: str | None) -> None:
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    doc = json.loads(report.read_text())
+    _set(doc, path, value)
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    result = runner.invoke(app, ["report", str(tmp_path / "bad.json")])
+    if pattern is None:
+        assert result.exit_code == 0, result.output
+        return
+    message = _error(result)
+    assert "bad.json" in message and re.search(pattern, message), message

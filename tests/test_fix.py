@@ -145,6 +145,11 @@ def test_refusals(tmp_path: Path) -> None:
     assert scan.exit_code == 0
     other = cli(copy, "--report", report)
     assert other.exit_code == 2 and "another model" in other.stderr
+    doc = json.loads(report.read_text())
+    doc["model"]["sha256"] = ""
+    (tmp_path / "unnamed.json").write_text(json.dumps(doc))
+    unnamed = cli(FIX / "convnet.pt2", "--report", tmp_path / "unnamed.json")
+    assert unnamed.exit_code == 2 and "names no model sha256" in unnamed.stderr
 
 
 def test_saved_report_of_the_same_model_is_used(tmp_path: Path) -> None:

@@ -127,7 +127,10 @@ def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, s
         from deadrelu.saved import load_report
 
         report = load_report(options.report, scan_options.thresholds)
-        if report.model.sha256 and report.model.sha256 != loaded.sha256:
+        if not report.model.sha256:
+            raise UsageError(f"--report {options.report}: it names no model sha256, so it cannot be checked to be a "
+                             f"scan of {loaded.path}; re-scan with --data")
+        if report.model.sha256 != loaded.sha256:
             raise UsageError(f"--report {options.report}: it is a scan of another model (sha256 {report.model.sha256[:12]}…, "
                              f"{loaded.path} is {loaded.sha256[:12]}…); re-scan with --data")
         return report
