@@ -462,6 +462,7 @@ def _open_folder(path: Path, options: DataOptions) -> CalibrationSource:
 
 def _check_shards(path: Path, shards: list[NpyRows]) -> None:
     first = shards[0]
+    _check_array(first.path, "array", first)
     for shard in shards[1:]:
         if shard.shape[1:] != first.shape[1:] or shard.dtype != first.dtype:
             raise DataError(f"{shard.path}: shard shape {shard.shape} / {shard.dtype} differs from "
@@ -513,21 +514,37 @@ def _open_pt(path: Path) -> ArraySource:
     except Exception as exc:
         raise DataError(f"{path}: not a tensor file readable with weights_only=True ({_line(exc)})") from exc
     if isinstance(obj, torch.Tensor):
+        _check_array(path, "tensor", obj)
         return ArraySource(str(path), [obj], {})
     if isinstance(obj, (tuple, list)) and obj and all(isinstance(t, torch.Tensor) for t in obj):
-        _check_same_length(path, {str(i): t for i, t in enumerate(obj)})
+        named = {f"tensor {i}": t for i, t in enumerate(obj)}
+        for name, tensor in named.items():
+            _check_array(path, name, tensor)
+        _check_same_length(path, named)
         return ArraySource(str(path), list(obj), {})
     if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
+        for name, tensor in obj.items():
+            _check_array(path, f"tensor {name!r}", tensor)
         _check_same_length(path, obj)
         return ArraySource(str(path), [], dict(obj))
     raise DataError(f"{path}: holds a {type(obj).__name__}, expected a tensor, a tuple of tensors or a dict of tensors")
 
 
 def _check_array(path: Path, name: str, array: Any) -> None:
+    """A numpy array (or `NpyRows`) or a tensor: samples along axis 0, real numbers."""
     if array.ndim == 0:
         raise DataError(f"{path}: {name} is a scalar, expected samples along the first axis")
-    if np.dtype(array.dtype).kind not in "fiub":
-        raise DataError(f"{path}: {name} has dtype {array.dtype}, expected numbers")
+    if isinstance(array, torch.Tensor):
+        real = not (array.is_complex() or array.is_quantized or array.dtype in _UNREADABLE_TORCH)
+    else:
+        real = np.dtype(array.dtype).kind in "fiub"
+    if not real:
+        raise DataError(f"{path}: {name} has dtype {str(array.dtype).replace('torch.', '')}, expected real numbers")
+
+
+# float8 and 1-bit-like formats that no model input takes and numpy cannot hold
+_UNREADABLE_TORCH = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                           "float8_e5m2fnuz", "uint1", "bits8") if hasattr(torch, n))
 
 
 def _check_same_length(path: Path, arrays: dict[str, Any]) -> None:
@@ -537,8 +554,14 @@ def _check_same_length(path: Path, arrays: dict[str, Any]) -> None:
 
 
 def _tensor(array: Any) -> torch.Tensor:
+    """One batch as a tensor: native byte order (a big-endian .npy), long double as float64
+    (torch has neither), otherwise the array's own dtype."""
     if isinstance(array, torch.Tensor):
         return array
+    if array.dtype == np.longdouble and np.dtype(np.longdouble).itemsize > 8:
+        array = array.astype(np.float64)
+    elif not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
     if not (array.flags.writeable and array.flags.c_contiguous):
         array = np.array(array, copy=True, order="C")  # a writable copy of one batch
     return torch.from_numpy(array)

@@ -176,3 +176,31 @@ def test_multi_input_model_from_npz(tmp_path: Path) -> None:
     b = scan(model, str(tmp_path / "positional.npz"), ScanOptions(device="cpu"))
     c = scan(model, [(torch.from_numpy(image), torch.from_numpy(meta))], ScanOptions(device="cpu"))
     assert positives(a) == positives(b) == positives(c)
+
+
+@pytest.mark.parametrize("model", ["mlp.ts.pt", "mlp.onnx"])
+def test_big_endian_and_long_double_arrays_give_the_same_statistics(tmp_path: Path, reference, model: str) -> None:
+    np.save(tmp_path / "big.npy", CALIB.astype(">f4"))
+    np.save(tmp_path / "long.npy", CALIB.astype(np.longdouble))
+    (tmp_path / "shards").mkdir()
+    np.save(tmp_path / "shards" / "a.npy", CALIB[:100].astype(">f4"))
+    np.save(tmp_path / "shards" / "b.npy", CALIB[100:].astype(">f4"))
+    same = scan(FIX / model, FIX / "mlp.calib.npy", ScanOptions(device="cpu")) if model.endswith(".onnx") else reference
+    for data in ("big.npy", "long.npy", "shards"):
+        assert positives(scan(FIX / model, str(tmp_path / data), ScanOptions(device="cpu"))) == positives(same), data
+
+
+@pytest.mark.parametrize(("make", "pattern"), [
+    (lambda p: torch.save(torch.tensor(3.0), p / "d.pt"), r"d\.pt: tensor is a scalar, expected samples"),
+    (lambda p: torch.save((torch.ones(4, 32), torch.tensor(2.0)), p / "d.pt"), r"d\.pt: tensor 1 is a scalar"),
+    (lambda p: torch.save({"x": torch.ones(4, 32, dtype=torch.complex64)}, p / "d.pt"),
+     r"d\.pt: tensor 'x' has dtype complex64, expected real numbers"),
+    (lambda p: np.save(p / "d.npy", np.ones((4, 32), np.complex64)), r"d\.npy: array has dtype complex64"),
+    (lambda p: [(p / "d").mkdir(), np.save(p / "d" / "a.npy", np.float32(1)), np.save(p / "d" / "b.npy", np.float32(2))],
+     r"a\.npy: array is a scalar"),
+])
+def test_unusable_arrays_are_one_line_data_errors(tmp_path: Path, make, pattern: str) -> None:
+    make(tmp_path)
+    data = next(p for p in tmp_path.iterdir() if p.name.startswith("d"))
+    with pytest.raises(DataError, match=pattern):
+        scan(FIX / "mlp.ts.pt", str(data), ScanOptions(device="cpu"))

@@ -600,20 +600,52 @@ def test_declared_shapes_that_contradict_the_data_do_not_break_the_scan(tmp_path
 # --- nan / inf --------------------------------------------------------------------------------
 
 
+def nonfinite_inside(folder: Path, samples: int = 48) -> tuple[Path, onnx.ModelProto, dict[str, np.ndarray]]:
+    """The opset-9 fixture with its input divided by a second input ``d`` first, and data
+    whose zeros in ``d`` give NaN (0/0), +Inf and -Inf inside the model (calibration data
+    itself must be finite)."""
+    model = onnx.load(str(ONNX_DIR / "opset9.onnx"))
+    for node in model.graph.node:
+        node.input[:] = ["x_over_d" if name == "x" else name for name in node.input]
+    model.graph.node.insert(0, helper.make_node("Div", ["x", "d"], ["x_over_d"], name="divide"))
+    divisor = model.graph.input.add()
+    divisor.CopyFrom(model.graph.input[0])
+    divisor.name = "d"
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((samples, 6)).astype(np.float32)
+    d = np.ones((samples, 6), np.float32)
+    x[5, 2], d[5, 2] = 0.0, 0.0  # NaN
+    x[20, 0], d[20, 0] = 1.0, 0.0  # +Inf
+    x[33, :], d[33, :] = -1.0, 0.0  # -Inf in every feature
+    folder.mkdir(exist_ok=True)
+    return save(model, folder, "nonfinite.onnx"), model, {"x": x, "d": d}
+
+
 def test_nan_and_inf_are_counted_apart_at_opset_9(tmp_path: Path) -> None:
     """Opset 9 has no IsInf; non-finite batches go through the masked reductions."""
-    x = np.random.default_rng(3).standard_normal((48, 6)).astype(np.float32)
-    x[5, 2] = np.nan
-    x[20, 0] = np.inf
-    x[33, :] = -np.inf
-    report = scan(ONNX_DIR / "opset9.onnx", write_data(tmp_path, {"x": x}), options())
-    model = onnx.load(str(ONNX_DIR / "opset9.onnx"))
-    preacts = exposed_preacts(model, [site_preact(model, s.name) for s in report.sites], batched_feeds({"x": x}))
+    path, model, arrays = nonfinite_inside(tmp_path)
+    report = scan(path, write_data(tmp_path, arrays), options())
+    preacts = exposed_preacts(model, [site_preact(model, s.name) for s in report.sites], batched_feeds(arrays))
     for site, preact in zip(report.sites, preacts):
         ref = unit_stats(preact, 1)
-        assert ref["nan"].sum() > 0
+        assert ref["nan"].sum() > 0  # (ONNX Runtime's GEMM turns the Infs into NaN too)
         assert_stats(site, ref)
     assert report.sites[0].to_dict()["nonfinite"]["nan"] > 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_calibration_data_is_refused(tmp_path: Path, bad: float) -> None:
+    x = np.random.default_rng(4).standard_normal((40, 6)).astype(np.float32)
+    x[37, 1] = bad
+    with pytest.raises(DataError, match=r"input 'x' holds NaN or Inf \(batch sample 5\): calibration data must be finite"):
+        scan(ONNX_DIR / "opset9.onnx", write_data(tmp_path, {"x": x}), options())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.bool_])
+def test_integer_data_for_a_float_input_is_refused(tmp_path: Path, dtype: Any) -> None:
+    x = np.random.default_rng(4).integers(0, 2, (40, 6)).astype(dtype)
+    with pytest.raises(DataError, match=rf"input 'x' takes float32 values, the data holds {np.dtype(dtype)}; convert"):
+        scan(ONNX_DIR / "opset9.onnx", write_data(tmp_path, {"x": x}), options())
 
 
 # --- site finding and axes ---------------------------------------------------------------------
@@ -800,8 +832,9 @@ def test_fallback_session_from_a_temporary_directory(tmp_path: Path, monkeypatch
 def test_no_file_is_written_to_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     scan(ONNX_DIR / "external.onnx", [torch.randn(8, 8)], options())
-    scan(ONNX_DIR / "opset9.onnx", [torch.full((4, 6), float("nan"))], options())
-    assert list(tmp_path.iterdir()) == []
+    path, _, arrays = nonfinite_inside(tmp_path / "elsewhere")  # the masked graph too
+    scan(path, [{k: torch.from_numpy(v) for k, v in arrays.items()}], options())
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"]
 
 
 @pytest.mark.parametrize("content, pattern", [

@@ -192,10 +192,10 @@ def test_scan_with_the_kernel_equals_scan_with_operators_on_cases(kernel: Path, 
 
 
 def test_scan_with_the_kernel_counts_nan_and_inf_apart(kernel: Path, tmp_path: Path) -> None:
-    x = np.random.default_rng(9).standard_normal((32, 6)).astype(np.float32)
-    x[3, 1], x[5, 2], x[7, 2] = np.nan, np.inf, -np.inf
-    np.save(tmp_path / "x.npy", x)
-    kernel_report, ops_report = scan_both(ONNX_DIR / "opset9.onnx", tmp_path / "x.npy")
+    import test_onnx
+
+    path, _, arrays = test_onnx.nonfinite_inside(tmp_path)
+    kernel_report, ops_report = scan_both(path, test_onnx.write_data(tmp_path, arrays))
     assert_same_scan(kernel_report, ops_report)
     assert kernel_report.sites[0].stats.nan.sum() + kernel_report.sites[0].stats.inf.sum() > 0
 
