@@ -98,7 +98,11 @@ class InputSelector:
         return InputSelector(keys=parts, count=count)
 
     def select(self, batch: Any) -> ModelInput:
-        if isinstance(batch, ModelInput):
+        if isinstance(batch, ModelInput):  # arrays from a file (.npz, tuple .pt): the same choice applies
+            if batch.args and not batch.kwargs:
+                return self._from_sequence(batch.args)
+            if batch.kwargs and not batch.args and self.keys is not None:
+                return self._from_dict(batch.kwargs)
             return batch
         if isinstance(batch, torch.Tensor):
             return ModelInput((batch,))

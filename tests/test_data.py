@@ -204,3 +204,21 @@ def test_unusable_arrays_are_one_line_data_errors(tmp_path: Path, make, pattern:
     data = next(p for p in tmp_path.iterdir() if p.name.startswith("d"))
     with pytest.raises(DataError, match=pattern):
         scan(FIX / "mlp.ts.pt", str(data), ScanOptions(device="cpu"))
+
+
+def test_inputs_choose_among_the_arrays_of_a_file(tmp_path: Path, reference) -> None:
+    """--inputs (and, without it, the model's input count) applies to .npz and tuple .pt
+    files as to a DataLoader's (inputs, labels) batches; it used to be ignored there."""
+    labels = np.arange(len(CALIB), dtype=np.int64) % 10
+    np.savez(tmp_path / "xy.npz", CALIB, labels)  # arr_0, arr_1: the labels are no model input
+    np.savez(tmp_path / "yx.npz", labels, CALIB)
+    torch.save((torch.from_numpy(labels), torch.from_numpy(CALIB)), tmp_path / "yx.pt")
+    np.savez(tmp_path / "named.npz", x=CALIB, label=labels)
+    cases = [("xy.npz", None), ("yx.npz", "1"), ("yx.pt", "1")]
+    for name, inputs in cases:
+        report = scan(FIX / "mlp.ts.pt", str(tmp_path / name), ScanOptions(device="cpu", inputs=inputs))
+        assert positives(report) == positives(reference), name
+    named = scan(mlp(), str(tmp_path / "named.npz"), ScanOptions(device="cpu", inputs="x"))
+    assert positives(named) == positives(reference)
+    with pytest.raises(DataError, match="the batch has only 2 elements"):
+        scan(FIX / "mlp.ts.pt", str(tmp_path / "yx.npz"), ScanOptions(device="cpu", inputs="2"))
