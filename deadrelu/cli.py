@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -23,8 +25,40 @@ from deadrelu.outputs import read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Find dead ReLU units in trained neural networks.")
+# The exceptions of the click that this typer parses with (its own copy from typer 0.2x on,
+# the click package before), found through a public name.
+_PARSER_ERRORS = sys.modules[typer.BadParameter.__module__]
+_HELP_ON_NO_ARGS = tuple(getattr(_PARSER_ERRORS, n) for n in ("NoArgsIsHelpError", "NoArgsIsHelp")
+                         if hasattr(_PARSER_ERRORS, n))
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a bad value, a missing argument) as one line on
+    stderr, exit 2, like every other error, instead of Rich's multi-line box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _HELP_ON_NO_ARGS as exc:  # plain `deadrelu`: the help, as before
+            print(exc.format_message())
+            sys.exit(exc.exit_code)
+        except _PARSER_ERRORS.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            print(f"deadrelu: error: {one_line(exc.format_message())}{hint}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except _PARSER_ERRORS.ClickException as exc:
+            print(f"deadrelu: error: {one_line(exc.format_message())}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            print("deadrelu: error: interrupted", file=sys.stderr)
+            sys.exit(int(ExitCode.INTERRUPTED))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, pretty_exceptions_enable=False,
+                  no_args_is_help=True, help="Find dead ReLU units in trained neural networks.")
 
 
 @app.callback()

@@ -306,3 +306,23 @@ def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunne
         return
     message = _error(result)
     assert "bad.json" in message and re.search(pattern, message), message
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["scan", "m.pt", "--bogus"], r"^deadrelu: error: No such option: --bogus \(see 'deadrelu scan --help'\)$"),
+    (["scan", "m.pt", "--batch-size", "abc"], r"^deadrelu: error: Invalid value for '--batch-size' / '-b': .*integer"),
+    (["scan"], r"^deadrelu: error: Missing argument 'model'"),
+    (["nonsense"], r"^deadrelu: error: No such command 'nonsense'\. \(see 'deadrelu --help'\)$"),
+    (["diff", "a.json"], r"^deadrelu: error: Missing argument"),
+])
+def test_usage_errors_are_one_line(runner: CliRunner, args: list[str], pattern: str) -> None:
+    result = runner.invoke(app, args, prog_name="deadrelu")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), result.stderr
+    assert "╭" not in result.output and result.stdout == ""
+
+
+def test_plain_deadrelu_prints_the_help(runner: CliRunner) -> None:
+    result = runner.invoke(app, [])
+    assert "Usage" in result.stdout and "scan" in result.stdout
