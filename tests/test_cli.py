@@ -114,16 +114,17 @@ def test_errors_are_one_line_exit_2(runner: CliRunner, args: list, pattern: str)
 def test_bad_model_files(runner: CliRunner, tmp_path: Path) -> None:
     data = FIX / "mlp.calib.npy"
     cases = {
-        "empty.pt": b"",
-        "text.pt": b"hello, I am not a model\n",
-        "truncated.pt": (FIX / "mlp.ts.pt").read_bytes()[:2000],
-        "notes.zip": _zip_bytes(tmp_path),
+        "empty.pt": (b"", "file is empty"),
+        "text.pt": (b"hello, I am not a model\n", "not a recognised model file"),
+        "truncated.pt": ((FIX / "mlp.ts.pt").read_bytes()[:2000], "truncated or damaged zip archive"),
+        "truncated.pt2": ((FIX / "mlp.pt2").read_bytes()[:5000], "truncated or damaged zip archive"),
+        "notes.zip": (_zip_bytes(tmp_path), "not a PyTorch archive"),
     }
-    for name, content in cases.items():
+    for name, (content, says) in cases.items():
         path = tmp_path / name
         path.write_bytes(content)
         message = _error(run(runner, path, "--data", data))
-        assert name in message, message
+        assert name in message and says in message, message
 
 
 def _zip_bytes(tmp_path: Path) -> bytes:

@@ -22,6 +22,7 @@ class ModelFormat(str, enum.Enum):
 
 
 _PICKLE_PROTOCOL_MARK = 0x80
+_ZIP_LOCAL_HEADER = b"PK\x03\x04"  # every PyTorch archive (TorchScript, torch.export, torch.save) is a zip
 
 
 def detect_format(path: Path) -> ModelFormat:
@@ -38,6 +39,9 @@ def detect_format(path: Path) -> ModelFormat:
         return ModelFormat.SAFETENSORS
     if _looks_like_onnx(path):
         return ModelFormat.ONNX
+    if head.startswith(_ZIP_LOCAL_HEADER):  # a zip whose end (the central directory) is missing
+        raise ModelLoadError(f"{path}: truncated or damaged zip archive (it starts as one, but its end is missing: "
+                             "an interrupted copy or download?)")
     raise ModelLoadError(
         f"{path}: not a recognised model file (expected a TorchScript archive, a torch.export "
         "program, a torch.save checkpoint or an ONNX model)"
