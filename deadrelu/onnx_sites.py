@@ -663,7 +663,7 @@ def _map_axis(index: GraphIndex, node: onnx.NodeProto, data: str, anchor: int) -
     if op in ELEMENTWISE_OPS or op in RANK_PRESERVING_OPS:
         return _broadcast(index, node, data, anchor)
     if op in RESHAPE_OPS:
-        return -1 if anchor == -1 else None  # a reshape keeps the last dim (features), nothing else
+        return _reshaped_axis(index.dims(data), index.dims(node.output[0]), anchor)
     rank = index.rank(data)
     if rank is None:
         return None
@@ -675,6 +675,22 @@ def _map_axis(index: GraphIndex, node: onnx.NodeProto, data: str, anchor: int) -
     if op in ("Squeeze", "Unsqueeze"):
         return _squeeze_axis(index, node, rank, axis, anchor < 0)
     return None
+
+
+def _reshaped_axis(before: tuple[int | None, ...] | None, after: tuple[int | None, ...] | None,
+                   anchor: int) -> int | None:
+    """The unit axis after a Reshape/Flatten (the rule of `deadrelu.sites.UnitOrigin.reshaped`):
+    kept when the dims up to it, or from it on, are unchanged (known, except a symbolic batch
+    dim 0); otherwise only a last-dim (features) axis, as before."""
+    if before is not None and after is not None:
+        axis = anchor + len(before) if anchor < 0 else anchor
+        if 0 <= axis < len(before):
+            if before[:axis + 1] == after[:axis + 1] and None not in before[1:axis + 1]:
+                return axis - len(after) if anchor < 0 else axis
+            tail = len(before) - axis
+            if len(after) >= tail and before[axis:] == after[len(after) - tail:] and None not in before[axis:]:
+                return axis - len(before)
+    return -1 if anchor == -1 else None
 
 
 def _broadcast(index: GraphIndex, node: onnx.NodeProto, data: str, anchor: int) -> int | None:

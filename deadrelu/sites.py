@@ -223,6 +223,8 @@ ELEMENTWISE = frozenset(
 )
 # Reshapes keep the last dim as features when the input came from a linear op.
 RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "expand"})
+# Ops that reorder dims; the units follow (see `permutation`).
+PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "mT"})
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,46 @@ class AxisChoice:
     source: str  # "conv", "linear", "default", or "scalar"
 
 
-def choose_axis(ndim: int, producer: str | None) -> AxisChoice:
-    """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear.
+@dataclass(frozen=True)
+class UnitOrigin:
+    """Where a tensor's units are, from the op that made them: the producer's kind and the
+    unit axis counted from the end (broadcasting aligns dims from the right, so a bias add
+    or a residual keeps it)."""
+
+    kind: str  # "conv" or "linear"
+    axis_from_end: int  # negative: -1 is the last dim
+
+    @staticmethod
+    def of(kind: str, ndim: int) -> UnitOrigin:
+        """The units of a producer's output: dim 1 of a convolution, the last dim of a linear op."""
+        return UnitOrigin(kind, 1 - ndim if kind == "conv" and ndim >= 2 else -1)
+
+    def permuted(self, ndim: int, order: list[int]) -> UnitOrigin | None:
+        """After a permute whose output dim i is input dim ``order[i]``."""
+        axis = self.axis_from_end + ndim
+        if sorted(order) != list(range(ndim)) or not 0 <= axis < ndim:
+            return None
+        return UnitOrigin(self.kind, order.index(axis) - ndim)
+
+
+    def reshaped(self, before: tuple[int, ...], after: tuple[int, ...]) -> UnitOrigin | None:
+        """After a reshape, when the dims up to the unit axis (``flatten(2)`` of a
+        convolution's output) or from it on (a linear op's ``(N, T, F)`` flattened to
+        ``(N*T, F)``) are unchanged; None when the unit axis is merged or split."""
+        axis = self.axis_from_end + len(before)
+        if not 0 <= axis < len(before):
+            return None
+        if before[:axis + 1] == after[:axis + 1]:
+            return UnitOrigin(self.kind, axis - len(after))
+        tail = len(before) - axis
+        if len(after) >= tail and before[axis:] == after[len(after) - tail:]:
+            return self
+        return None
+
+
+def choose_axis(ndim: int, origin: UnitOrigin | None) -> AxisChoice:
+    """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear,
+    followed through elementwise ops, permutes and transposes.
 
     A pre-activation of rank 0 or 1 (one value per sample, say ``fc(x).squeeze(-1)``) is
     one unit: it is reduced as its ``(values, 1)`` view (`scalar_view`), whose axis 1
@@ -242,11 +282,26 @@ def choose_axis(ndim: int, producer: str | None) -> AxisChoice:
     that change with the batch size and a scan that fails on a shorter last batch."""
     if ndim <= 1:
         return AxisChoice(1, "scalar")
-    if producer == "linear":
-        return AxisChoice(ndim - 1, "linear")
-    if producer == "conv":
-        return AxisChoice(1, "conv")
+    if origin is not None and -ndim <= origin.axis_from_end < 0:
+        return AxisChoice(origin.axis_from_end + ndim, origin.kind)
     return AxisChoice(1, "default")
+
+
+def permutation(op: str, args: tuple, ndim: int) -> list[int] | None:
+    """The dim order of a permute/transpose call's output (output dim i = input dim order[i])."""
+    try:
+        if op == "permute":
+            return [int(d) % ndim for d in args[1]]
+        if op in ("transpose", "swapaxes", "swapdims"):
+            order = list(range(ndim))
+            a, b = int(args[1]) % ndim, int(args[2]) % ndim
+            order[a], order[b] = order[b], order[a]
+            return order
+        if op in ("t", "numpy_T", "mT") and ndim == 2:
+            return [1, 0]
+    except (IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return None
 
 
 def scalar_view(x: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,57 @@ def test_torchscript_hierarchy_parsing() -> None:
 def test_names_are_stable_across_runs() -> None:
     names = [tuple(s.name for s in scan(Forms(), [data()], ScanOptions(device="cpu")).sites) for _ in range(2)]
     assert names[0] == names[1]
+
+
+class Moved(nn.Module):
+    """Units moved by permute, transpose and reshape: a channels-last ReLU, a ViT-style
+    patch embedding (conv -> flatten(2) -> transpose), a linear output transposed, and a
+    conv output whose channels a reshape merges with its rows (lost: the default axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.patch = nn.Conv2d(3, 6, 4, 4)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)  # (N, 5, 6, 6)
+        last = torch.relu(c.permute(0, 2, 3, 1))  # (N, 6, 6, 5): units on dim 3
+        tokens = torch.relu(self.patch(x).flatten(2).transpose(1, 2))  # (N, 4, 6): units on dim 2
+        fc = torch.relu(self.fc(last).transpose(1, 3) + 1.0)  # (N, 4, 6, 6): units on dim 1
+        merged = torch.relu(c.reshape(c.shape[0], 30, 6))  # channels merged with rows: lost, the default dim 1
+        return last.sum() + tokens.sum() + fc.sum() + merged.sum()
+
+    def preacts(self, x: torch.Tensor) -> list[tuple[np.ndarray, int]]:
+        c = self.conv(x)
+        last = c.permute(0, 2, 3, 1)
+        return [(last.detach().numpy(), 3),
+                (self.patch(x).flatten(2).transpose(1, 2).detach().numpy(), 2),
+                ((self.fc(torch.relu(last)).transpose(1, 3) + 1.0).detach().numpy(), 1),
+                (c.reshape(c.shape[0], 30, 6).detach().numpy(), 1)]
+
+
+@pytest.mark.parametrize("flavour", ["eager", "onnx"])
+def test_unit_axis_follows_permutes_and_reshapes(flavour: str, tmp_path) -> None:
+    """PyTorch and ONNX find the same unit axes, and the statistics along them are the brute force's."""
+    from reference import unit_stats
+
+    model = Moved().eval()
+    batches = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    target = model
+    if flavour == "onnx":
+        target = tmp_path / "moved.onnx"
+        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    report = scan(target, batches, ScanOptions(device="cpu"))
+    assert [(s.unit_axis, s.axis_source, s.units) for s in report.sites] == [
+        (3, "conv", 5), (2, "conv", 6), (1, "linear", 4), (1, "default", 30)]
+    with torch.no_grad():
+        recorded = [model.preacts(b) for b in batches]
+    for index, site in enumerate(report.sites):
+        axis = recorded[0][index][1]
+        ref = unit_stats(np.concatenate([r[index][0] for r in recorded]), axis)
+        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-4, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)

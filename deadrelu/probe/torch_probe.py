@@ -202,18 +202,31 @@ class ReluProbe(TorchDispatchMode):
             tap.shift = site_shift(x, tap.axis.axis)
         return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift)
 
+    def _origin(self, op_name: str, args: tuple, out: torch.Tensor) -> sites.UnitOrigin | None:
+        """Where the units of an op's output are, if it made them or passed them on."""
+        kind = sites.producer_kind(op_name)
+        if kind is not None:
+            return sites.UnitOrigin.of(kind, out.ndim)
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if op_name in sites.PERMUTES:
+            origin = self._producers.get(source) if source is not None else None
+            order = sites.permutation(op_name, args, source.ndim) if origin is not None else None
+            return origin.permuted(source.ndim, order) if order is not None else None
+        if op_name in sites.RESHAPES:
+            origin = self._producers.get(source) if source is not None else None
+            return origin.reshaped(tuple(source.shape), tuple(out.shape)) if origin is not None else None
+        if op_name in sites.LAYOUT_PRESERVING:
+            return next((self._producers.get(a) for a in args
+                         if isinstance(a, torch.Tensor) and a in self._producers), None)
+        return None
+
     def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(first, torch.Tensor):
             return
-        kind = sites.producer_kind(op_name)
-        if kind is None and (op_name in sites.LAYOUT_PRESERVING or op_name in sites.RESHAPES):
-            kind = next((self._producers.get(a) for a in args
-                         if isinstance(a, torch.Tensor) and a in self._producers), None)
-            if op_name in sites.RESHAPES and kind != "linear":
-                kind = None
-        if kind is not None:
-            self._producers[first] = kind
+        origin = self._origin(op_name, args, first)
+        if origin is not None:
+            self._producers[first] = origin
         if op_name in sites.NORM_OPS or (op_name in sites.ELEMENTWISE and any(
                 isinstance(a, torch.Tensor) and self._normalised.get(a, False) for a in args)):
             self._normalised[first] = True
