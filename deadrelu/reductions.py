@@ -141,19 +141,32 @@ def _finite_moments(x: torch.Tensor, dims: tuple[int, ...], per_unit: int, scrat
 
 def _centred_moments(x: torch.Tensor, rough_mean: torch.Tensor, dims: tuple[int, ...], per_unit: int,
                      buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, M2) per unit about a rough mean, by the corrected two-pass formula.
+    """(mean, M2) per unit, about the rough mean c rounded to x's dtype (d = x - c is exact
+    for x near c).
 
-    With d = x - c (c: the rough mean rounded to x's dtype, so d is exact for x near c),
-    mean = c + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, the last two in float64. The
-    rounding of c and of the float32 sum behind it (about 1e-3 at 1e4) then cancels;
-    plain sum(d^2) would add n*(mean - c)^2, 1% of the variance of a unit whose std is
-    1e-6 of its mean (measured on batches of 8 to 32 samples).
+    M2 = sum(d^2) would add n*(mean - c)^2, the rounding of c and of the float32 sum
+    behind it (about 1e-6 of the mean): negligible unless |mean| > ~300 std (1e-7 of the
+    variance there), but 1% of the variance of a unit whose std is 1e-6 of its mean. Such
+    batches (`_FAR_FROM_CENTRE`) take two more passes for the corrected two-pass formula,
+    mean = c + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, in float64.
     """
     centre = rough_mean.to(x.dtype)
-    centred = torch.sub(x, centre.view(_unit_shape(x.ndim, dims)), out=buf)
+    shape = _unit_shape(x.ndim, dims)
+    centred = torch.sub(x, centre.view(shape), out=buf)
+    squares = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
+    squared_mean = rough_mean * rough_mean * per_unit
+    low, high = _FAR_FROM_CENTRE
+    if not bool(((squared_mean > low * low * squares) & (squared_mean < high * high * squares)).any()):
+        return rough_mean, squares
+    centred = torch.sub(x, centre.view(shape), out=buf)
     offset = centred.sum(dim=dims).double()
     squares = torch.mul(centred, centred, out=buf).sum(dim=dims).double()
     return centre.double() + offset / per_unit, (squares - offset * offset / per_unit).clamp_min(0.0)
+
+
+# |mean| / std between which the centre's rounding is corrected (below: under 1e-7 of the
+# variance; above: a std under two float32 ulps of the mean, a constant unit but for rounding)
+_FAR_FROM_CENTRE = (300.0, 4e6)
 
 
 def _unit_shape(ndim: int, dims: tuple[int, ...]) -> list[int]:
