@@ -57,7 +57,7 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
             probing(module, reducer) as (probe, stack):
         dtype = settings.dtype or model_dtype(module)
         samples, partial = 0, False
-        with torch.inference_mode():
+        with torch.inference_mode(), _watching_interrupts():
             try:
                 for batch in batches:
                     check_finite(batch)
@@ -275,8 +275,56 @@ class _Runner:
             where = stack.failing_module() if stack is not None else None
             if stack is not None:
                 stack.reset()
+            if _interrupted(exc):
+                raise KeyboardInterrupt from exc
             raise ModelRunError(describe_failure(module, inputs, exc, where)) from exc
         probe.commit_pass()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a forward's error is a Ctrl-C: one that arrives inside our dispatch hook
+    while TorchScript runs it comes back as an empty RuntimeError of the interpreter."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return _INTERRUPTS.pending
+
+
+class _InterruptFlag:
+    """Set by our SIGINT handler (which still raises KeyboardInterrupt) while a scan runs."""
+
+    pending = False
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        raise KeyboardInterrupt
+
+
+_INTERRUPTS = _InterruptFlag()
+
+
+@contextmanager
+def _watching_interrupts() -> Iterator[None]:
+    """Note every Ctrl-C during the scan, so a swallowed one still ends it as Ctrl-C
+    (outside the main thread, where no handler can be set, only unwrapped ones do)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    _INTERRUPTS.pending = False
+    signal.signal(signal.SIGINT, _INTERRUPTS.handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _INTERRUPTS.pending = False
 
 
 def describe_failure(module: Any, inputs: ModelInput, exc: Exception, where: str | None) -> str:
