@@ -20,7 +20,7 @@ from deadrelu.formats import Outcome, ReportFormat, deliver, deliver_diff, get_f
 from deadrelu.formats.summary import diff_summary, scan_summary
 from deadrelu.gates import GateReport, evaluate
 from deadrelu.judge import Thresholds
-from deadrelu.outputs import check_target, write_atomic
+from deadrelu.outputs import check_target, read_paths, write_atomic
 from deadrelu.report import ScanReport
 from deadrelu.saved import load_report, rejudge
 
@@ -50,6 +50,7 @@ def prepare(flags: Settings, config: Path | None, out: OutputOptions, *, load_ba
     """Merge the flags over the configuration file, and check the format, the output paths
     (writable, none of the command's ``inputs``) and the baseline, before any work starts."""
     settings = load_settings(config).overridden_by(flags)
+    inputs = (*inputs, *read_paths(config, settings.baseline))  # a baseline may come from the config
     out = _resolve_json_stdout(out)
     fmt = get_format(out.format)
     fmt.check_available()
@@ -77,8 +78,12 @@ def judge_report(report: ScanReport, prepared: Prepared) -> GateReport:
     return evaluate(report, prepared.settings.policy(), prepared.baseline, label)
 
 
-def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Console) -> ExitCode:
-    """Gate, write the report where it was asked for, print the summary line; the exit code."""
+def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Console,
+           live: bool = True) -> ExitCode:
+    """Gate, write the report where it was asked for, print the summary line; the exit code.
+
+    A scan interrupted now (``live``) exits 130; a saved report that is partial exits by its
+    gates, with a line saying it is partial (re-rendering it is no interruption)."""
     gates = judge_report(report, prepared)
     outcome = Outcome(report, gates)
     out = prepared.out
@@ -91,8 +96,11 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
             write_atomic(Path(out.json_out), report.to_json())
     line, style = scan_summary(report, gates)
     stderr.print(line, style=style or None, highlight=False, markup=False)
-    if report.partial:
+    if report.partial and live:
         return ExitCode.INTERRUPTED
+    if report.partial:
+        stderr.print(f"deadrelu: note: this is a PARTIAL report: its scan was interrupted after "
+                     f"{report.data.samples} samples", highlight=False, markup=False)
     return gates.exit_code(out.exit_zero)
 
 
@@ -100,14 +108,15 @@ def saved_report(path: Path, flags: Settings, config: Path | None, out: OutputOp
                  stdout: Console, stderr: Console) -> ExitCode:
     """`deadrelu report`: re-judge and re-render a saved report (thresholds: flags, then the
     configuration, then the report's own)."""
-    prepared = prepare(flags, config, out, load_baseline=False)
+    prepared = prepare(flags, config, out, load_baseline=False, inputs=read_paths(path))
     report = load_report(path)
     if prepared.settings.sets_thresholds:
         report = rejudge(report, prepared.settings.thresholds(report.thresholds))
     baseline = None
     if prepared.settings.baseline is not None:
         baseline = load_report(prepared.settings.baseline, report.thresholds)
-    return finish(report, replace(prepared, thresholds=report.thresholds, baseline=baseline), stdout, stderr)
+    return finish(report, replace(prepared, thresholds=report.thresholds, baseline=baseline), stdout, stderr,
+                  live=False)
 
 
 def compare(old: Path, new: Path, flags: Settings, config: Path | None, out: OutputOptions,
@@ -115,9 +124,13 @@ def compare(old: Path, new: Path, flags: Settings, config: Path | None, out: Out
     """`deadrelu diff`: units that died and revived between two saved reports."""
     if not get_format(out.format).supports_diff:
         raise UsageError(f"deadrelu diff: --format {out.format} is not supported (use {ReportFormat.diff_formats})")
-    prepared = prepare(flags, config, out, load_baseline=False)
+    prepared = prepare(flags, config, out, load_baseline=False, inputs=read_paths(old, new))
     new_report = load_report(new)
     old_report = rejudge(load_report(old), new_report.thresholds)
+    for label, saved in ((old, old_report), (new, new_report)):
+        if saved.partial:
+            stderr.print(f"deadrelu: note: {label} is a PARTIAL report (its scan was interrupted after "
+                         f"{saved.data.samples} samples)", highlight=False, markup=False)
     result: ReportDiff = diff_reports(old_report, new_report, old_label=str(old), new_label=str(new),
                                       ignore=prepared.settings.ignore or (),
                                       max_new_dead=prepared.settings.max_new_dead)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -327,3 +328,38 @@ def test_usage_errors_are_one_line(runner: CliRunner, args: list[str], pattern: 
 def test_plain_deadrelu_prints_the_help(runner: CliRunner) -> None:
     result = runner.invoke(app, [])
     assert "Usage" in result.stdout and "scan" in result.stdout
+
+
+def test_report_and_diff_never_overwrite_what_they_read(runner: CliRunner, tmp_path: Path) -> None:
+    old, new, base = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "base.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", old).exit_code == 0
+    shutil.copy(old, new)
+    shutil.copy(old, base)
+    config = tmp_path / "pyproject.toml"
+    config.write_text(f'[tool.deadrelu]\nbaseline = "{base}"\n')
+    before = {p: p.read_bytes() for p in (old, new, base, config)}
+    cases = [["diff", old, new, "-f", "markdown", "-o", new],
+             ["report", old, "-o", old],
+             ["report", new, "--baseline", base, "-o", base],
+             ["report", new, "--config", config, "-o", config],
+             ["report", new, "--config", config, "-o", base]]  # the baseline named by the config
+    for args in cases:
+        message = _error(runner.invoke(app, [str(a) for a in args]))
+        assert "never overwrites what it reads" in message, (args, message)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_saved_partial_report_exits_by_its_gates(runner: CliRunner, tmp_path: Path) -> None:
+    """Exit 130 is for a scan interrupted now; re-rendering a saved partial one is not."""
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    doc = json.loads(report.read_text())
+    doc["partial"] = True
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(doc))
+    clean = runner.invoke(app, ["report", str(partial), "-q"])
+    assert clean.exit_code == 0 and "PARTIAL report" in clean.stderr
+    assert runner.invoke(app, ["report", str(partial), "-q", "--max-dead", "0"]).exit_code == 1
+    assert runner.invoke(app, ["report", str(partial), "-q", "--max-dead", "0", "--exit-zero"]).exit_code == 0
+    diffed = runner.invoke(app, ["diff", str(report), str(partial)])
+    assert diffed.exit_code == 0 and "partial.json is a PARTIAL report" in " ".join(diffed.stderr.split())
