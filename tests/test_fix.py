@@ -200,3 +200,47 @@ def test_bad_rewrite_options_are_one_line(tmp_path: Path, args: list[str], patte
     result = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--apply", "-o", tmp_path / "x.pt2", *args)
     assert result.exit_code == 2 and pattern in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
     assert not list(tmp_path.iterdir())
+
+
+class UnusedHead(torch.nn.Module):
+    """An auxiliary ReLU head the forward computes but does not return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.aux = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+        self.aux_relu, self.relu = torch.nn.ReLU(), torch.nn.ReLU()
+        with torch.no_grad():
+            self.fc.bias[:3] = -100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.aux_relu(self.aux(x))  # unused: torch.export drops it
+        return self.relu(self.fc(x))
+
+
+def test_an_unused_relu_is_refused_not_confused_with_its_neighbour(tmp_path: Path) -> None:
+    """It used to shift the site mapping: --sites aux_relu rewrote `relu`, wrote -o, then failed."""
+    x = torch.randn(32, 8)
+    np.save(tmp_path / "x.npy", x.numpy())
+    model = tmp_path / "unused.pt2"
+    torch.export.save(torch.export.export(UnusedHead().eval(), (x[:4],), dynamic_shapes=({0: torch.export.Dim.AUTO},)),
+                      str(model))
+    out = tmp_path / "fixed.pt2"
+    for site in ("aux_relu", "relu"):
+        result = cli(model, "--data", tmp_path / "x.npy", "--sites", site, "--to", "leaky", "--apply", "-o", out)
+        assert result.exit_code == 2 and "drops a ReLU whose output is unused" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unused.pt2", "x.npy"]
+
+
+def test_nothing_is_left_when_verification_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import deadrelu.fix as fix_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("verification broke")
+
+    monkeypatch.setattr(fix_module, "site_changes", broken)
+    out = tmp_path / "fixed.pt2"
+    with pytest.raises(RuntimeError, match="verification broke"):
+        fix("convnet.state_dict.pt", tmp_path, to="leaky", arch="fixtures/fixture_models.py:ConvNet")
+    assert list(tmp_path.iterdir()) == []  # neither OUT, nor its state_dict, nor the staging folder
+    assert not out.exists()

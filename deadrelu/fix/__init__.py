@@ -7,6 +7,9 @@ atomically -> reload the written file -> re-scan and compare outputs.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +91,33 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     data = data or _data_of(report)
     moments = {f.index: UnitMoments(report.sites[f.index].stats.mean, report.sites[f.index].stats.std ** 2) for f in plan}
     writer = _write_onnx if loaded.format is ModelFormat.ONNX else _write_torch
-    extras = writer(loaded, report, plan, moments, options, scan_options, data, output)
-    after = scan(output, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
-    zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(moments[f.index].var <= 0))
-                     for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
-    changes = site_changes(plan, report, after, zero_variance)
-    deviation = _deviation(loaded, output, data, scan_options)
+    stage = _staging_folder(output)  # OUT and its side files are written and verified here, then moved
+    try:
+        staged = stage / output.name
+        lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
+        after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
+        zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(moments[f.index].var <= 0))
+                         for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
+        changes = site_changes(plan, report, after, zero_variance)
+        deviation = _deviation(loaded, staged, data, scan_options)
+        for written in sorted(stage.iterdir(), key=lambda p: p == staged):  # the model file last
+            os.replace(written, output.parent / written.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
-                     deviation, *extras)
+                     deviation, lines, weights)
+
+
+def _staging_folder(output: Path) -> Path:
+    """A hidden folder beside ``output`` (same file system, so the final moves are renames;
+    files there refer to each other by name, as ONNX external data does)."""
+    import tempfile
+
+    try:
+        return Path(tempfile.mkdtemp(prefix=".deadrelu-fix-", dir=output.parent))
+    except OSError as exc:
+        raise UsageError(f"-o {output}: cannot write in {output.parent} ({exc.strerror or exc})") from None
 
 
 def state_dict_path(output: Path) -> Path:
@@ -165,9 +187,11 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     if loaded.format is ModelFormat.TORCHSCRIPT:
         contexts = tuple((c.module_path, c.module_type) for _, c in sites.torchscript_candidate_contexts(loaded.module))
     program = to_program(loaded, example, contexts)
-    moments = _downstream_moments(lambda fixes, known: rewrite_graph(program, fixes, known, options.rewrite)[0],
+    scanned = len(report.sites)
+    moments = _downstream_moments(lambda fixes, known: rewrite_graph(program, fixes, known, options.rewrite,
+                                                                     scanned)[0],
                                   plan, moments, options.rewrite, data, scan_options)
-    rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example)
+    rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example, scanned)
     save_program(rewritten, output)
     if loaded.format not in REWRITTEN_BY_EXPORT:
         return (), None

@@ -150,9 +150,9 @@ def site_nodes(graph_module: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, 
 
 
 def rewrite_program(program: Any, fixes: Sequence[SiteFix], moments: dict[int, UnitMoments],
-                    options: RewriteOptions, example: ModelInput) -> tuple[Any, list[NewTensor]]:
+                    options: RewriteOptions, example: ModelInput, scanned_sites: int) -> tuple[Any, list[NewTensor]]:
     """The program with every planned change applied, re-exported; and the tensors added."""
-    graph_module, added = rewrite_graph(program, fixes, moments, options)
+    graph_module, added = rewrite_graph(program, fixes, moments, options, scanned_sites)
     dynamic = _has_dynamic_inputs(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,10 +161,19 @@ def rewrite_program(program: Any, fixes: Sequence[SiteFix], moments: dict[int, U
 
 
 def rewrite_graph(program: Any, fixes: Sequence[SiteFix], moments: dict[int, UnitMoments],
-                  options: RewriteOptions) -> tuple[torch.fx.GraphModule, list[NewTensor]]:
-    """A runnable graph module of the program with the changes applied (not re-exported)."""
+                  options: RewriteOptions, scanned_sites: int) -> tuple[torch.fx.GraphModule, list[NewTensor]]:
+    """A runnable graph module of the program with the changes applied (not re-exported).
+
+    Sites are matched by position, so the graph must hold exactly the ``scanned_sites``
+    the scan saw: torch.export drops a ReLU whose output nothing uses (an unused auxiliary
+    head), which would shift every later site onto its neighbour."""
     graph_module = program.module()
     nodes = site_nodes(graph_module)
+    if len(nodes) != scanned_sites:
+        raise RewriteError(f"the exported program has {len(nodes)} ReLU sites where the scan saw {scanned_sites}: "
+                           "torch.export drops a ReLU whose output is unused (e.g. an auxiliary head the forward "
+                           "computes but does not return), so the sites cannot be matched; remove it from the "
+                           "forward, or return its output")
     added: list[NewTensor] = []
     for fix in fixes:
         if fix.index >= len(nodes) or nodes[fix.index][1] != fix.op:
