@@ -244,3 +244,19 @@ def test_nothing_is_left_when_verification_fails(tmp_path: Path, monkeypatch: py
         fix("convnet.state_dict.pt", tmp_path, to="leaky", arch="fixtures/fixture_models.py:ConvNet")
     assert list(tmp_path.iterdir()) == []  # neither OUT, nor its state_dict, nor the staging folder
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("model", "args", "pattern"), [
+    ("mlp.pt2", ["-o", "{tmp}/x.pt2"], "written only with --apply"),
+    ("mlp.pt2", ["--apply", "-o", "{tmp}/x.onnx"], "a PyTorch model is written as a torch.export program"),
+    ("mlp.onnx", ["--apply", "-o", "{tmp}/x.pt2"], "an ONNX model is written as ONNX"),
+    ("mlp.pt2", ["--to", "foo"], "--to 'foo': expected one of leaky, prelu, bn"),
+])
+def test_output_and_change_options_are_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               model: str, args: list[str], pattern: str) -> None:
+    import deadrelu.fix as fix_module
+
+    monkeypatch.setattr(fix_module, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    result = cli(FIX / model, "--data", FIX / "mlp.calib.npy", *[a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2 and pattern in result.stderr, result.output
+    assert not list(tmp_path.iterdir())

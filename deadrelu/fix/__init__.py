@@ -120,6 +120,16 @@ def _staging_folder(output: Path) -> Path:
         raise UsageError(f"-o {output}: cannot write in {output.parent} ({exc.strerror or exc})") from None
 
 
+def _is_onnx(model: Path) -> bool:
+    from deadrelu.errors import DeadReluError
+    from deadrelu.load.detect import detect_format
+
+    try:
+        return detect_format(model) is ModelFormat.ONNX
+    except (DeadReluError, OSError):
+        return False
+
+
 def state_dict_path(output: Path) -> Path:
     """Where `fix --apply` writes the fixed weights of a state_dict model beside OUT.pt2."""
     return output.with_name(output.name.removesuffix(".pt2") + ".state_dict.pt")
@@ -133,11 +143,25 @@ def written_paths(options: FixOptions) -> tuple[Path, ...]:
 
 
 def _check_output(model: Path, data: str | None, options: FixOptions) -> Path | None:
+    """The options that need no model, checked before any work: --to, -o and --apply."""
+    from deadrelu.fix.plan import CHANGES
+
+    if options.plan.to is not None and options.plan.to not in CHANGES:
+        raise UsageError(f"--to '{options.plan.to}': expected one of {', '.join(CHANGES)}")
     if not options.apply:
-        return options.output
+        if options.output is not None:
+            raise UsageError(f"-o {options.output}: the fixed model is written only with --apply "
+                             "(add --apply, or drop -o to see the plan)")
+        return None
     if options.output is None:
         raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
     inputs = read_paths(model, data, options.report)
+    written_as_onnx = model.suffix.lower() == ".onnx" or (model.is_file() and _is_onnx(model))
+    if options.output.suffix.lower() == ".onnx" and not written_as_onnx:
+        raise UsageError(f"-o {options.output}: a PyTorch model is written as a torch.export program; "
+                         "name it .pt2 (export that to ONNX yourself if you need one)")
+    if written_as_onnx and options.output.suffix.lower() in (".pt2", ".pt", ".pth"):
+        raise UsageError(f"-o {options.output}: an ONNX model is written as ONNX; name it .onnx")
     check_target(options.output, "-o", inputs)
     check_target(state_dict_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
     return options.output
