@@ -260,3 +260,37 @@ def test_output_and_change_options_are_checked_before_any_work(tmp_path: Path, m
     result = cli(FIX / model, "--data", FIX / "mlp.calib.npy", *[a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 2 and pattern in result.stderr, result.output
     assert not list(tmp_path.iterdir())
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc, self.h1, self.h2 = torch.nn.Linear(6, 8), torch.nn.Linear(6, 3), torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc.bias[:4] = -50.0  # dead units: a slope changes what the second head sees
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.h1(x), self.h2(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_verification_compares_every_output(tmp_path: Path, fmt: str) -> None:
+    """Only the first output was compared: a change seen by the second head read as 'max |diff| 0'."""
+    x = torch.randn(16, 6)
+    np.save(tmp_path / "x.npy", x.numpy())
+    model = TwoHeads().eval()
+    path = tmp_path / f"two.{fmt}"
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x[:4],), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
+    else:
+        torch.onnx.export(model, (x[:4],), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    out = tmp_path / f"fixed.{fmt}"
+    options = FixOptions(PlanOptions(to="leaky"), RewriteOptions(slope=0.5), True, out)
+    result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
+    with torch.no_grad():
+        h = model.fc(x)
+        expected = (model.h2(torch.nn.functional.leaky_relu(h, 0.5)) - model.h2(torch.relu(h))).abs().max().item()
+    assert expected > 1.0
+    assert result.deviation.max_abs == pytest.approx(expected, rel=1e-4)
+    assert result.deviation.top1_agreement == 1.0  # the first output (h1) is untouched

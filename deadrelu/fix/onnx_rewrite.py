@@ -1,5 +1,5 @@
 """Rewriting ONNX models: the planned swaps and BatchNorm insertions, written as a new
-ONNX file; and an ONNX model as a function from a batch to its first output.
+ONNX file; and an ONNX model as a function from a batch to all its outputs.
 
 Sites are found by the survey the probe uses (`deadrelu.onnx_sites.survey`); a planned
 site is the surveyed site of the same (unique) report name, and its op must match. What
@@ -104,8 +104,8 @@ def _label_of(site: OnnxSite) -> str:
     return site.node or site.output
 
 
-def onnx_output_function(loaded: LoadedModel) -> Callable[[ModelInput], np.ndarray]:
-    """Run the model in ONNX Runtime (CPU) on a batch; its first output as a numpy array.
+def onnx_output_function(loaded: LoadedModel) -> Callable[[ModelInput], list[np.ndarray]]:
+    """Run the model in ONNX Runtime (CPU) on a batch; all its outputs as numpy arrays.
 
     Feeds are built as the probe builds them (inputs by graph input name, dtypes converted,
     batches split for a model with a fixed batch size). Sessions use ONNX Runtime's basic
@@ -118,13 +118,13 @@ def onnx_output_function(loaded: LoadedModel) -> Callable[[ModelInput], np.ndarr
     head, _ = Rewriter(model, [], emit_fast).head()
     session = factory.session(head)
     feeder = Feeder(input_specs(model.proto), model.path)
-    first = session.get_outputs()[0].name
+    names = [o.name for o in session.get_outputs()]
 
-    def run(batch: ModelInput) -> np.ndarray:
-        parts = [np.asarray(session.run([first], feed)[0]) for feed, _ in feeder.feeds(batch)]
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.float32)
+    def run(batch: ModelInput) -> list[np.ndarray]:
+        runs = [session.run(names, feed) for feed, _ in feeder.feeds(batch)]
+        if len(runs) == 1:
+            return [np.asarray(a) for a in runs[0]]
+        return [np.concatenate([np.atleast_1d(np.asarray(r[i])) for r in runs]) for i in range(len(names))]
 
     weakref.finalize(run, factory.close)
     return run

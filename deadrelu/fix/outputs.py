@@ -1,4 +1,4 @@
-"""A loaded model as a function from a batch to its first output on the host (for
+"""A loaded model as a function from a batch to all its outputs on the host (for
 comparing a rewritten model with the original)."""
 
 from __future__ import annotations
@@ -25,23 +25,21 @@ def output_function(loaded: LoadedModel) -> OutputFn:
         module.eval()
     dtype = model_dtype(module)
 
-    def run(batch: ModelInput) -> np.ndarray:
+    def run(batch: ModelInput) -> list[np.ndarray]:
         inputs = batch.map(lambda t: t.to(dtype) if t.is_floating_point() else t)
         with torch.inference_mode():
-            return first_tensor(module(*inputs.args, **inputs.kwargs)).float().cpu().numpy()
+            found = all_tensors(module(*inputs.args, **inputs.kwargs))
+        return [t.double().cpu().numpy() for t in found]
 
     return run
 
 
-def first_tensor(output: Any) -> torch.Tensor:
-    """The first tensor in a model's output (a tensor, tuple, list or dict)."""
+def all_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (a tensor, or tuples, lists and dicts of them), in order."""
     if isinstance(output, torch.Tensor):
-        return output
+        return [output]
     if isinstance(output, dict):
         output = list(output.values())
-    for item in output:
-        try:
-            return first_tensor(item)
-        except TypeError:
-            continue
-    raise TypeError("the model's output holds no tensor")
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in all_tensors(item)]
+    return []

@@ -11,7 +11,7 @@ from deadrelu.data import ModelInput
 from deadrelu.fix.plan import SiteFix
 from deadrelu.report import ScanReport
 
-OutputFn = Callable[[ModelInput], np.ndarray]  # a model's first output for a batch, on the host
+OutputFn = Callable[[ModelInput], list[np.ndarray]]  # a model's outputs for a batch, on the host
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,22 @@ def output_deviation(batches: Iterable[ModelInput], original: OutputFn, rewritte
     samples, max_abs, abs_sum, ref_sum, elements, agree = 0, 0.0, 0.0, 0.0, 0, 0
     classes = True
     for batch in batches:
-        old, new = np.asarray(original(batch), dtype=np.float64), np.asarray(rewritten(batch), dtype=np.float64)
-        diff = np.abs(new - old)
-        max_abs = max(max_abs, float(diff.max()) if diff.size else 0.0)
-        abs_sum += float(diff.sum())
-        ref_sum += float(np.abs(old).sum())
-        elements += diff.size
+        olds, news = original(batch), rewritten(batch)
+        if len(olds) != len(news) or any(np.shape(a) != np.shape(b) for a, b in zip(olds, news)):
+            raise ValueError(f"the rewritten model gives {len(news)} outputs of shapes {[np.shape(b) for b in news]}, "
+                             f"the original {len(olds)} of {[np.shape(a) for a in olds]}")
+        for old, new in zip(olds, news):  # every output counts in the differences
+            old, new = np.asarray(old, dtype=np.float64), np.asarray(new, dtype=np.float64)
+            diff = np.abs(new - old)
+            max_abs = max(max_abs, float(np.nanmax(diff)) if diff.size else 0.0)
+            abs_sum += float(np.nansum(diff))
+            ref_sum += float(np.nansum(np.abs(old)))
+            elements += diff.size
         samples += batch.size
-        classes = classes and old.ndim == 2 and old.shape[1] > 1
+        first_old = np.asarray(olds[0]) if olds else np.zeros(0)
+        classes = classes and first_old.ndim == 2 and first_old.shape[1] > 1  # top-1 of the first output
         if classes:
-            agree += int((old.argmax(1) == new.argmax(1)).sum())
+            agree += int((first_old.argmax(1) == np.asarray(news[0]).argmax(1)).sum())
     mean_abs = abs_sum / elements if elements else 0.0
     reference = ref_sum / elements if elements else 0.0
     return OutputDeviation(samples, max_abs, mean_abs, mean_abs / reference if reference else 0.0,
