@@ -294,3 +294,65 @@ def test_verification_compares_every_output(tmp_path: Path, fmt: str) -> None:
     assert expected > 1.0
     assert result.deviation.max_abs == pytest.approx(expected, rel=1e-4)
     assert result.deviation.top1_agreement == 1.0  # the first output (h1) is untouched
+
+
+ARCHS = '''
+import torch
+from torch import nn
+
+
+class Named(nn.Module):  # a module called act_1 of its own, beside act: not act's second call
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 16)
+        self.act, self.act_1 = nn.ReLU(), nn.ReLU()
+        with torch.no_grad():
+            self.fc1.bias[:4] = -50.0
+            self.fc2.bias[:4] = -50.0
+
+    def forward(self, x):
+        return self.act_1(self.fc2(self.act(self.fc1(x))))
+
+
+class Functional(nn.Module):  # BatchNorm at a functional relu
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        with torch.no_grad():
+            self.fc.bias[:4] = -50.0
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+'''
+
+
+@pytest.mark.parametrize(("arch", "to"), [("Named", "prelu"), ("Functional", "bn")])
+def test_fixed_state_dict_loads_where_the_instructions_say(tmp_path: Path, arch: str, to: str) -> None:
+    """`act_1` used to be read as call #2 of `act` (key act_1_fix.weight), and BatchNorm at a
+    functional relu was saved without the Sequential's '.0.' the instructions give."""
+    import importlib.util
+
+    (tmp_path / "archs.py").write_text(ARCHS)
+    spec = importlib.util.spec_from_file_location("archs_under_test", tmp_path / "archs.py")
+    archs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(archs)
+    torch.manual_seed(0)
+    model = getattr(archs, arch)().eval()
+    torch.save(model.state_dict(), tmp_path / "m.state_dict.pt")
+    np.save(tmp_path / "x.npy", torch.randn(64, 8).numpy())
+    out = tmp_path / "fixed.pt2"
+    options = FixOptions(PlanOptions(to=to), RewriteOptions(), True, out)
+    result = run_fix(tmp_path / "m.state_dict.pt", str(tmp_path / "x.npy"), options,
+                     ScanOptions(device="cpu", arch=f"{tmp_path / 'archs.py'}:{arch}"))
+    if arch == "Named":
+        assert [line.split(":")[0] for line in result.instructions] == ["act", "act_1"]
+        assert all("replace the module" in line for line in result.instructions), result.instructions
+        model.act, model.act_1 = torch.nn.PReLU(16, init=0.25), torch.nn.PReLU(16, init=0.25)
+    else:
+        assert "add `self.relu_fix = nn.Sequential(nn.BatchNorm1d(16" in result.instructions[0], result.instructions
+        model.relu_fix = torch.nn.Sequential(torch.nn.BatchNorm1d(16), torch.nn.ReLU())
+        model.forward = lambda x: model.relu_fix(model.fc(x))
+    model.load_state_dict(torch.load(result.state_dict, weights_only=True), strict=True)
+    x = torch.from_numpy(np.load(tmp_path / "x.npy"))
+    with torch.inference_mode():
+        np.testing.assert_allclose(model.eval()(x), torch.export.load(str(out)).module()(x), rtol=1e-5, atol=1e-5)

@@ -46,17 +46,25 @@ def place(site: str, module_types: dict[str, str]) -> Placement:
     for base, call in _candidates(site):
         if module_types.get(base) in ACTIVATION_MODULE_TYPES:
             return Placement(base, call, None)
-    base, call = _candidates(site)[0]
+    base, call = _functional_reading(site)
     parent, _, functional = base.rpartition(".")
     return Placement(parent, call, functional)
 
 
 def _candidates(site: str) -> list[tuple[str, int]]:
+    """Readings of a site name, the most likely first: an activation module of exactly
+    that name (`act_1` can be a module of its own), then call N+1 of `base` for a name
+    ending in _N, then the name as a functional call."""
     found = [(site, 0)]
     match = _REPEAT.match(site)
     if match:
-        found.insert(0, (match.group("base"), int(match.group("index"))))
+        found.append((match.group("base"), int(match.group("index"))))
     return found
+
+
+def _functional_reading(site: str) -> tuple[str, int]:
+    match = _REPEAT.match(site)
+    return (match.group("base"), int(match.group("index"))) if match else (site, 0)
 
 
 def instructions(fixes: Sequence[SiteFix], module_types: dict[str, str], options: RewriteOptions,
@@ -78,7 +86,11 @@ def instructions(fixes: Sequence[SiteFix], module_types: dict[str, str], options
             owner = where.module_path or "the root module"
             lines.append(f"{fix.site}: in the forward of `{owner}`, call #{where.call + 1} of `{where.functional}`: "
                          f"add `self.{target.rsplit('.', 1)[-1]} = {new}` to `{owner}` and call it instead")
-        if fix.unit_axis != 1 and fix.change in ("prelu", "bn"):
+        ndim = ndims.get(fix.index, 4)
+        if ndim <= 1 and fix.change == "bn":
+            lines.append("    one value per sample (a vector pre-activation): apply it as "
+                         "`m(x.reshape(-1, 1)).reshape(x.shape)`")
+        elif fix.unit_axis != 1 and fix.change in ("prelu", "bn"):
             lines.append(f"    units are on dim {fix.unit_axis}: apply it as `m(x.movedim({fix.unit_axis}, 1)).movedim(1, {fix.unit_axis})`")
     return lines
 
@@ -103,21 +115,12 @@ def fixed_state_dict(original: dict[str, torch.Tensor], fixes: Sequence[SiteFix]
         fix = by_site[tensor.site]
         prefix = place(fix.site, module_types).new_module_path()
         kind, _, role = tensor.role.partition(".")
-        if kind == "bn":
-            state[f"{prefix}.0.{role}" if _replaces_module(fix, module_types) else f"{prefix}.{role}"] = tensor.value.detach().clone()
-        else:
-            state[f"{prefix}.{role}"] = tensor.value.detach().clone()
+        # BatchNorm comes as nn.Sequential(BN, ReLU) wherever it goes (see `_new_module`): keys under '.0.'
+        state[f"{prefix}.0.{role}" if kind == "bn" else f"{prefix}.{role}"] = tensor.value.detach().clone()
     for fix in fixes:
         if fix.change == "bn":
-            prefix = place(fix.site, module_types).new_module_path()
-            key = f"{prefix}.0.num_batches_tracked" if _replaces_module(fix, module_types) else f"{prefix}.num_batches_tracked"
-            state[key] = torch.tensor(0)
+            state[f"{place(fix.site, module_types).new_module_path()}.0.num_batches_tracked"] = torch.tensor(0)
     return state
-
-
-def _replaces_module(fix: SiteFix, module_types: dict[str, str]) -> bool:
-    """BatchNorm at a module site comes as nn.Sequential(BN, ReLU): keys under '.0.'."""
-    return place(fix.site, module_types).functional is None
 
 
 def module_types(module: Any) -> dict[str, str]:
