@@ -23,6 +23,7 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
     first = reports[0]
     for report, name in zip(reports[1:], names[1:]):
         _check_same_model(first, report, names[0], name)
+    _check_no_repeats(reports, names)
     judged_with = thresholds or first.thresholds
     sites = []
     for index, site in enumerate(first.sites):
@@ -33,6 +34,12 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
                                  dict(site.extra)))
     samples = sum(r.data.samples for r in reports)
     warnings = [w for r in reports for w in r.warnings if "interrupted" not in w]
+    differing = sorted({(r.thresholds.near_dead, r.thresholds.tau) for r in reports} - {
+        (judged_with.near_dead, judged_with.tau)})
+    if differing and thresholds is None:
+        warnings.append(f"the reports were judged with different thresholds ({', '.join(f'near-dead {a:g}, tau {b:g}' for a, b in differing)}); "
+                        f"the merge is judged with {names[0]}'s (near-dead {judged_with.near_dead:g}, "
+                        f"tau {judged_with.tau:g}): re-judge with deadrelu report --near-dead/--tau")
     if any(r.partial for r in reports):
         warnings.append("a merged report was partial (interrupted): the merge covers only what it saw")
     return ScanReport(
@@ -46,6 +53,18 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
         partial=any(r.partial for r in reports),
         warnings=tuple(dict.fromkeys(warnings)),
     )
+
+
+def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> None:
+    """The same scan given twice (one file twice, or a copy) would count its samples twice."""
+    seen: dict[tuple, str] = {}
+    for report, name in zip(reports, names):
+        key = (report.data.source, report.data.samples,
+               tuple(bytes(memoryview(s.stats.positive)) + bytes(memoryview(s.stats.mean)) for s in report.sites))
+        if key in seen:
+            raise UsageError(f"{name}: the same scan as {seen[key]} (same data, same statistics); merging it "
+                             "again would count its samples twice")
+        seen[key] = name
 
 
 def _check_same_model(first: ScanReport, other: ScanReport, first_name: str, name: str) -> None:

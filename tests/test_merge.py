@@ -77,3 +77,18 @@ def test_torchrun_two_gloo_processes_equal_one(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ReLU sites of") == 1  # rank 0 alone reports
     assert_same_scan(json.loads(out.read_text()), whole)
+
+
+def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_path: Path,
+                                                                           shards: tuple[Path, Path]) -> None:
+    a = scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
+    scan_json(tmp_path, "convnet.pt2", shards[1], "b.json", "--near-dead", "0.5")
+    (tmp_path / "copy.json").write_text(json.dumps(a))
+    for twice in (["a.json", "a.json"], ["a.json", "b.json", "copy.json"]):
+        result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in twice]])
+        assert result.exit_code == 2 and "would count its samples twice" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    merged = json.loads(result.stdout)
+    assert merged["thresholds"]["near_dead"] == 0.01  # the first report's
+    assert any("judged with different thresholds (near-dead 0.5" in w for w in merged["warnings"])
