@@ -356,3 +356,15 @@ def test_fixed_state_dict_loads_where_the_instructions_say(tmp_path: Path, arch:
     x = torch.from_numpy(np.load(tmp_path / "x.npy"))
     with torch.inference_mode():
         np.testing.assert_allclose(model.eval()(x), torch.export.load(str(out)).module()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_program_exported_with_a_fixed_batch_can_be_fixed(tmp_path: Path) -> None:
+    """fix exported its rewrite with an 8-sample example: a static batch of 16 failed its guard."""
+    x = torch.randn(32, 6)
+    np.save(tmp_path / "x.npy", x.numpy())
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(TwoHeads().eval(), (x[:16],)), str(path))
+    out = tmp_path / "fixed.pt2"
+    options = FixOptions(PlanOptions(to="prelu"), RewriteOptions(slope=0.0), True, out)
+    result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu", batch_size=16))
+    assert result.applied and result.deviation.max_abs == 0.0 and result.deviation.samples == 32
