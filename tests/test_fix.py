@@ -368,3 +368,35 @@ def test_a_program_exported_with_a_fixed_batch_can_be_fixed(tmp_path: Path) -> N
     options = FixOptions(PlanOptions(to="prelu"), RewriteOptions(slope=0.0), True, out)
     result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu", batch_size=16))
     assert result.applied and result.deviation.max_abs == 0.0 and result.deviation.samples == 32
+
+
+class ConstantUnits(torch.nn.Module):
+    """Units 0-2 have zero weights: constant pre-activations -1, -0.1, -0.0033."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc.weight[:3] = 0.0
+            self.fc.bias[:3] = torch.tensor([-1.0, -0.1, -0.0033])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_revive_names_constant_units_on_both_engines(tmp_path: Path, fmt: str) -> None:
+    """Constant units get a tiny non-zero std from rounding; `var <= 0` missed them, so the
+    two engines named different units as beyond BatchNorm's reach."""
+    x = torch.randn(64, 6)
+    np.save(tmp_path / "x.npy", x.numpy())
+    path = tmp_path / f"const.{fmt}"
+    model = ConstantUnits().eval()
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x[:4],), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
+    else:
+        torch.onnx.export(model, (x[:4],), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    options = FixOptions(PlanOptions(to="bn"), RewriteOptions(bn_init="revive"), True, tmp_path / f"fixed.{fmt}")
+    result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
+    assert [c.zero_variance_units for c in result.changes] == [(0, 1, 2)]

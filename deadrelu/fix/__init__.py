@@ -96,7 +96,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         staged = stage / output.name
         lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
         after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
-        zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(moments[f.index].var <= 0))
+        zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(_constant(moments[f.index])))
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
         deviation = _deviation(loaded, staged, data, scan_options)
@@ -107,6 +107,13 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
                      deviation, lines, weights)
+
+
+def _constant(moments: UnitMoments) -> np.ndarray:
+    """Units whose pre-activation is constant but for float32 rounding (std under two
+    float32 steps of the mean: the statistics cannot tell it from 0). BatchNorm revive
+    cannot move them; whatever it outputs there is rounding noise."""
+    return moments.var <= (2.5e-7 * np.abs(moments.mean)) ** 2 + 1e-30
 
 
 def _staging_folder(output: Path) -> Path:

@@ -88,7 +88,8 @@ def _decide(site: SiteReport, forced: str | None) -> tuple[str, str]:
         return forced, f"{dead}; --to {forced}"
     if site.verdict.collapsed:
         return "bn", (f"collapsed ({dead}): a Leaky/PReLU swap alone passes only a scaled constant-sign signal; "
-                      "insert BatchNorm (--bn-init revive) to re-centre, then fine-tune")
+                      "insert BatchNorm and pass --bn-init revive to re-centre it (the default, identity, keeps "
+                      "the outputs and so the dead units), then fine-tune")
     if not normalised:
         return "bn", f"{dead}, no normalisation upstream: insert BatchNorm to re-centre the pre-activations"
     return "leaky", (f"{dead} behind a normalisation layer (its shift went negative): LeakyReLU keeps gradients "
