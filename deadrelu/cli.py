@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deadrelu import ci
-from deadrelu.cli_options import (BaselineOpt, ConfigOpt, ExitZeroOpt, FailOnOpt, FormatName, FormatOpt, IgnoreOpt,
+from deadrelu.cli_options import (BaselineOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt, FailOnOpt, FormatName, FormatOpt, IgnoreOpt,
                                    MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, OutputOpt, QuietOpt,
                                    output_options, settings_from_flags)
 from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
@@ -229,7 +229,7 @@ def diff_command(
     max_new_dead: Annotated[Optional[int], typer.Option("--max-new-dead", min=0, help="Fail when more than N units died (dead in NEW, not in OLD).")] = None,
     ignore: IgnoreOpt = None,
     config: ConfigOpt = None,
-    fmt: FormatOpt = FormatName.TABLE,
+    fmt: DiffFormatOpt = DiffFormatName.TABLE,
     output: OutputOpt = None,
     exit_zero: ExitZeroOpt = False,
     quiet: QuietOpt = False,

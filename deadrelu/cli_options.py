@@ -14,10 +14,13 @@ import typer
 
 from deadrelu.ci import OutputOptions
 from deadrelu.config import Settings
-from deadrelu.formats import FORMAT_NAMES
+from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
 
 FormatName = enum.Enum("FormatName", {name.upper(): name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
+# The formats that render `deadrelu diff` (its --help lists only these).
+DiffFormatName = enum.Enum("DiffFormatName", {name.upper(): name for name in FORMAT_NAMES  # type: ignore[misc]
+                                              if get_format(name).supports_diff}, type=str)
 
 FailOnOpt = Annotated[Optional[FailOn], typer.Option(
     "--fail-on", case_sensitive=False,
@@ -39,6 +42,8 @@ ConfigOpt = Annotated[Optional[Path], typer.Option(
     help="Read the tool.deadrelu table from FILE instead of the nearest pyproject.toml. Flags override it.")]
 FormatOpt = Annotated[FormatName, typer.Option(
     "--format", "-f", case_sensitive=False, help="Report format on stdout (or -o FILE).")]
+DiffFormatOpt = Annotated[DiffFormatName, typer.Option(
+    "--format", "-f", case_sensitive=False, help="Diff format on stdout (or -o FILE).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Report failed gates, but exit 0.")]

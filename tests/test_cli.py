@@ -316,6 +316,7 @@ def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunne
     (["scan"], r"^deadrelu: error: Missing argument 'model'"),
     (["nonsense"], r"^deadrelu: error: No such command 'nonsense'\. \(see 'deadrelu --help'\)$"),
     (["diff", "a.json"], r"^deadrelu: error: Missing argument"),
+    (["diff", "a.json", "b.json", "-f", "sarif"], r"'sarif' is not one of 'table', 'json', 'markdown', 'github'"),
 ])
 def test_usage_errors_are_one_line(runner: CliRunner, args: list[str], pattern: str) -> None:
     result = runner.invoke(app, args, prog_name="deadrelu")
