@@ -1000,6 +1000,7 @@ class OnnxScanner:
         self._masked: tuple[Any, dict[int, Exposure]] | None = None
         self._accumulators: dict[int, _Accumulator] = {}
         self._inexact: set[str] = set()  # sites whose float32 positive counts may be off
+        self._far_units = False  # a unit far from zero was seen: the masked graph's precise moments from now on
 
     def __enter__(self) -> OnnxScanner:
         return self
@@ -1054,8 +1055,10 @@ class OnnxScanner:
 
     def _run(self, feed: dict[str, np.ndarray]) -> None:
         assert self._fast is not None
-        session, exposures = self._fast
-        decoded = self._decode(self._fetch(session, exposures, feed), exposures)
+        decoded = None
+        if not self._far_units:
+            session, exposures = self._fast
+            decoded = self._decode(self._fetch(session, exposures, feed), exposures)
         if decoded is None:
             if self._masked is None:
                 self._masked = self._session(emit_masked)
@@ -1102,7 +1105,10 @@ class OnnxScanner:
                 continue
             counts = plan.per_unit_counts(np.asarray(shapes), rows.shape[2], rows.shape[0])
             batch = _fast_rows(rows, counts)
-            if batch is None or (plan.compute_type == TensorProto.FLOAT and _far_from_zero(rows)):
+            if batch is not None and plan.compute_type == TensorProto.FLOAT and _far_from_zero(rows):
+                self._far_units = True  # a unit's values stay where they are: later batches go to the masked graph at once
+                batch = None
+            if batch is None:
                 return None
             decoded[plan.id] = batch
             if counts.max(initial=0) > EXACT_FLOAT_COUNT and plan.compute_type == TensorProto.FLOAT:
