@@ -11,7 +11,10 @@ from deadrelu.fix import FixReport
 
 def render_fix(report: FixReport, console: Console) -> None:
     if not report.plan:
-        console.print(f"Nothing to fix: no site of {report.model} matches (dead units: {report.scan.dead}).",
+        leaky = [s.name for s in report.scan.sites if s.leaky]
+        why = (f"the sites chosen are leaky already or have no dead units (leaky sites: {', '.join(leaky[:6])}"
+               f"{', ...' if len(leaky) > 6 else ''})" if leaky else "no site has enough dead units to plan for")
+        console.print(f"Nothing to fix in {report.model}: {why}; dead units: {report.scan.dead}.",
                       highlight=False, markup=False)
         return
     console.print(plan_table(report))
