@@ -49,18 +49,21 @@ def ranks_from_env() -> Ranks:
     return Ranks(rank, size, local)
 
 
-def start(ranks: Ranks, device: torch.device) -> torch.device:
-    """Join the process group (gloo on CPU, nccl on CUDA); the device this rank uses."""
+def start(ranks: Ranks, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group (gloo on CPU, nccl on CUDA); the device this rank uses, and
+    whether this call created the group (then `finish` destroys it; a group the caller
+    made is theirs)."""
     if not ranks.active:
-        return device
+        return device, False
     import torch.distributed as dist
 
     if device.type == "cuda" and torch.cuda.is_available():
         device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
+    if dist.is_initialized():
+        return device, False
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, True
 
 
 def shard(items: Iterator[T], ranks: Ranks) -> Iterator[T]:
@@ -95,8 +98,11 @@ def gather(result: StreamResult, ranks: Ranks) -> StreamResult:
                         result.engine)
 
 
-def finish(ranks: Ranks) -> None:
-    if ranks.active:
+def finish(owned: bool) -> None:
+    """Leave the process group `start` created. Left to the interpreter's exit, gloo's
+    threads sometimes ended a rank with "terminate called without an active exception"
+    (exit -6) after the scan had finished."""
+    if owned:
         import torch.distributed as dist
 
         if dist.is_initialized():

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from deadrelu.data import CalibrationSource, DataOptions, InputSelector, ModelInput, open_data, source_from_object
-from deadrelu.distributed import gather, ranks_from_env, shard, start
+from deadrelu.distributed import finish, gather, ranks_from_env, shard, start
 from deadrelu.errors import DataError, UsageError
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
@@ -77,18 +77,21 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
     _check(options)
     ranks = ranks_from_env()
     loaded = _load(model, options)
-    device = start(ranks, resolve_device(options.device, loaded.format))
     if options.dtype and loaded.format is ModelFormat.ONNX:
         raise UsageError("--dtype applies to PyTorch models; an ONNX graph runs in the dtypes it declares")
-    source = _open(data, options)
-    total = _expected_samples(source, options.samples)
-    if on_start:
-        on_start(total)
-    batches = shard(model_batches(loaded, source, options), ranks)
-    settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
-                              large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total)
-    result = _stream(loaded, batches, device, progress, settings)
-    result = gather(result, ranks)
+    device, joined = start(ranks, resolve_device(options.device, loaded.format))
+    try:
+        source = _open(data, options)
+        total = _expected_samples(source, options.samples)
+        if on_start:
+            on_start(total)
+        batches = shard(model_batches(loaded, source, options), ranks)
+        settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
+                                  large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total)
+        result = _stream(loaded, batches, device, progress, settings)
+        result = gather(result, ranks)
+    finally:
+        finish(joined)
     if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
