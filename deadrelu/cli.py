@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deadrelu import ci
-from deadrelu.cli_options import (BaselineOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt, FailOnOpt, FormatName, FormatOpt, IgnoreOpt,
-                                   MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, OutputOpt, QuietOpt,
+from deadrelu.cli_options import (BaselineOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt, FailOnOpt,
+                                   FormatName, FormatOpt, IgnoreOpt, MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, OutputOpt, QuietOpt,
                                    output_options, settings_from_flags)
 from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
 from deadrelu.distributed import ranks_from_env

@@ -2,14 +2,14 @@
 model, and verify what they did.
 
 The flow: load -> scan (or a saved report of the same model) -> plan -> rewrite -> write
-atomically -> reload the written file -> re-scan and compare outputs.
+into a staging folder beside OUT -> reload it from there -> re-scan and compare outputs ->
+move it to OUT (nothing is left behind when any step fails).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +113,9 @@ def _constant(moments: UnitMoments) -> np.ndarray:
     """Units whose pre-activation is constant but for float32 rounding (std under two
     float32 steps of the mean: the statistics cannot tell it from 0). BatchNorm revive
     cannot move them; whatever it outputs there is rounding noise."""
-    return moments.var <= (2.5e-7 * np.abs(moments.mean)) ** 2 + 1e-30
+    from deadrelu.reductions import CONSTANT_SPREAD
+
+    return moments.var <= (CONSTANT_SPREAD * np.abs(moments.mean)) ** 2 + 1e-30
 
 
 def _staging_folder(output: Path) -> Path:

@@ -46,25 +46,21 @@ def place(site: str, module_types: dict[str, str]) -> Placement:
     for base, call in _candidates(site):
         if module_types.get(base) in ACTIVATION_MODULE_TYPES:
             return Placement(base, call, None)
-    base, call = _functional_reading(site)
+    base, call = _candidates(site)[-1]  # a functional call: the _N reading when there is one
     parent, _, functional = base.rpartition(".")
     return Placement(parent, call, functional)
 
 
 def _candidates(site: str) -> list[tuple[str, int]]:
-    """Readings of a site name, the most likely first: an activation module of exactly
+    """(module path, call index) readings of a site name, the most likely first: exactly
     that name (`act_1` can be a module of its own), then call N+1 of `base` for a name
-    ending in _N, then the name as a functional call."""
+    ending in _N."""
     found = [(site, 0)]
     match = _REPEAT.match(site)
     if match:
         found.append((match.group("base"), int(match.group("index"))))
     return found
 
-
-def _functional_reading(site: str) -> tuple[str, int]:
-    match = _REPEAT.match(site)
-    return (match.group("base"), int(match.group("index"))) if match else (site, 0)
 
 
 def instructions(fixes: Sequence[SiteFix], module_types: dict[str, str], options: RewriteOptions,

@@ -59,6 +59,7 @@ from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.onnx_kernel import DOMAIN as KERNEL_DOMAIN
 from deadrelu.probe.onnx_kernel import OP_TYPE as KERNEL_OP
 from deadrelu.probe.onnx_kernel import kernel_library
+from deadrelu.reductions import CONSTANT_SPREAD, spread_within
 from deadrelu.stats import UnitSummary
 
 ProgressFn = Callable[[int], None]
@@ -222,14 +223,12 @@ def _fast_rows(rows: np.ndarray, counts: np.ndarray) -> Rows | None:
 # about it by that squared: (3e-8 * |mean| / std)^2 of the variance, 1e-6 at |mean|/std =
 # 3e4. Batches with a unit between that and 2 ulps of spread (below, the unit is constant
 # but for rounding) take the masked graph's corrected two-pass moments instead.
-_FAR_FROM_ZERO = (3e4, 4e6)  # |mean| / std
+_FAR_FROM_ZERO = (3e4, 1 / CONSTANT_SPREAD)  # |mean| / std
 
 
 def _far_from_zero(rows: np.ndarray) -> bool:
     """Whether a unit's fast-path (float32) variance would be too coarse (see `_FAR_FROM_ZERO`)."""
-    squared_mean, var = rows[:, 2] ** 2, rows[:, 3]
-    low, high = _FAR_FROM_ZERO
-    return bool(((squared_mean > low * low * var) & (squared_mean < high * high * var)).any())
+    return spread_within(rows[:, 2] ** 2, rows[:, 3], _FAR_FROM_ZERO)
 
 
 def _masked_rows(rows: np.ndarray) -> Rows:

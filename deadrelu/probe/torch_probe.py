@@ -169,7 +169,7 @@ class ReluProbe(TorchDispatchMode):
         if observed is not None:
             tap, pending = observed
             x = args[0]
-            self._staged.append((tap, pending.complete(sites.scalar_view(out) if x.ndim <= 1 else out)))
+            self._staged.append((tap, pending.complete(sites.scalar_view(out))))
             self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
                                         x.numel() // max(tap.stats.units, 1)))
         elif functional is not None:
