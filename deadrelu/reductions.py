@@ -1,10 +1,12 @@
 """Per-batch reductions of one pre-activation tensor along its unit axis.
 
-Three ways to reduce a batch, all giving the same `BatchMoments`:
+Four ways to reduce a batch, all giving the same `BatchMoments`:
 
-* the CPU fast path: a few well-vectorised reductions, temporaries in one reusable
-  buffer, the finite check free (no device to sync with); a careful masked path only when
-  a value is not finite;
+* on CPU, deadrelu's C kernel (`probe.torch_kernel`): every statistic in one read, NaN/Inf
+  counted apart, for float32 (and half-precision) pre-activations;
+* the CPU fast path, where the kernel is not available or the model is float64: a few
+  well-vectorised reductions, temporaries in one reusable buffer, the finite check free
+  (no device to sync with); a careful masked path only when a value is not finite;
 * the fused path for accelerators: every statistic from one expression over the tensor,
   NaN/Inf masked inside it, moments shifted by a per-unit constant for precision, and no
   host sync -- which `torch.compile` turns into one kernel that reads the tensor once;
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -213,6 +215,29 @@ def begin_batch(x: torch.Tensor, axis: int, output_is_relu: bool, scratch: Scrat
 
 
 
+class RowsKernel(Protocol):
+    """deadrelu's C kernel on CPU tensors (`probe.torch_kernel.TorchKernel`)."""
+
+    def rows(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """The (9, units) float64 statistics of a float32 tensor, in `BatchMoments` field order."""
+        ...
+
+
+def kernel_batch(kernel: RowsKernel, x: torch.Tensor, axis: int) -> PendingBatch:
+    """One batch reduced by deadrelu's C kernel (`probe.torch_kernel`), all nine statistics
+    in one read of x, NaN/Inf counted apart."""
+    x = x.detach()
+    if x.ndim == 0:
+        x = x.reshape(1)
+    if x.dtype != torch.float32:
+        x = x.float()  # the kernel reads float32; half precision is exact in it
+    axis = axis % x.ndim
+    count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum = kernel.rows(x, axis).unbind(0)
+    moments = BatchMoments(count=count, positive=positive, nan=nan, inf=inf, minimum=minimum, maximum=maximum,
+                           mean=mean, m2=m2, relu_sum=relu_sum)
+    return PendingBatch(reduce_dims(x.ndim, axis), moments, needs_output=False)
+
+
 # --- the fused, sync-free path ----------------------------------------------------------------
 
 def count_dtype(x: torch.Tensor, dims: list[int] | tuple[int, ...]) -> torch.dtype:
@@ -309,8 +334,11 @@ _COMPILED_SHAPES_LIMIT = 256
 class BatchReducer:
     """Reduces batches for a probe.
 
-    * CPU: the eager fast path (`begin_batch`), or with compilation the `fast_reductions`
-      kernel compiled for each site's shape (one pass over the tensor);
+    * CPU: with `kernel` (called on the first CPU batch: it may build the kernel), deadrelu's
+      C kernel for float32 and half-precision sites; else, and for float64
+      sites, the eager fast path (`begin_batch`); with compilation ("on", or "auto" with
+      `large` where there is no kernel) the `fast_reductions` kernel compiled for each
+      site's shape instead (one pass over the tensor);
     * accelerators: the sync-free `fused_reductions`, compiled or eager.
 
     `compile` is "on", "off" or "auto" (compile when `large` says the data repays the
@@ -320,11 +348,15 @@ class BatchReducer:
     compilation that fails falls back to eager and says so once through `notify`.
     """
 
-    def __init__(self, compile: str = "off", large: bool = False, notify: Callable[[str], None] | None = None) -> None:
+    def __init__(self, compile: str = "off", large: bool = False, notify: Callable[[str], None] | None = None,
+                 kernel: Callable[[], RowsKernel | None] | None = None) -> None:
         self.scratch = Scratch()
         self.mode = compile
         self.large = large
         self.notify = notify
+        self._find_kernel = kernel  # called once, on the first CPU batch
+        self._kernel: RowsKernel | None = None
+        self.kernel_used = False  # a batch was reduced by the C kernel
         self._compiled: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {}
         self._shapes: set[tuple[int, ...]] = set()
         self._frozen = False
@@ -342,6 +374,8 @@ class BatchReducer:
     def _compile_for(self, x: torch.Tensor) -> bool:
         if self._failed or self.mode == "off" or (self.mode == "auto" and not self.large):
             return False
+        if self.mode == "auto" and x.device.type == "cpu" and self._cpu_kernel() is not None:
+            return False  # the kernel is as fast, and has nothing to compile
         shape = (*x.shape, x.device.type == "cpu")
         if shape in self._shapes:
             return True
@@ -350,10 +384,19 @@ class BatchReducer:
         self._shapes.add(shape)
         return True
 
+    def _cpu_kernel(self) -> RowsKernel | None:
+        if self._find_kernel is not None:
+            self._kernel, self._find_kernel = self._find_kernel(), None
+        return self._kernel
+
     def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor) -> PendingBatch:
         compiled = self._compile_for(x)
         if x.device.type == "cpu" and not compiled:
-            return begin_batch(x, axis, output_is_relu, self.scratch)
+            kernel = self._cpu_kernel() if x.dtype != torch.float64 else None
+            if kernel is None:
+                return begin_batch(x, axis, output_is_relu, self.scratch)
+            self.kernel_used = True
+            return kernel_batch(kernel, x, axis)
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()

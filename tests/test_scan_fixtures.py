@@ -96,8 +96,9 @@ def test_batch_size_does_not_change_results() -> None:
     a, b = scanned("convnet", "torchscript", 16), scanned("convnet", "torchscript", 7)
     for x, y in zip(a.sites, b.sites):
         assert x.verdict == y.verdict
-        np.testing.assert_allclose(x.stats.mean, y.stats.mean, rtol=1e-6, atol=1e-7)
-        # per-batch moments are float32 reductions: agreement to float32 rounding of the data
+        # per-batch moments are float32 reductions (the kernel's: of up to 128 values per
+        # vector lane): agreement to float32 rounding of the data
+        np.testing.assert_allclose(x.stats.mean, y.stats.mean, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(x.stats.m2, y.stats.m2, rtol=1e-3, atol=1e-6)
 
 

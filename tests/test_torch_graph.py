@@ -19,6 +19,7 @@ from torch import nn
 
 import bruteforce
 from deadrelu import ScanOptions, scan
+from deadrelu.probe.torch_kernel import torch_kernel
 from reference import unit_stats
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -122,7 +123,7 @@ def test_uncapturable_model_stays_eager_and_says_so() -> None:
     said: list[str] = []
     compiled = scan(model, data, ScanOptions(device="cpu", compile="on", batch_size=16), notify=said.append)
     eager = scan(model, data, ScanOptions(device="cpu", compile="off", batch_size=16))
-    assert compiled.engine == "torch-eager"
+    assert compiled.engine == eager_engine()
     assert any("not possible" in m for m in said), said
     for a, b in zip(compiled.sites, eager.sites):
         np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
@@ -139,7 +140,7 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -
     said: list[str] = []
     report = scan(FIX / "convnet.pt2", FIX / "convnet.calib.npy", ScanOptions(device="cpu", compile="on"),
                   notify=said.append)
-    assert report.engine == "torch-eager"
+    assert report.engine == eager_engine()
     assert any("torch.compile failed (inductor exploded)" in m for m in said), said
     want = truth("convnet")
     for site, ref in zip(report.sites, want):  # the eager path is exact
@@ -153,12 +154,18 @@ def test_auto_compiles_only_when_the_eager_rest_would_be_long(monkeypatch: pytes
 
     options = ScanOptions(device="cpu", compile="auto", batch_size=16)
     data = FIX / "mlp.calib.npy"
-    assert scan(FIX / "mlp.pickle.pt", data, replace_opts(options, trust_pickle=True)).engine == "torch-eager"
+    assert scan(FIX / "mlp.pickle.pt", data, replace_opts(options, trust_pickle=True)).engine == eager_engine()
     monkeypatch.setattr(torch_stream, "COMPILE_REPAYS_AFTER_S", 0.0)  # any eager time is too long
     assert scan(FIX / "mlp.pickle.pt", data, replace_opts(options, trust_pickle=True)).engine == "torch-compiled-graph"
     # data of unknown length: auto cannot tell, and stays eager
     batches = (torch.from_numpy(b) for b in np.array_split(np.load(data), 4))
-    assert scan(bruteforce.load_eager_model("mlp"), batches, options).engine == "torch-eager"
+    assert scan(bruteforce.load_eager_model("mlp"), batches, options).engine == eager_engine()
+
+
+def eager_engine() -> str:
+    """The eager probe's engine here: its CPU reductions run in deadrelu's C kernel where
+    one can be built (`--compile off` keeps them in PyTorch's operators)."""
+    return "torch-kernel" if torch_kernel() is not None else "torch-eager"
 
 
 def replace_opts(options: ScanOptions, **changes) -> ScanOptions:

@@ -4,7 +4,7 @@
  *
  * The nine per-unit statistics of x along `axis` (see relu_stats_compute.h), computed in
  * one read of x on ONNX Runtime's intra-op threads. Loaded by deadrelu with
- * SessionOptions.register_custom_ops_library; built and checked by deadrelu/probe/onnx_kernel.py.
+ * SessionOptions.register_custom_ops_library; built and checked by deadrelu/probe/kernel.py.
  *
  * The ONNX Runtime C API is reached through its ABI, declared below from its documentation:
  * OrtApiBase is {GetApi, GetVersionString}; OrtApi is a table of function pointers whose
@@ -14,6 +14,7 @@
  */
 #include "relu_stats_compute.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -234,4 +235,42 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     if (status) return status;
     if ((status = CALL(api, SLOT_CUSTOM_OP_DOMAIN_ADD, CustomOpDomainAddFn)(domain, &relu_stats_op))) return status;
     return CALL(api, SLOT_ADD_CUSTOM_OP_DOMAIN, AddCustomOpDomainFn)(options, domain);
+}
+
+/* --- the same statistics for callers outside ONNX Runtime (deadrelu's PyTorch CPU path) ---- */
+
+/* libgomp's entry for `#pragma omp parallel` (its ABI since GCC 4.9): fn(data) runs on a team
+ * of num_threads threads (0: the process's default), the caller's thread among them. */
+typedef void (*GompParallelFn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+
+typedef struct {
+    const Tensor *x;
+    atomic_size_t next; /* the next work item to hand out */
+    size_t items;
+} WorkQueue;
+
+static void drain(void *queue) {
+    WorkQueue *q = queue;
+    for (size_t item; (item = atomic_fetch_add(&q->next, 1)) < q->items;) reduce_item(q->x, item);
+}
+
+/* The nine statistics of a contiguous float32 tensor viewed as (outer, units, inner), into
+ * out[9 * units]. With `parallel` (the GOMP_parallel of the OpenMP runtime the caller's
+ * other work already runs on), the work items go to that runtime's team of `threads`
+ * threads, whichever is free; without it, to the calling thread alone. (Threads of our own
+ * would compete with that runtime's, which spin for a while after each parallel region.) */
+__attribute__((visibility("default"))) void deadrelu_relu_stats(const float *data, double *out, size_t outer,
+                                                                size_t units, size_t inner, unsigned threads,
+                                                                GompParallelFn parallel) {
+    Tensor x = {data, out, outer, units, inner};
+    if (units == 0) return;
+    if (outer == 0 || inner == 0) {
+        write_empty(&x);
+        return;
+    }
+    WorkQueue queue = {&x, 0, work_items(&x)};
+    if (parallel && threads > 1 && queue.items > 1)
+        parallel(drain, &queue, threads < queue.items ? threads : (unsigned)queue.items, 0);
+    else
+        drain(&queue);
 }

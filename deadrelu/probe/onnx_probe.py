@@ -6,7 +6,7 @@ Three phases, like ONNX Runtime's calibrators, without their costs:
    the unit axis and bring out one small tensor per site, threaded out of ``If`` branches
    and ``Loop``/``Scan`` bodies. Whole pre-activations never leave ONNX Runtime. On CPU,
    by default, that is one node of deadrelu's own kernel (`emit_kernel`,
-   `deadrelu.probe.onnx_kernel`): nine statistics from one read, ``(9, units)`` float64.
+   `deadrelu.probe.kernel`): nine statistics from one read, ``(9, units)`` float64.
    Otherwise ONNX Runtime's own operators compute max, min, mean, variance, positive count
    and ReLU mean (`emit_fast`; see it for how few passes they take) into ``(6, units)``
    float32, plus the pre-activation's ``Shape``. The model is built in memory; its weights
@@ -56,9 +56,9 @@ from deadrelu.load import LoadedModel
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import OnnxSite, ScopeStep, Survey, copy_field, node_label, survey
 from deadrelu.probe import SiteObservation, StreamResult
-from deadrelu.probe.onnx_kernel import DOMAIN as KERNEL_DOMAIN
-from deadrelu.probe.onnx_kernel import OP_TYPE as KERNEL_OP
-from deadrelu.probe.onnx_kernel import kernel_library
+from deadrelu.probe.kernel import DOMAIN as KERNEL_DOMAIN
+from deadrelu.probe.kernel import OP_TYPE as KERNEL_OP
+from deadrelu.probe.kernel import kernel_library
 from deadrelu.reductions import CONSTANT_SPREAD, spread_within
 from deadrelu.stats import UnitSummary
 
@@ -456,7 +456,7 @@ def _double(em: Emitter, vector: str) -> str:
 
 
 def emit_kernel(em: Emitter, plan: SitePlan) -> Emitted:
-    """One ``ai.deadrelu::ReluStats`` node (`deadrelu.probe.onnx_kernel`): the `MASKED_ROWS`
+    """One ``ai.deadrelu::ReluStats`` node (`deadrelu.probe.kernel`): the `MASKED_ROWS`
     of the site as a ``(9, units)`` float64 tensor, from one read of the pre-activation.
     Double-precision sites keep the masked standard-operator reductions (the kernel reads
     float32; float16/bfloat16 pre-activations are cast to it, as for the other paths)."""
@@ -987,7 +987,7 @@ class OnnxScanner:
     survey: Survey
     providers: list[Any]
     optimise: bool = True
-    kernel: Path | None = None  # deadrelu's one-pass kernel library (`onnx_kernel`), CPU only
+    kernel: Path | None = None  # deadrelu's one-pass kernel library (`kernel`), CPU only
     plans: list[SitePlan] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 

@@ -9,6 +9,7 @@ that completed.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from deadrelu.errors import DataError, ModelRunError
 from deadrelu.load import LoadedModel
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_graph import CaptureError, GraphScan, capture
+from deadrelu.probe.torch_kernel import torch_kernel
 from deadrelu.probe.torch_probe import ModuleStack, ReluProbe, probing
 from deadrelu.reductions import BatchReducer
 
@@ -52,7 +54,8 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
     settings = settings or StreamSettings()
     runner = _Runner(settings)
     capture_wanted = settings.compile != "off" and not isinstance(loaded.module, torch.jit.ScriptModule)
-    reducer = BatchReducer("off" if capture_wanted else settings.compile, settings.large, settings.notify)
+    kernel = functools.partial(torch_kernel, settings.notify) if settings.compile != "off" else None
+    reducer = BatchReducer("off" if capture_wanted else settings.compile, settings.large, settings.notify, kernel)
     with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, \
             probing(module, reducer) as (probe, stack):
         dtype = settings.dtype or model_dtype(module)
@@ -227,10 +230,12 @@ class _Runner:
     def engine(self, reducer: BatchReducer) -> str:
         """How the statistics were computed: "torch-compiled-graph" when batches ran through the
         compiled whole-model program, "torch-compiled-reductions" when per-site reductions
-        were compiled, else "torch-eager"."""
+        were compiled, "torch-kernel" when deadrelu's C kernel reduced them, else "torch-eager"."""
         if self.graph is not None and self.graph.batches:
             return "torch-compiled-graph"
-        return "torch-compiled-reductions" if reducer.compiled_any else "torch-eager"
+        if reducer.compiled_any:
+            return "torch-compiled-reductions"
+        return "torch-kernel" if reducer.kernel_used else "torch-eager"
 
     def _say(self, message: str) -> None:
         if self.settings.notify:

@@ -12,7 +12,7 @@ same batches, interleaved, several times, it times
 * plain: ``onnxruntime.InferenceSession`` of the unmodified model (default options:
   every graph optimisation, as many threads as physical cores);
 * deadrelu: the scan's streaming path (`deadrelu.probe.onnx_probe.OnnxScanner.run`) as a
-  CPU scan runs by default: deadrelu's one-pass kernel (`deadrelu.probe.onnx_kernel`,
+  CPU scan runs by default: deadrelu's one-pass kernel (`deadrelu.probe.kernel`,
   built on first use) at every ReLU site, nine per-unit statistics, folded on the host;
 * deadrelu-ops: the same scan with ONNX Runtime's own operators (``--compile off``);
 * calibrator: ``onnxruntime.quantization.calibrate``'s MinMax calibrator ``collect_data``
@@ -58,7 +58,7 @@ import models  # noqa: E402
 from deadrelu.data import ModelInput  # noqa: E402
 from deadrelu.load.onnx_format import load_onnx  # noqa: E402
 from deadrelu.onnx_sites import survey  # noqa: E402
-from deadrelu.probe.onnx_kernel import kernel_library  # noqa: E402
+from deadrelu.probe.kernel import kernel_library  # noqa: E402
 from deadrelu.probe.onnx_probe import OnnxScanner  # noqa: E402
 
 MODES = ("plain", "deadrelu", "deadrelu-ops", "calibrator", "calibrator-relu")

@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", default="off", choices=["off", "on"])
+    parser.add_argument("--compile", default="off", choices=["off", "auto", "on"],
+                        help="off: PyTorch operators only; auto: the eager probe with deadrelu's C kernel on CPU; on: the whole model compiled")
     parser.add_argument("--compiled-plain", action="store_true")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     parser.add_argument("--graph-mode", default=None, help="torch.compile mode of the scan's program (default: deadrelu's choice)")

@@ -2,7 +2,7 @@
 cache, and the scan with it against the scan with ONNX Runtime's own operators.
 
 The truth is `reference.unit_stats` (numpy, float64, one unit at a time), independent of
-the kernel's shifted float32 block sums and of `onnx_kernel.reference_rows`. Without a C
+the kernel's shifted float32 block sums and of `kernel_lib.reference_rows`. Without a C
 compiler the kernel cannot exist: its tests skip and say so; with one, a kernel that fails
 to build or to pass its self-check fails these tests instead of skipping them.
 """
@@ -25,7 +25,7 @@ from deadrelu.cli import app
 from deadrelu.errors import UsageError
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import survey
-from deadrelu.probe import onnx_kernel, onnx_probe
+from deadrelu.probe import kernel as kernel_lib, onnx_probe
 from reference import unit_stats
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -35,9 +35,9 @@ CASES = json.loads((FIX / "expected.json").read_text())["onnx_cases"]
 
 @pytest.fixture(scope="module")
 def kernel() -> Path:
-    library = onnx_kernel.kernel_library()
+    library = kernel_lib.kernel_library()
     if library.path is None:
-        if onnx_kernel.find_compiler() is None:
+        if kernel_lib.find_compiler() is None:
             pytest.skip(f"deadrelu's ONNX kernel cannot be built here: {library.reason}")
         pytest.fail(f"a C compiler is present but the kernel is unavailable: {library.reason}")
     return library.path
@@ -45,11 +45,11 @@ def kernel() -> Path:
 
 def run_kernel(library: Path, x: np.ndarray, axis: int, threads: int = 2) -> np.ndarray:
     """The kernel's (9, units) output for x, from a one-node model in ONNX Runtime."""
-    node = helper.make_node(onnx_kernel.OP_TYPE, ["x"], ["stats"], domain=onnx_kernel.DOMAIN, axis=axis)
+    node = helper.make_node(kernel_lib.OP_TYPE, ["x"], ["stats"], domain=kernel_lib.DOMAIN, axis=axis)
     graph = helper.make_graph([node], "k", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("stats", TensorProto.DOUBLE, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid(onnx_kernel.DOMAIN, 1)])
+                                                    helper.make_opsetid(kernel_lib.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(library))
@@ -212,11 +212,11 @@ def test_the_kernel_graph_reads_each_pre_activation_once() -> None:
         plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(sites)]
         head, exposures = onnx_probe.Rewriter(OnnxModel(model, Path("p.onnx"), 17), plans, onnx_probe.emit_kernel).head()
         added = [n for n in head.graph.node if n.name.startswith(onnx_probe.PREFIX)]
-        kernels = [n for n in added if n.op_type == onnx_kernel.OP_TYPE]
+        kernels = [n for n in added if n.op_type == kernel_lib.OP_TYPE]
         preacts = {s.preact for s in sites}
         if elem == TensorProto.FLOAT:
             assert sorted(n.input[0] for n in kernels) == sorted(preacts)
-            assert all(n.domain == onnx_kernel.DOMAIN for n in kernels)
+            assert all(n.domain == kernel_lib.DOMAIN for n in kernels)
             assert not [n for n in added if n.op_type == "Shape" and n.input[0] in preacts]
             assert {e.rows for e in exposures.values()} == {"kernel"}
         else:
@@ -230,7 +230,7 @@ def test_the_kernel_graph_reads_each_pre_activation_once() -> None:
 @pytest.fixture
 def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("DEADRELU_CACHE_DIR", str(tmp_path / "cache"))
-    forget = onnx_kernel.kernel_library.cache_clear  # (a test may patch kernel_library itself)
+    forget = kernel_lib.kernel_library.cache_clear  # (a test may patch kernel_library itself)
     forget()
     yield tmp_path / "cache"
     forget()
@@ -239,14 +239,14 @@ def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 def test_the_kernel_is_built_once_and_then_taken_from_the_cache(kernel: Path, fresh_cache: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     messages: list[str] = []
-    built = onnx_kernel.kernel_library(messages.append)
-    assert len(messages) == 1 and messages[0].startswith("building the one-pass ONNX kernel for this machine")
+    built = kernel_lib.kernel_library(messages.append)
+    assert len(messages) == 1 and messages[0].startswith("building deadrelu's one-pass statistics kernel for this machine")
     assert built.path is not None and built.path.parent == fresh_cache
     assert built.path.with_suffix(".ok").exists()
     assert not [p for p in fresh_cache.iterdir() if ".tmp" in p.name]  # no half-written file left
-    onnx_kernel.kernel_library.cache_clear()
-    monkeypatch.setattr(onnx_kernel, "_compile", lambda *a: pytest.fail("compiled again"))
-    assert onnx_kernel.kernel_library(messages.append).path == built.path
+    kernel_lib.kernel_library.cache_clear()
+    monkeypatch.setattr(kernel_lib, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert kernel_lib.kernel_library(messages.append).path == built.path
     assert len(messages) == 1  # nothing to announce: found in the cache
 
 
@@ -255,10 +255,10 @@ def test_an_unwritable_cache_folder_builds_into_a_temporary_one(kernel: Path, tm
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("DEADRELU_CACHE_DIR", str(blocker / "cache"))  # cannot be created
-    forget = onnx_kernel.kernel_library.cache_clear
+    forget = kernel_lib.kernel_library.cache_clear
     forget()
     try:
-        library = onnx_kernel.kernel_library()
+        library = kernel_lib.kernel_library()
     finally:
         forget()
     assert library.path is not None and library.path.exists()
@@ -269,19 +269,19 @@ def test_a_library_that_fails_its_self_check_is_not_used(kernel: Path, fresh_cac
     fresh_cache.mkdir(parents=True)
     broken = fresh_cache / "broken.so"
     broken.write_bytes(b"not a shared library")
-    assert "self-check failed" in onnx_kernel._check(broken)
-    assert onnx_kernel._check(kernel) == ""
+    assert "self-check failed" in kernel_lib._check(broken)
+    assert kernel_lib._check(kernel) == ""
 
 
 def test_a_cached_failure_is_reported_not_rebuilt(kernel: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     fresh_cache.mkdir(parents=True)
-    compiler = onnx_kernel.find_compiler()
+    compiler = kernel_lib.find_compiler()
     assert compiler is not None
-    bad = fresh_cache / f"relu_stats-{onnx_kernel._build_key(compiler)}.bad"
+    bad = fresh_cache / f"relu_stats-{kernel_lib._build_key(compiler)}.bad"
     bad.write_text("its self-check failed: planted by a test\n")
-    monkeypatch.setattr(onnx_kernel, "_compile", lambda *a: pytest.fail("compiled despite the verdict"))
-    library = onnx_kernel.kernel_library()
+    monkeypatch.setattr(kernel_lib, "_compile", lambda *a: pytest.fail("compiled despite the verdict"))
+    library = kernel_lib.kernel_library()
     assert library.path is None and library.reason == "its self-check failed: planted by a test"
     messages: list[str] = []
     report = scan(FIX / "mlp.onnx", FIX / "mlp.calib.npy", ScanOptions(device="cpu"), notify=messages.append)
@@ -293,7 +293,7 @@ def test_a_cached_failure_is_reported_not_rebuilt(kernel: Path, fresh_cache: Pat
 
 def test_without_a_compiler_the_scan_says_so_and_uses_operators(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 tmp_path: Path) -> None:
-    monkeypatch.setattr(onnx_kernel, "find_compiler", lambda: None)
+    monkeypatch.setattr(kernel_lib, "find_compiler", lambda: None)
     result = CliRunner().invoke(app, ["scan", str(FIX / "mlp.onnx"), "--data", str(FIX / "mlp.calib.npy"),
                                       "--device", "cpu", "--json", str(tmp_path / "r.json")], env={"COLUMNS": "200"})
     assert result.exit_code in (0, 1), result.output
@@ -308,7 +308,7 @@ def test_without_a_compiler_the_scan_says_so_and_uses_operators(fresh_cache: Pat
 
 
 def test_compile_off_never_builds_the_kernel(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_kernel, "kernel_library", lambda *a: pytest.fail("looked for the kernel"))
+    monkeypatch.setattr(kernel_lib, "kernel_library", lambda *a: pytest.fail("looked for the kernel"))
     monkeypatch.setattr(onnx_probe, "kernel_library", lambda *a: pytest.fail("looked for the kernel"))
     report = scan(FIX / "mlp.onnx", FIX / "mlp.calib.npy", ScanOptions(device="cpu", compile="off"))
     assert report.engine == "onnxruntime"
@@ -318,22 +318,22 @@ def test_the_kernel_sources_ship_with_the_package() -> None:
     """pyproject's package-data carries the C sources a fresh install builds from."""
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert '"kernels/*.c", "kernels/*.h"' in text
-    for name in onnx_kernel.SOURCES:
-        assert (onnx_kernel.kernel_sources() / name).is_file()
+    for name in kernel_lib.SOURCES:
+        assert (kernel_lib.kernel_sources() / name).is_file()
 
 
 def test_a_compiler_that_refuses_the_tuning_flag_builds_portably(kernel: Path, fresh_cache: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiler wrapper that rejects -march=native (as some do on some CPUs): the kernel is
     built without it, checked, and used."""
-    real = onnx_kernel.find_compiler()
+    real = kernel_lib.find_compiler()
     assert real is not None
     wrapper = tmp_path / "picky-cc"
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && {{ echo "error: unsupported '
                        f'option -march=native" >&2; exit 1; }}; done\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
-    library = onnx_kernel.kernel_library()
+    library = kernel_lib.kernel_library()
     assert library.path is not None, library.reason
     x = planted((3, 10, 5, 5), 1, seed=2, nonfinite=True)
     assert_matches(run_kernel(library.path, x, 1), x, 1)
@@ -345,7 +345,7 @@ def test_a_compiler_that_fails_gives_its_last_line_as_the_reason(fresh_cache: Pa
     broken.write_text('#!/bin/sh\necho "fatal error: no space left on device" >&2\nexit 1\n')
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
-    library = onnx_kernel.kernel_library()
+    library = kernel_lib.kernel_library()
     assert library.path is None
     assert library.reason == "broken-cc failed on relu_stats.c: fatal error: no space left on device"
 
@@ -356,17 +356,17 @@ def test_an_old_failure_is_tried_again_and_a_timeout_is_not_kept(kernel: Path, f
     import time
 
     fresh_cache.mkdir(parents=True)
-    compiler = onnx_kernel.find_compiler()
+    compiler = kernel_lib.find_compiler()
     assert compiler is not None
-    bad = fresh_cache / f"relu_stats-{onnx_kernel._build_key(compiler)}.bad"
+    bad = fresh_cache / f"relu_stats-{kernel_lib._build_key(compiler)}.bad"
     bad.write_text("cc failed on relu_stats.c: a day ago\n")
     two_days_ago = time.time() - 2 * 24 * 3600
     os.utime(bad, (two_days_ago, two_days_ago))
-    monkeypatch.setattr(onnx_kernel, "_compile", lambda *a: "cc took over 120 s on relu_stats.c")
-    library = onnx_kernel.kernel_library()
+    monkeypatch.setattr(kernel_lib, "_compile", lambda *a: "cc took over 120 s on relu_stats.c")
+    library = kernel_lib.kernel_library()
     assert library.path is None and library.reason == "cc took over 120 s on relu_stats.c"
     assert bad.read_text() == "cc failed on relu_stats.c: a day ago\n"  # the timeout was not written
     monkeypatch.undo()
     monkeypatch.setenv("DEADRELU_CACHE_DIR", str(fresh_cache))
-    onnx_kernel.kernel_library.cache_clear()
-    assert onnx_kernel.kernel_library().path is not None  # built, checked, used
+    kernel_lib.kernel_library.cache_clear()
+    assert kernel_lib.kernel_library().path is not None  # built, checked, used

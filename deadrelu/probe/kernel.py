@@ -1,28 +1,33 @@
-"""deadrelu's ONNX Runtime kernel: every statistic of a site in one read of its pre-activation.
+"""deadrelu's one-pass kernel: every statistic of a site in one read of its pre-activation.
 
-ONNX Runtime's standard operators read a tapped tensor once per statistic, some of them
-single-threaded; on ResNet-50 that held a scan at 1.6-1.7x plain inference. The custom
-operator ``ai.deadrelu::ReluStats`` (``deadrelu/kernels/relu_stats.c``) reads each
-pre-activation once, on ORT's intra-op threads, and returns the nine `MASKED_ROWS` per unit
-in float64: NaN/Inf counted apart, exact counts, shifted sums (``relu_stats_compute.h``).
-ResNet-50 scans at ~1.2x; what remains is ORT converting each tapped convolution output out
-of its blocked NCHWc layout and the ReLU that can no longer fuse into it.
+The C kernel (``deadrelu/kernels/``) returns the nine `MASKED_ROWS` per unit in float64:
+NaN/Inf counted apart, exact counts, shifted sums (``relu_stats_compute.h``). One shared
+library serves both engines:
+
+* ONNX Runtime, as the custom operator ``ai.deadrelu::ReluStats`` on ORT's intra-op
+  threads (`onnx_probe`). ORT's standard operators read a tapped tensor once per statistic,
+  some of them single-threaded; on ResNet-50 that held a scan at 1.6-1.7x plain inference,
+  the kernel at ~1.2x (what remains is ORT converting each tapped convolution output out of
+  its blocked NCHWc layout, and the ReLU that can no longer fuse into it);
+* PyTorch on CPU, through ``deadrelu_relu_stats`` called with ctypes on the tensor's memory,
+  on PyTorch's own OpenMP threads (`torch_kernel`).
 
 It is C, so it is built on first use with the system C compiler (``$CC``, ``cc``, ``gcc``
 or ``clang``) for this machine (``-O3 -march=native``, portable where that is refused) into
 a cache folder (``$DEADRELU_CACHE_DIR``, else ``$XDG_CACHE_HOME/deadrelu``, else
 ``~/.cache/deadrelu``; a temporary folder for this process where that cannot be written),
 under a name that hashes the sources, the compiler, the flags, the CPU's features and the
-onnxruntime version. A fresh build is first loaded into ONNX Runtime in a subprocess and
-checked against numpy on planted values (a crash there costs the subprocess, not the
+onnxruntime version. A fresh build is first checked in a subprocess against numpy on
+planted values, through both entry points (a crash there costs the subprocess, not the
 scan); the verdict is kept beside the library (a failure for a day, a timeout not at all).
-Without a compiler, or when the check fails, scans use the standard-operator reductions and
-say so in one line.
+Without a compiler, or when the check fails, scans use the reductions of ONNX Runtime's or
+PyTorch's own operators and say so in one line.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import hashlib
 import os
@@ -35,11 +40,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DOMAIN = "ai.deadrelu"
 OP_TYPE = "ReluStats"
+STAT_ROWS = 9  # the MASKED_ROWS, in order: count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum
 SOURCES = ("relu_stats.c", "relu_stats_compute.h")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11")
 TUNING = ("-march=native",)  # dropped, and the build retried, where the compiler refuses it
@@ -104,7 +111,7 @@ def _built(compiler: str, announce: Callable[[str], None] | None = None) -> Kern
     if _recent(verdict_bad):
         return KernelLibrary(None, verdict_bad.read_text().strip())
     if announce:
-        announce(f"building the one-pass ONNX kernel for this machine with {Path(compiler).name} "
+        announce(f"building deadrelu's one-pass statistics kernel for this machine with {Path(compiler).name} "
                  f"(once; cached in {folder})")
     reason = _compile(compiler, library) or _check(library)
     if reason:
@@ -256,10 +263,12 @@ def check_cases() -> list[tuple[np.ndarray, int]]:
 
 
 def self_check(library: Path) -> str:
-    """'' when the library, loaded into ONNX Runtime, matches `reference_rows`; else what differs."""
+    """'' when the library matches `reference_rows`, loaded into ONNX Runtime and called
+    directly (`plain_rows`); else what differs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    plain = plain_entry(library)
     for x, axis in check_cases():
         node = helper.make_node(OP_TYPE, ["x"], ["stats"], domain=DOMAIN, axis=axis)
         graph = helper.make_graph([node], "check", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
@@ -268,15 +277,49 @@ def self_check(library: Path) -> str:
         options = ort.SessionOptions()
         options.register_custom_ops_library(str(library))
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        got, want = session.run(None, {"x": x})[0], reference_rows(x, axis)
-        if got.shape != want.shape:
-            return f"shape {x.shape} axis {axis}: output {got.shape}, expected {want.shape}"
-        exact = np.array_equal(got[:6], want[:6])
-        close = all(np.allclose(got[r], want[r], rtol=1e-5, atol=1e-7 * float(np.abs(want[r]).max(initial=1.0)))
-                    for r in range(6, 9))
-        if not (exact and close):
-            return f"shape {x.shape} axis {axis}: statistics differ from numpy"
+        want = reference_rows(x, axis)
+        for entry, got in (("ReluStats", session.run(None, {"x": x})[0]), ("deadrelu_relu_stats", plain_rows(plain, x, axis))):
+            problem = rows_differ(got, want)
+            if problem:
+                return f"{entry}, shape {x.shape} axis {axis}: {problem}"
     return ""
+
+
+def rows_differ(got: np.ndarray, want: np.ndarray) -> str:
+    """What differs between the kernel's rows and `reference_rows` ('' if nothing): counts
+    and extremes exactly, moments to float32 rounding."""
+    if got.shape != want.shape:
+        return f"output {got.shape}, expected {want.shape}"
+    exact = np.array_equal(got[:6], want[:6])
+    close = all(np.allclose(got[r], want[r], rtol=1e-5, atol=1e-7 * float(np.abs(want[r]).max(initial=1.0)))
+                for r in range(6, 9))
+    return "" if exact and close else "statistics differ from numpy"
+
+
+# The C signature of `deadrelu_relu_stats` (relu_stats.c): data, out, outer, units, inner,
+# threads, the OpenMP runtime's GOMP_parallel (or NULL: the calling thread alone).
+PLAIN_ENTRY = "deadrelu_relu_stats"
+PLAIN_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
+                  ctypes.c_uint, ctypes.c_void_p)
+
+
+def plain_entry(library: Path) -> Any:
+    """The library's plain C entry point, typed for ctypes (the library stays loaded)."""
+    function = getattr(ctypes.CDLL(str(library)), PLAIN_ENTRY)
+    function.argtypes = PLAIN_ARGTYPES
+    function.restype = None
+    return function
+
+
+def plain_rows(function: Any, x: np.ndarray, axis: int, threads: int = 1, parallel: int | None = None) -> np.ndarray:
+    """The (9, units) rows of a float32 array from the plain entry point."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    axis = axis % x.ndim if x.ndim else 0
+    shape = x.shape or (1,)
+    out = np.empty((STAT_ROWS, shape[axis]), dtype=np.float64)
+    outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+    function(x.ctypes.data, out.ctypes.data, outer, shape[axis], inner, threads, parallel)
+    return out
 
 
 def main(argv: list[str]) -> int:
