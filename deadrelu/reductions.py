@@ -104,6 +104,7 @@ class PendingBatch:
     dims: tuple[int, ...]
     moments: BatchMoments
     needs_output: bool  # relu_sum still to be read from the output
+    rows: torch.Tensor | None = None  # the C kernel's (9, units) rows of `moments`, when it reduced the batch
 
     def complete(self, output: torch.Tensor | None = None) -> BatchMoments:
         """The batch's moments, reading the op's output where needed."""
@@ -215,11 +216,22 @@ def begin_batch(x: torch.Tensor, axis: int, output_is_relu: bool, scratch: Scrat
 
 
 
+def _kernel_reads(x: torch.Tensor) -> bool:
+    """Whether the C kernel can read x's memory: a plain strided float32/half tensor (a
+    float64 model keeps PyTorch's float64 sums)."""
+    return (x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.layout == torch.strided
+            and type(x) in (torch.Tensor, torch.nn.Parameter) and not x.is_neg())
+
+
 class RowsKernel(Protocol):
     """deadrelu's C kernel on CPU tensors (`probe.torch_kernel.TorchKernel`)."""
 
     def rows(self, x: torch.Tensor, axis: int) -> torch.Tensor:
         """The (9, units) float64 statistics of a float32 tensor, in `BatchMoments` field order."""
+        ...
+
+    def fold(self, acc: torch.Tensor, rows: torch.Tensor) -> None:
+        """acc += rows (Chan's merge of two such row sets), in place."""
         ...
 
 
@@ -232,10 +244,15 @@ def kernel_batch(kernel: RowsKernel, x: torch.Tensor, axis: int) -> PendingBatch
     if x.dtype != torch.float32:
         x = x.float()  # the kernel reads float32; half precision is exact in it
     axis = axis % x.ndim
-    count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum = kernel.rows(x, axis).unbind(0)
-    moments = BatchMoments(count=count, positive=positive, nan=nan, inf=inf, minimum=minimum, maximum=maximum,
-                           mean=mean, m2=m2, relu_sum=relu_sum)
-    return PendingBatch(reduce_dims(x.ndim, axis), moments, needs_output=False)
+    rows = kernel.rows(x, axis)
+    return PendingBatch(reduce_dims(x.ndim, axis), kernel_moments(rows), needs_output=False, rows=rows)
+
+
+def kernel_moments(rows: torch.Tensor) -> BatchMoments:
+    """The kernel's (9, units) rows (`BatchMoments` field order) as moments."""
+    count, positive, nan, inf, minimum, maximum, mean, m2, relu_sum = rows.unbind(0)
+    return BatchMoments(count=count, positive=positive, nan=nan, inf=inf, minimum=minimum, maximum=maximum,
+                        mean=mean, m2=m2, relu_sum=relu_sum)
 
 
 # --- the fused, sync-free path ----------------------------------------------------------------
@@ -384,6 +401,11 @@ class BatchReducer:
         self._shapes.add(shape)
         return True
 
+    @property
+    def kernel(self) -> RowsKernel | None:
+        """The C kernel, once a CPU batch has looked for it (None before, or where there is none)."""
+        return self._kernel
+
     def _cpu_kernel(self) -> RowsKernel | None:
         if self._find_kernel is not None:
             self._kernel, self._find_kernel = self._find_kernel(), None
@@ -392,7 +414,7 @@ class BatchReducer:
     def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor) -> PendingBatch:
         compiled = self._compile_for(x)
         if x.device.type == "cpu" and not compiled:
-            kernel = self._cpu_kernel() if x.dtype != torch.float64 else None
+            kernel = self._cpu_kernel() if _kernel_reads(x) else None
             if kernel is None:
                 return begin_batch(x, axis, output_is_relu, self.scratch)
             self.kernel_used = True

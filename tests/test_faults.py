@@ -133,6 +133,25 @@ def test_nonfinite_input_data(tmp_path: Path) -> None:
         scan(FIX / "mlp.ts.pt", tmp_path / "nan.npy", ScanOptions(batch_size=4, device="cpu"))
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_infinite_input_data(tmp_path: Path, bad: float) -> None:
+    data = np.ones((10, 32), np.float32)
+    data[9, 0] = bad
+    np.save(tmp_path / "inf.npy", data)
+    with pytest.raises(DataError, match=r"input 0 holds NaN or Inf \(batch sample 1\)"):
+        scan(FIX / "mlp.ts.pt", tmp_path / "inf.npy", ScanOptions(batch_size=4, device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_huge_finite_input_data_is_not_mistaken_for_infinite(tmp_path: Path, dtype: type) -> None:
+    """The finite check sums each batch first: a sum that overflows from finite values
+    (half the largest float times 320) must not read as Inf."""
+    data = np.full((10, 32), np.finfo(dtype).max / 2, dtype)
+    np.save(tmp_path / "huge.npy", data)
+    report = scan(FIX / "mlp.ts.pt", tmp_path / "huge.npy", ScanOptions(batch_size=10, device="cpu"))
+    assert report.data.samples == 10
+
+
 def test_forward_that_raises_names_the_module() -> None:
     class Inner(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from deadrelu.cli import app
 from deadrelu.probe import kernel as kernel_lib
 from deadrelu.probe import torch_kernel as torch_kernel_module
 from deadrelu.probe.torch_kernel import TorchKernel, dense_view, openmp_parallel, torch_kernel
-from deadrelu.reductions import kernel_batch
+from deadrelu.reductions import kernel_batch, kernel_moments
 from deadrelu.stats import UnitStats
 from reference import unit_stats as brute
 
@@ -63,6 +63,23 @@ def test_matches_brute_force_over_batches(kernel: TorchKernel, shape: tuple[int,
     gen = torch.Generator().manual_seed(sum(shape))
     batches = [torch.randn(shape, generator=gen) * 3 - 1 for _ in range(4)]
     check(accumulate(kernel, batches, axis).result(), brute(torch.cat(batches).numpy(), axis))
+
+
+def test_the_kernel_s_fold_equals_chan_s_merge(kernel: TorchKernel) -> None:
+    """Running rows folded in C (`TorchKernel.fold`) against brute force over all batches,
+    with NaN/Inf, a unit far from zero and a unit with no finite value in one batch."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn((7, 6, 3), generator=gen) * 2 + 0.5 for _ in range(5)]
+    batches[1][:, 2] = torch.nan
+    batches[3][0, 1, 0] = -torch.inf
+    for b in batches:
+        b[:, 4] += 1e4
+    acc = kernel.rows(batches[0], 1)
+    for b in batches[1:]:
+        kernel.fold(acc, kernel.rows(b, 1))
+    stats = UnitStats(6)
+    stats.fold(kernel_moments(acc))
+    check(stats.result(), brute(torch.cat(batches).numpy(), 1), rtol=1e-6, atol=1e-5)
 
 
 def test_non_finite_values_are_counted_apart(kernel: TorchKernel) -> None:
@@ -112,7 +129,7 @@ def test_openmp_threads_give_the_single_thread_result_bit_for_bit(kernel: TorchK
     end, so the result is the same to the bit."""
     if kernel.parallel is None:
         pytest.skip("PyTorch here runs no OpenMP runtime the kernel can use")
-    single = TorchKernel(kernel.function, None)
+    single = TorchKernel(kernel.reduce, kernel.fold_rows, None)
     previous = torch.get_num_threads()
     torch.set_num_threads(4)  # more threads than this machine's cores: any schedule at all
     try:

@@ -274,3 +274,27 @@ __attribute__((visibility("default"))) void deadrelu_relu_stats(const float *dat
     else
         drain(&queue);
 }
+
+/* acc += batch, both 9 x units in the order above (count, positive, nan, inf, minimum,
+ * maximum, mean, m2, relu_sum): counts and sums add, extremes combine, mean and m2 by
+ * Chan's parallel formula -- the arithmetic of deadrelu.reductions.chan_merge, for the
+ * running statistics of a site whose batches the kernel reduces. */
+__attribute__((visibility("default"))) void deadrelu_fold_rows(double *acc, const double *batch, size_t units) {
+    double *count = acc, *positive = acc + units, *nan = acc + 2 * units, *inf = acc + 3 * units;
+    double *minimum = acc + 4 * units, *maximum = acc + 5 * units, *mean = acc + 6 * units;
+    double *m2 = acc + 7 * units, *relu = acc + 8 * units;
+    const double *b = batch;
+    for (size_t u = 0; u < units; u++) {
+        const double na = count[u], nb = b[u], total = na + nb, safe = total > 1.0 ? total : 1.0;
+        const double delta = b[6 * units + u] - mean[u];
+        mean[u] = mean[u] + delta * (nb / safe);
+        m2[u] = m2[u] + b[7 * units + u] + delta * delta * (na * nb / safe);
+        count[u] = total;
+        positive[u] += b[units + u];
+        nan[u] += b[2 * units + u];
+        inf[u] += b[3 * units + u];
+        if (b[4 * units + u] < minimum[u]) minimum[u] = b[4 * units + u];
+        if (b[5 * units + u] > maximum[u]) maximum[u] = b[5 * units + u];
+        relu[u] += b[8 * units + u];
+    }
+}

@@ -269,6 +269,9 @@ def self_check(library: Path) -> str:
     from onnx import TensorProto, helper
 
     plain = plain_entry(library)
+    problem = fold_differs(plain_entry(library, "deadrelu_fold_rows"))
+    if problem:
+        return f"deadrelu_fold_rows: {problem}"
     for x, axis in check_cases():
         node = helper.make_node(OP_TYPE, ["x"], ["stats"], domain=DOMAIN, axis=axis)
         graph = helper.make_graph([node], "check", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
@@ -285,6 +288,19 @@ def self_check(library: Path) -> str:
     return ""
 
 
+def fold_differs(fold: Any) -> str:
+    """What differs between folding the rows of two halves of a tensor and the rows of the
+    whole ('' if nothing)."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((37, 40)) * rng.uniform(0.1, 3, 40) + rng.uniform(-5, 5, 40)).astype(np.float32)
+    x[3, 5] = np.nan
+    x[30, 6] = -np.inf
+    acc = np.ascontiguousarray(reference_rows(x[:11], 1))
+    batch = np.ascontiguousarray(reference_rows(x[11:], 1))
+    fold(acc.ctypes.data, batch.ctypes.data, acc.shape[1])
+    return rows_differ(acc, reference_rows(x, 1))
+
+
 def rows_differ(got: np.ndarray, want: np.ndarray) -> str:
     """What differs between the kernel's rows and `reference_rows` ('' if nothing): counts
     and extremes exactly, moments to float32 rounding."""
@@ -296,17 +312,20 @@ def rows_differ(got: np.ndarray, want: np.ndarray) -> str:
     return "" if exact and close else "statistics differ from numpy"
 
 
-# The C signature of `deadrelu_relu_stats` (relu_stats.c): data, out, outer, units, inner,
-# threads, the OpenMP runtime's GOMP_parallel (or NULL: the calling thread alone).
-PLAIN_ENTRY = "deadrelu_relu_stats"
-PLAIN_ARGTYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
-                  ctypes.c_uint, ctypes.c_void_p)
+# The plain C entry points (relu_stats.c) and their signatures:
+# deadrelu_relu_stats(data, out, outer, units, inner, threads, GOMP_parallel or NULL) and
+# deadrelu_fold_rows(acc, batch, units).
+PLAIN_ENTRIES = {
+    "deadrelu_relu_stats": (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t,
+                            ctypes.c_uint, ctypes.c_void_p),
+    "deadrelu_fold_rows": (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t),
+}
 
 
-def plain_entry(library: Path) -> Any:
-    """The library's plain C entry point, typed for ctypes (the library stays loaded)."""
-    function = getattr(ctypes.CDLL(str(library)), PLAIN_ENTRY)
-    function.argtypes = PLAIN_ARGTYPES
+def plain_entry(library: Path, name: str = "deadrelu_relu_stats") -> Any:
+    """One of the library's plain C entry points, typed for ctypes (the library stays loaded)."""
+    function = getattr(ctypes.CDLL(str(library)), name)
+    function.argtypes = PLAIN_ENTRIES[name]
     function.restype = None
     return function
 

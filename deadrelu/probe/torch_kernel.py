@@ -37,7 +37,8 @@ _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
 class TorchKernel:
     """The kernel's plain entry point and the OpenMP runtime it runs its work items on."""
 
-    function: Any  # `kernel.plain_entry`
+    reduce: Any  # `kernel.plain_entry`: deadrelu_relu_stats
+    fold_rows: Any  # deadrelu_fold_rows
     parallel: int | None  # address of GOMP_parallel; None: the calling thread alone
 
     def rows(self, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -52,8 +53,15 @@ class TorchKernel:
         inner = _product(view.shape[axis + 1:])
         out = torch.empty((STAT_ROWS, units), dtype=torch.float64)
         threads = torch.get_num_threads() if self.parallel is not None else 1
-        self.function(view.data_ptr(), out.data_ptr(), outer, units, inner, threads, self.parallel)
+        self.reduce(view.data_ptr(), out.data_ptr(), outer, units, inner, threads, self.parallel)
         return out
+
+    def fold(self, acc: torch.Tensor, rows: torch.Tensor) -> None:
+        """acc += rows, both contiguous (9, units) float64 CPU tensors of `rows`: counts and
+        sums add, extremes combine, mean and M2 by Chan's formula (`reductions.chan_merge`),
+        in place and in one call."""
+        assert acc.is_contiguous() and rows.is_contiguous() and acc.shape == rows.shape == (STAT_ROWS, acc.shape[1])
+        self.fold_rows(acc.data_ptr(), rows.data_ptr(), acc.shape[1])
 
 
 def dense_view(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
@@ -93,7 +101,7 @@ def torch_kernel(notify: Callable[[str], None] | None = None) -> TorchKernel | N
 
 @functools.cache
 def _loaded(library: Path) -> TorchKernel:
-    return TorchKernel(plain_entry(library), openmp_parallel())
+    return TorchKernel(plain_entry(library), plain_entry(library, "deadrelu_fold_rows"), openmp_parallel())
 
 
 def openmp_parallel() -> int | None:

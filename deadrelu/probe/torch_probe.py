@@ -21,7 +21,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from deadrelu import sites
 from deadrelu.errors import ModelRunError
 from deadrelu.probe.torch_graph import SiteCall
-from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, site_shift
+from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, RowsKernel, kernel_moments, site_shift
 from deadrelu.stats import UnitStats
 
 # Ops whose output is max(input, 0): the positive count and the ReLU-output sum are read
@@ -115,6 +115,23 @@ class SiteTap:
     normalised: bool = False  # a normalisation op feeds the pre-activation
     ndim: int = 0  # rank of the pre-activation
     shift: torch.Tensor | None = None  # per-unit shift of the fused path, from the first batch
+    kernel_rows: torch.Tensor | None = None  # the C kernel's running (9, units) rows, not yet in `stats`
+
+    def fold(self, moments: BatchMoments, rows: torch.Tensor | None, kernel: RowsKernel | None) -> None:
+        """One committed batch into the site's statistics: the kernel's rows into the
+        kernel's own running rows (one C call), other moments into `stats`."""
+        if rows is None or kernel is None:
+            self.stats.fold(moments)
+        elif self.kernel_rows is None:
+            self.kernel_rows = rows.clone()
+        else:
+            kernel.fold(self.kernel_rows, rows)
+
+    def settle(self) -> None:
+        """Move the kernel's running rows into `stats` (before anything reads them)."""
+        if self.kernel_rows is not None:
+            self.stats.fold(kernel_moments(self.kernel_rows))
+            self.kernel_rows = None
 
 
 class ReluProbe(TorchDispatchMode):
@@ -128,7 +145,7 @@ class ReluProbe(TorchDispatchMode):
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._normalised: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.reducer = reducer or BatchReducer()
-        self._staged: list[tuple[SiteTap, BatchMoments]] = []
+        self._staged: list[tuple[SiteTap, BatchMoments, torch.Tensor | None]] = []
         self._calls: list[SiteCall] = []
         self.first_pass_calls: list[SiteCall] | None = None  # ReLU-family calls of the first committed pass
 
@@ -145,8 +162,8 @@ class ReluProbe(TorchDispatchMode):
         Staging makes a batch count everywhere or nowhere: a forward that raises (out of
         memory, Ctrl-C) leaves the statistics as they were before it.
         """
-        for tap, moments in self._staged:
-            tap.stats.fold(moments)
+        for tap, moments, rows in self._staged:
+            tap.fold(moments, rows, self.reducer.kernel)
             tap.batches += 1
         self._staged.clear()
         self.reducer.freeze()
@@ -157,7 +174,9 @@ class ReluProbe(TorchDispatchMode):
         self._staged.clear()
 
     def observed_taps(self) -> list[SiteTap]:
-        """Sites that completed at least one batch, in first-call order."""
+        """Sites that completed at least one batch, in first-call order, statistics settled."""
+        for tap in self.taps.values():
+            tap.settle()
         return sorted((t for t in self.taps.values() if t.batches), key=lambda t: t.order)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -169,7 +188,7 @@ class ReluProbe(TorchDispatchMode):
         if observed is not None:
             tap, pending = observed
             x = args[0]
-            self._staged.append((tap, pending.complete(sites.scalar_view(out))))
+            self._staged.append((tap, pending.complete(sites.scalar_view(out)), pending.rows))
             self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
                                         x.numel() // max(tap.stats.units, 1)))
         elif functional is not None:
