@@ -391,7 +391,7 @@ class BatchReducer:
     def _compile_for(self, x: torch.Tensor) -> bool:
         if self._failed or self.mode == "off" or (self.mode == "auto" and not self.large):
             return False
-        if self.mode == "auto" and x.device.type == "cpu" and self._cpu_kernel() is not None:
+        if self.mode == "auto" and x.device.type == "cpu" and _kernel_reads(x) and self._cpu_kernel() is not None:
             return False  # the kernel is as fast, and has nothing to compile
         shape = (*x.shape, x.device.type == "cpu")
         if shape in self._shapes:
