@@ -21,3 +21,20 @@ def unit_stats(preact: np.ndarray, axis: int) -> dict[str, np.ndarray]:
         "std": np.array([v.std() if v.size else 0.0 for v in values]),
         "relu_mean": np.array([np.maximum(v, 0).mean() if v.size else 0.0 for v in values]),
     }
+
+
+def assert_unit_stats_match(report, want) -> None:
+    """A scan's per-unit statistics against a brute force (`fixtures/bruteforce.py`): dead
+    sets, counts and positives exactly, extremes and moments to float32 rounding."""
+    assert [site.name for site in report.sites] == [ref["name"] for ref in want]
+    for site, ref in zip(report.sites, want):
+        unit, s = ref["per_unit"], site.stats
+        assert list(site.verdict.dead) == ref["dead_units"], site.name
+        np.testing.assert_array_equal(s.positive, unit["positive"], err_msg=site.name)
+        np.testing.assert_array_equal(s.count, unit["count"], err_msg=site.name)
+        np.testing.assert_allclose(s.minimum, unit["min"], rtol=1e-6, atol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(s.maximum, unit["max"], rtol=1e-6, atol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(s.mean, unit["mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(s.std, unit["std"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(s.active_rate, unit["active_rate"], rtol=1e-12, err_msg=site.name)
+        np.testing.assert_allclose(s.relu_mean, unit["relu_mean"], rtol=1e-5, atol=1e-6, err_msg=site.name)

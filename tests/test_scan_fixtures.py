@@ -15,6 +15,7 @@ import pytest
 
 import bruteforce
 from deadrelu import ScanOptions, scan
+from reference import assert_unit_stats_match
 
 FORMATS = {
     "torchscript": lambda name: (f"{name}.ts.pt", {}),
@@ -63,17 +64,8 @@ def test_sites_and_dead_sets_match_brute_force(name: str, fmt: str, expected: di
 @pytest.mark.parametrize("name", MODELS)
 def test_per_unit_statistics_match_brute_force(name: str, fmt: str) -> None:
     report = scanned(name, fmt)
+    assert_unit_stats_match(report, truth(name))
     for site, ref in zip(report.sites, truth(name)):
-        unit = ref["per_unit"]
-        s = site.stats
-        np.testing.assert_array_equal(s.positive, unit["positive"], err_msg=site.name)
-        np.testing.assert_array_equal(s.count, unit["count"], err_msg=site.name)
-        np.testing.assert_allclose(s.minimum, unit["min"], rtol=1e-6, atol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(s.maximum, unit["max"], rtol=1e-6, atol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(s.mean, unit["mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(s.std, unit["std"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(s.active_rate, unit["active_rate"], rtol=1e-12, err_msg=site.name)
-        np.testing.assert_allclose(s.relu_mean, unit["relu_mean"], rtol=1e-5, atol=1e-6, err_msg=site.name)
         pre = ref["preact"]
         m = site.preact
         np.testing.assert_allclose([m.mean, m.std, m.min, m.max], [pre["mean"], pre["std"], pre["min"], pre["max"]],

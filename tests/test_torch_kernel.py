@@ -9,6 +9,7 @@ fails to build or load fails them instead.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from deadrelu.probe import torch_kernel as torch_kernel_module
 from deadrelu.probe.torch_kernel import TorchKernel, dense_view, openmp_parallel, torch_kernel
 from deadrelu.reductions import kernel_batch, kernel_moments
 from deadrelu.stats import UnitStats
+from reference import assert_unit_stats_match
 from reference import unit_stats as brute
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -155,7 +157,7 @@ def test_pytorch_s_openmp_runtime_is_found_where_it_uses_one() -> None:
 def test_the_eager_scan_uses_the_kernel_and_matches_brute_force(kernel: TorchKernel, name: str) -> None:
     report = scan(FIX / f"{name}.ts.pt", FIX / f"{name}.calib.npy", ScanOptions(device="cpu", batch_size=16))
     assert report.engine == "torch-kernel"
-    assert_matches_truth(report, name)
+    assert_unit_stats_match(report, tuple(bruteforce.bruteforce(name)))
 
 
 @pytest.mark.parametrize("name", ["convnet", "seqnet", "mlp"])
@@ -166,20 +168,7 @@ def test_compile_off_reduces_with_pytorch_operators_and_never_builds_the_kernel(
     monkeypatch.setattr(torch_stream, "torch_kernel", lambda *a: pytest.fail("looked for the kernel"))
     report = scan(FIX / f"{name}.ts.pt", FIX / f"{name}.calib.npy", ScanOptions(device="cpu", compile="off"))
     assert report.engine == "torch-eager"
-    assert_matches_truth(report, name)
-
-
-def assert_matches_truth(report, name: str) -> None:
-    for site, ref in zip(report.sites, bruteforce.bruteforce(name), strict=True):
-        unit, s = ref["per_unit"], site.stats
-        assert list(site.verdict.dead) == ref["dead_units"], site.name
-        np.testing.assert_array_equal(s.positive, unit["positive"], err_msg=site.name)
-        np.testing.assert_array_equal(s.count, unit["count"], err_msg=site.name)
-        np.testing.assert_allclose(s.minimum, unit["min"], rtol=1e-6, atol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(s.maximum, unit["max"], rtol=1e-6, atol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(s.mean, unit["mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(s.std, unit["std"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(s.relu_mean, unit["relu_mean"], rtol=1e-5, atol=1e-6, err_msg=site.name)
+    assert_unit_stats_match(report, tuple(bruteforce.bruteforce(name)))
 
 
 def test_an_inplace_relu_is_read_before_it_overwrites_its_input(kernel: TorchKernel) -> None:
@@ -224,8 +213,6 @@ def test_a_library_without_the_plain_entry_point_is_not_used(tmp_path: Path, mon
     source = tmp_path / "other.c"
     source.write_text("int something_else(void) { return 1; }\n")
     library = tmp_path / "other.so"
-    import subprocess
-
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     monkeypatch.setattr(torch_kernel_module, "kernel_library", lambda *a: kernel_lib.KernelLibrary(library))
     said: list[str] = []

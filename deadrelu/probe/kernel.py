@@ -30,6 +30,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -336,7 +337,7 @@ def plain_rows(function: Any, x: np.ndarray, axis: int, threads: int = 1, parall
     axis = axis % x.ndim if x.ndim else 0
     shape = x.shape or (1,)
     out = np.empty((STAT_ROWS, shape[axis]), dtype=np.float64)
-    outer, inner = int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis + 1:], dtype=np.int64))
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
     function(x.ctypes.data, out.ctypes.data, outer, shape[axis], inner, threads, parallel)
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +50,7 @@ class TorchKernel:
         """
         view, axis = dense_view(x, axis)
         units = view.shape[axis]
-        outer = _product(view.shape[:axis])
-        inner = _product(view.shape[axis + 1:])
+        outer, inner = math.prod(view.shape[:axis]), math.prod(view.shape[axis + 1:])
         out = torch.empty((STAT_ROWS, units), dtype=torch.float64)
         threads = torch.get_num_threads() if self.parallel is not None else 1
         self.reduce(view.data_ptr(), out.data_ptr(), outer, units, inner, threads, self.parallel)
@@ -74,13 +74,6 @@ def dense_view(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, int]:
     if permuted.is_contiguous():
         return permuted, order.index(axis)
     return x.contiguous(), axis
-
-
-def _product(dims: Any) -> int:
-    total = 1
-    for d in dims:
-        total *= int(d)
-    return total
 
 
 def torch_kernel(notify: Callable[[str], None] | None = None) -> TorchKernel | None:
