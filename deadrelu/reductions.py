@@ -102,12 +102,15 @@ class PendingBatch:
     """
 
     dims: tuple[int, ...]
-    moments: BatchMoments
+    moments: BatchMoments | None  # None: they are `rows`
     needs_output: bool  # relu_sum still to be read from the output
-    rows: torch.Tensor | None = None  # the C kernel's (9, units) rows of `moments`, when it reduced the batch
+    rows: torch.Tensor | None = None  # the C kernel's (9, units) rows, when it reduced the batch
 
     def complete(self, output: torch.Tensor | None = None) -> BatchMoments:
         """The batch's moments, reading the op's output where needed."""
+        if self.moments is None:
+            assert self.rows is not None
+            return kernel_moments(self.rows)
         if not self.needs_output:
             return self.moments
         assert output is not None, "this batch needs the op's output"
@@ -226,8 +229,9 @@ def _kernel_reads(x: torch.Tensor) -> bool:
 class RowsKernel(Protocol):
     """deadrelu's C kernel on CPU tensors (`probe.torch_kernel.TorchKernel`)."""
 
-    def rows(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        """The (9, units) float64 statistics of a float32 tensor, in `BatchMoments` field order."""
+    def rows(self, x: torch.Tensor, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The (9, units) float64 statistics of a float32 tensor, in `BatchMoments` field
+        order (into `out` where given)."""
         ...
 
     def fold(self, acc: torch.Tensor, rows: torch.Tensor) -> None:
@@ -235,17 +239,17 @@ class RowsKernel(Protocol):
         ...
 
 
-def kernel_batch(kernel: RowsKernel, x: torch.Tensor, axis: int) -> PendingBatch:
+def kernel_batch(kernel: RowsKernel, x: torch.Tensor, axis: int, rows: torch.Tensor | None = None) -> PendingBatch:
     """One batch reduced by deadrelu's C kernel (`probe.torch_kernel`), all nine statistics
-    in one read of x, NaN/Inf counted apart."""
+    in one read of x, NaN/Inf counted apart; written into `rows` where given (a (9, units)
+    float64 buffer the caller reuses once the batch is folded)."""
     x = x.detach()
     if x.ndim == 0:
         x = x.reshape(1)
     if x.dtype != torch.float32:
         x = x.float()  # the kernel reads float32; half precision is exact in it
     axis = axis % x.ndim
-    rows = kernel.rows(x, axis)
-    return PendingBatch(reduce_dims(x.ndim, axis), kernel_moments(rows), needs_output=False, rows=rows)
+    return PendingBatch(reduce_dims(x.ndim, axis), None, needs_output=False, rows=kernel.rows(x, axis, rows))
 
 
 def kernel_moments(rows: torch.Tensor) -> BatchMoments:
@@ -411,14 +415,17 @@ class BatchReducer:
             self._kernel, self._find_kernel = self._find_kernel(), None
         return self._kernel
 
-    def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor) -> PendingBatch:
+    def begin(self, x: torch.Tensor, axis: int, output_is_relu: bool, shift: torch.Tensor,
+              rows: torch.Tensor | None = None) -> PendingBatch:
+        """A batch of a site, its input reduced. `rows`: where the C kernel may write its
+        statistics (a (9, units) float64 buffer, reused by the caller once the batch is folded)."""
         compiled = self._compile_for(x)
         if x.device.type == "cpu" and not compiled:
             kernel = self._cpu_kernel() if _kernel_reads(x) else None
             if kernel is None:
                 return begin_batch(x, axis, output_is_relu, self.scratch)
             self.kernel_used = True
-            return kernel_batch(kernel, x, axis)
+            return kernel_batch(kernel, x, axis, rows)
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()

@@ -67,6 +67,51 @@ def test_matches_brute_force_over_batches(kernel: TorchKernel, shape: tuple[int,
     check(accumulate(kernel, batches, axis).result(), brute(torch.cat(batches).numpy(), axis))
 
 
+@pytest.mark.parametrize(("shape", "axis"), [((300, 1100), 1), ((300, 90), 1), ((140, 50, 3), 1), ((21, 200), 1)])
+def test_units_across_rows_read_in_row_groups(kernel: TorchKernel, shape: tuple[int, ...], axis: int) -> None:
+    """The column path (units across rows) in blocks of up to 128 columns, read 8 rows at a
+    time: several 128-row windows, blocks with an odd number of vectors and a scalar tail
+    (90 units: blocks of 32, 32, 26), units spread over inner positions, rows that are not a
+    multiple of 8; NaN/Inf in one vector of one window, re-read carefully."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) * torch.rand(shape[1], *shape[2:], generator=gen) * 4 - 0.5
+    if shape[0] > 130:
+        x[130, 40:43] = torch.tensor([torch.nan, torch.inf, -torch.inf]).reshape(3, *[1] * (x.ndim - 2))
+    check(accumulate(kernel, [x], axis).result(), brute(x.numpy(), axis), atol=1e-5)  # (float32 lane sums, std <= 4)
+
+
+def test_rows_are_written_into_a_given_buffer(kernel: TorchKernel) -> None:
+    """The probe reuses one buffer per site for every batch: the kernel overwrites all of it."""
+    buffer = torch.full((kernel_lib.STAT_ROWS, 30), 7.0, dtype=torch.float64)
+    first, second = torch.randn(9, 30), torch.randn(9, 30) * 5
+    kernel.rows(first, 1, buffer)
+    assert kernel.rows(second, 1, buffer) is buffer
+    torch.testing.assert_close(buffer, kernel.rows(second, 1), rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        kernel.rows(second, 1, torch.empty((kernel_lib.STAT_ROWS, 29), dtype=torch.float64))
+
+
+def test_an_eager_scan_of_many_batches_reuses_each_site_s_buffer(kernel: TorchKernel) -> None:
+    """Eleven batches (the last one short) through one rows buffer per site, against brute force."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 300), nn.ReLU(), nn.Linear(300, 40), nn.ReLU(), nn.Linear(40, 2)).eval()
+    model[0].bias.data[:5] = -50.0
+    data = torch.randn(330, 6)
+    report = scan(model, data, ScanOptions(device="cpu", batch_size=32))
+    assert report.engine == "torch-kernel"
+    with torch.no_grad():
+        first = model[0](data)
+        second = model[2](torch.relu(first))
+    for site, preact in zip(report.sites, (first, second)):
+        expected = brute(preact.numpy(), 1)
+        np.testing.assert_array_equal(site.stats.count, expected["count"])
+        np.testing.assert_allclose(site.stats.minimum, expected["min"], rtol=1e-6, atol=1e-6)  # (batched GEMMs
+        np.testing.assert_allclose(site.stats.maximum, expected["max"], rtol=1e-6, atol=1e-6)  # may round apart)
+        np.testing.assert_allclose(site.stats.mean, expected["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(site.stats.std, expected["std"], rtol=1e-5, atol=1e-6)
+    assert list(report.sites[0].verdict.dead) == [0, 1, 2, 3, 4]
+
+
 def test_the_kernel_s_fold_equals_chan_s_merge(kernel: TorchKernel) -> None:
     """Running rows folded in C (`TorchKernel.fold`) against brute force over all batches,
     with NaN/Inf, a unit far from zero and a unit with no finite value in one batch."""

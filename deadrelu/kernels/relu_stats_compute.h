@@ -38,7 +38,8 @@
 #define STAT_ROWS 9
 #define LANES 8
 #define CHUNK 1024         /* values of one unit reduced in float32 before a float64 flush */
-#define BLOCK_COLUMNS 16   /* columns (unit x inner positions) per column-path work item */
+#define BLOCK_COLUMNS 128  /* columns (unit x inner positions) per column-path work item, at most */
+#define ROW_GROUP 8        /* rows the column path reads per pass over a block's column vectors */
 #define ROW_BLOCK_VALUES 16384 /* values per outer index that a row-path work item reads */
 #define MAX_ROW_UNITS 64       /* units per row-path work item, at most */
 
@@ -326,13 +327,22 @@ static void reduce_row_block(const Tensor *x, size_t b) {
     for (size_t j = 0; j < n; j++) totals_write(&totals[j], shift[j], x, u0 + j);
 }
 
-/* Units per column-path work item: whole units, at most BLOCK_COLUMNS columns. */
+/* Units per column-path work item: whole units, at most BLOCK_COLUMNS columns, fewer where
+ * that leaves under 4 work items (for the threads), but not under 16 columns. */
 static inline size_t block_units(const Tensor *x) {
-    size_t n = BLOCK_COLUMNS / x->inner;
+    const size_t width = x->units * x->inner;
+    size_t columns = (width / 4 + 15) / 16 * 16;
+    if (columns > BLOCK_COLUMNS) columns = BLOCK_COLUMNS;
+    if (columns < 16) columns = 16;
+    const size_t n = columns / x->inner;
     return n ? n : 1;
 }
 
-/* Work item b of the column path: the block of units from b * block_units, all rows. */
+/* Work item b of the column path: the block of units from b * block_units, all rows, in
+ * windows of CHUNK / LANES rows. Each window is read a group of ROW_GROUP rows at a time,
+ * every column vector of the block down the group, so each row's part of the block is read
+ * whole and in order (a block of 16 columns read down all rows, one cache line from each
+ * row, was bound by the latency of those scattered reads on data just written by a matmul). */
 static void reduce_column_block(const Tensor *x, size_t b) {
     const size_t per = block_units(x), u0 = b * per;
     const size_t u1 = u0 + per < x->units ? u0 + per : x->units;
@@ -340,20 +350,25 @@ static void reduce_column_block(const Tensor *x, size_t b) {
     const size_t vectors = width / LANES, rows_per_chunk = CHUNK / LANES;
     Totals columns[BLOCK_COLUMNS];
     float shift[BLOCK_COLUMNS];
+    Lanes lanes[BLOCK_COLUMNS / LANES];
+    vfloat kv[BLOCK_COLUMNS / LANES];
     for (size_t c = 0; c < width; c++) {
         totals_reset(&columns[c]);
         shift[c] = unit_shift(x, u0 + c / x->inner);
     }
+    for (size_t j = 0; j < vectors; j++) kv[j] = vload(shift + j * LANES);
     for (size_t o0 = 0; o0 < x->outer; o0 += rows_per_chunk) {
         const size_t o1 = o0 + rows_per_chunk < x->outer ? o0 + rows_per_chunk : x->outer;
-        Lanes lanes[BLOCK_COLUMNS / LANES];
         for (size_t j = 0; j < vectors; j++) lanes_reset(&lanes[j]);
-        const float *first = x->x + o0 * stride + c0;
-        if (vectors == 2)
-            lanes_add_run2(&lanes[0], &lanes[1], first, o1 - o0, stride, vload(shift), vload(shift + LANES));
-        else
-            for (size_t j = 0; j < vectors; j++)
-                lanes_add_run(&lanes[j], first + j * LANES, o1 - o0, stride, vload(shift + j * LANES));
+        const size_t group = vectors <= 2 ? o1 - o0 : ROW_GROUP;  /* two vectors stay in registers */
+        for (size_t g0 = o0; g0 < o1; g0 += group) {
+            const size_t rows = g0 + group < o1 ? group : o1 - g0;
+            const float *first = x->x + g0 * stride + c0;
+            size_t j = 0;
+            for (; j + 2 <= vectors; j += 2)
+                lanes_add_run2(&lanes[j], &lanes[j + 1], first + j * LANES, rows, stride, kv[j], kv[j + 1]);
+            if (j < vectors) lanes_add_run(&lanes[j], first + j * LANES, rows, stride, kv[j]);
+        }
         for (size_t j = 0; j < vectors; j++) {
             if (lanes_finite(&lanes[j])) {
                 for (int i = 0; i < LANES; i++)

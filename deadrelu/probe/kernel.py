@@ -247,8 +247,8 @@ def check_cases() -> list[tuple[np.ndarray, int]]:
     all finite and again with NaN/Inf in its first slice (finite blocks and re-read blocks)."""
     rng = np.random.default_rng(7)
     cases = []
-    for shape, axis in [((3, 16, 9, 7), 1), ((37, 40), 1), ((5, 6, 3), 1), ((4, 3, 2100), 1), ((9,), 0),
-                        ((2, 3, 4, 5), 3)]:
+    for shape, axis in [((3, 16, 9, 7), 1), ((37, 40), 1), ((140, 90), 1), ((5, 6, 3), 1), ((4, 3, 2100), 1),
+                        ((9,), 0), ((2, 3, 4, 5), 3)]:
         offsets = rng.uniform(-3, 3, shape[axis]).reshape([-1 if d == axis else 1 for d in range(len(shape))])
         x = (rng.standard_normal(shape) + offsets).astype(np.float32)
         x.flat[7::13] = np.float32(1e-42)

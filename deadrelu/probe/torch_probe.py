@@ -20,6 +20,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from deadrelu import sites
 from deadrelu.errors import ModelRunError
+from deadrelu.probe.kernel import STAT_ROWS
 from deadrelu.probe.torch_graph import SiteCall
 from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, RowsKernel, kernel_moments, site_shift
 from deadrelu.stats import UnitStats
@@ -116,14 +117,23 @@ class SiteTap:
     ndim: int = 0  # rank of the pre-activation
     shift: torch.Tensor | None = None  # per-unit shift of the fused path, from the first batch
     kernel_rows: torch.Tensor | None = None  # the C kernel's running (9, units) rows, not yet in `stats`
+    batch_rows: torch.Tensor | None = None  # where the C kernel writes a batch's rows, reused every batch
 
-    def fold(self, moments: BatchMoments, rows: torch.Tensor | None, kernel: RowsKernel | None) -> None:
+    def rows_buffer(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The buffer for a batch's kernel rows (CPU sites only; made on first use)."""
+        if x.device.type != "cpu":
+            return None
+        if self.batch_rows is None:
+            self.batch_rows = torch.empty((STAT_ROWS, self.stats.units), dtype=torch.float64)
+        return self.batch_rows
+
+    def fold(self, moments: BatchMoments | None, rows: torch.Tensor | None, kernel: RowsKernel | None) -> None:
         """One committed batch into the site's statistics: the kernel's rows into the
         kernel's own running rows (one C call), other moments into `stats`."""
         if rows is None or kernel is None:
-            self.stats.fold(moments)
+            self.stats.fold(moments if moments is not None else kernel_moments(rows))
         elif self.kernel_rows is None:
-            self.kernel_rows = rows.clone()
+            self.kernel_rows = rows.clone()  # (rows may be `batch_rows`, written again next batch)
         else:
             kernel.fold(self.kernel_rows, rows)
 
@@ -145,7 +155,7 @@ class ReluProbe(TorchDispatchMode):
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self._normalised: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.reducer = reducer or BatchReducer()
-        self._staged: list[tuple[SiteTap, BatchMoments, torch.Tensor | None]] = []
+        self._staged: list[tuple[SiteTap, BatchMoments | None, torch.Tensor | None]] = []  # moments or rows
         self._calls: list[SiteCall] = []
         self.first_pass_calls: list[SiteCall] | None = None  # ReLU-family calls of the first committed pass
 
@@ -188,7 +198,9 @@ class ReluProbe(TorchDispatchMode):
         if observed is not None:
             tap, pending = observed
             x = args[0]
-            self._staged.append((tap, pending.complete(sites.scalar_view(out)), pending.rows))
+            # a kernel batch stays rows until it is folded (its moments' views cost ~14 us a site)
+            moments = None if pending.rows is not None else pending.complete(sites.scalar_view(out))
+            self._staged.append((tap, moments, pending.rows))
             self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
                                         x.numel() // max(tap.stats.units, 1)))
         elif functional is not None:
@@ -219,7 +231,7 @@ class ReluProbe(TorchDispatchMode):
                                  f"now its pre-activation has shape {tuple(args[0].shape)}")
         if tap.shift is None:
             tap.shift = site_shift(x, tap.axis.axis)
-        return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift)
+        return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift, tap.rows_buffer(x))
 
     def _origin(self, op_name: str, args: tuple, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
