@@ -94,7 +94,7 @@ _EXACT_FLOAT_COUNT = 1 << 24
 
 @dataclass(frozen=True)
 class PendingBatch:
-    """A batch whose input-side reductions are done; `finish` adds the output side.
+    """A batch whose input-side reductions are done; `complete` adds the output side.
 
     Reading the input first lets a probe tap an inplace ReLU before it overwrites its
     input; the ReLU-output sum is then read from the op's own output (for a plain relu
