@@ -158,6 +158,7 @@ class ReluProbe(TorchDispatchMode):
         self._staged: list[tuple[SiteTap, BatchMoments | None, torch.Tensor | None]] = []  # moments or rows
         self._calls: list[SiteCall] = []
         self.first_pass_calls: list[SiteCall] | None = None  # ReLU-family calls of the first committed pass
+        self._op_names: dict[Any, str] = {}  # aten op -> its packet name
 
     def begin_pass(self) -> None:
         """Call before each forward pass: names and graph cursors restart."""
@@ -191,19 +192,23 @@ class ReluProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        op_name = sites.packet_name(func)
+        op_name = self._op_names.get(func)
+        if op_name is None:
+            op_name = self._op_names[func] = sites.packet_name(func)
         functional = sites.CANDIDATE_OPS.get(op_name)
         observed = self._observe(functional, args, kwargs) if functional is not None else None
         out = func(*args, **kwargs)
+        recording = self.first_pass_calls is None  # the calls are kept for the first pass only
         if observed is not None:
             tap, pending = observed
             x = args[0]
             # a kernel batch stays rows until it is folded (its moments' views cost ~14 us a site)
             moments = None if pending.rows is not None else pending.complete(sites.scalar_view(out))
             self._staged.append((tap, moments, pending.rows))
-            self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
-                                        x.numel() // max(tap.stats.units, 1)))
-        elif functional is not None:
+            if recording:
+                self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
+                                            x.numel() // max(tap.stats.units, 1)))
+        elif functional is not None and recording:
             self._calls.append(SiteCall(None, 0, 0, 0, 0))
         self._track_producer(op_name, args, out)
         return out
