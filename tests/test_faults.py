@@ -50,7 +50,8 @@ def test_out_of_memory_retries_in_halves() -> None:
     said: list[str] = []
     report = scan(OomAbove(5), data, ScanOptions(device="cpu", batch_size=16), notify=said.append)
     reference = scan(OomAbove(100), data, ScanOptions(device="cpu", batch_size=4))
-    assert len(said) == 1 and "batch size 16" in said[0]
+    oom = [m for m in said if "out of memory" in m]  # (a first test to run also hears the kernel being built)
+    assert len(oom) == 1 and "batch size 16" in oom[0], said
     assert report.data.samples == 40
     for a, b in zip(report.sites, reference.sites):
         np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
