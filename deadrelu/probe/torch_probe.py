@@ -128,11 +128,14 @@ class SiteTap:
         return self.batch_rows
 
     def fold(self, moments: BatchMoments | None, rows: torch.Tensor | None, kernel: RowsKernel | None) -> None:
-        """One committed batch into the site's statistics: the kernel's rows into the
-        kernel's own running rows (one C call), other moments into `stats`."""
-        if rows is None or kernel is None:
-            self.stats.fold(moments if moments is not None else kernel_moments(rows))
-        elif self.kernel_rows is None:
+        """One committed batch (its moments, or the kernel's rows) into the site's statistics:
+        rows into the kernel's own running rows (one C call), moments into `stats`."""
+        if rows is None:
+            assert moments is not None
+            self.stats.fold(moments)
+            return
+        assert kernel is not None, "rows come only from the kernel"
+        if self.kernel_rows is None:
             self.kernel_rows = rows.clone()  # (rows may be `batch_rows`, written again next batch)
         else:
             kernel.fold(self.kernel_rows, rows)
