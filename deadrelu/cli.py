@@ -160,7 +160,7 @@ def scan_command(
                                     max_site_dead_fraction=max_site_dead_fraction, ignore=ignore, baseline=baseline,
                                     near_dead=near_dead, tau=tau)
         prepared = ci.prepare(flags, config, output_options(fmt, output, quiet, exit_zero, json_out),
-                              inputs=read_paths(model, data, baseline, config))
+                              inputs=read_paths(model, data, arch, baseline, config))
         normalise = parse_normalisation(mean, std)
         data_options = DataOptions(input_shape=parse_shape(input_shape), seed=seed, workers=workers,
                                    image=ImageOptions(image_size, normalise[0], normalise[1], workers))

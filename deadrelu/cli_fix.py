@@ -51,7 +51,7 @@ def fix_command(
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
                                    samples=samples, inputs=inputs)
         if json_out and json_out != "-":
-            check_target(Path(json_out), "--json", read_paths(model, data, report), written_paths(options))
+            check_target(Path(json_out), "--json", read_paths(model, data, arch, report), written_paths(options))
         console = stderr_console()
         result = run_fix(model, data, options, scan_options,
                          notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))

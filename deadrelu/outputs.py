@@ -27,17 +27,20 @@ def write_atomic(path: Path, content: str | bytes) -> None:
 
 def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: Iterable[Path] = ()) -> None:
     """Refuse, before any work starts, an output path that cannot be written, that is one
-    of the command's ``inputs`` (the model, the data, ...) or that another of its outputs
-    (``written``) takes: a long scan never ends in that error, and deadrelu never
-    replaces a file it reads."""
+    of the command's ``inputs`` (the model, its external weights, the data, the arch file,
+    ...) or lies inside an input folder (a --data folder), or that another of its outputs
+    (``written``) takes: a long scan never ends in that error, and deadrelu never replaces
+    or adds to what it reads."""
     directory = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"{flag} {target}: that is a directory; give a file path")
     if not directory.is_dir():
         raise UsageError(f"{flag} {target}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {target}: directory {directory} is not writable")
+    _check_writable(directory, target, flag)
     for source in inputs:
+        if source.is_dir() and _inside(target, source):
+            raise UsageError(f"{flag} {target}: that is inside the input folder {source}; deadrelu never "
+                             "writes among what it reads, choose another path")
         if _same_file(target, source):
             raise UsageError(f"{flag} {target}: that is the input {source}; deadrelu never overwrites "
                              "what it reads, choose another path")
@@ -46,19 +49,45 @@ def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: 
             raise UsageError(f"{flag} {target}: another output of this command goes there; give another path")
 
 
+def _check_writable(directory: Path, target: Path, flag: str) -> None:
+    """Create and remove a file in ``directory``: permission bits say nothing for root, or
+    on a read-only mount, and an unwritable place must fail now, not after the scan."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=directory)
+    except OSError as exc:
+        raise UsageError(f"{flag} {target}: directory {directory} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
 def read_paths(*arguments: str | Path | None) -> tuple[Path, ...]:
-    """The existing files among a command's path arguments (``file.py:function`` names
-    file.py), for `check_target`."""
-    found = []
+    """The existing files and folders among a command's path arguments, for `check_target`:
+    ``file.py:function`` names file.py, a folder (of images or shards) stands for everything
+    in it, and an ONNX model brings the external data files it references."""
+    found: list[Path] = []
     for argument in arguments:
         if argument is None:
             continue
         text = str(argument)
         for candidate in (text, text.rpartition(":")[0]):
-            if candidate and Path(candidate).is_file():
-                found.append(Path(candidate))
+            path = Path(candidate) if candidate else None
+            if path is not None and (path.is_file() or path.is_dir()):
+                found.append(path)
+                found.extend(_external_data(path))
                 break
     return tuple(found)
+
+
+def _external_data(model: Path) -> tuple[Path, ...]:
+    if model.suffix.lower() != ".onnx" or not model.is_file():
+        return ()
+    from deadrelu.load.onnx_format import external_data_files
+
+    return external_data_files(model)
+
+
+def _inside(target: Path, folder: Path) -> bool:
+    return folder.resolve() in target.resolve().parents
 
 
 def _same_file(a: Path, b: Path) -> bool:

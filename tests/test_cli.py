@@ -214,14 +214,66 @@ def test_outputs_never_replace_an_input_and_are_checked_before_the_scan(runner: 
 
 
 def test_an_unwritable_output_folder_is_one_line(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
+    """Writability is tried with a real file (permission bits say nothing for root, or on a
+    read-only mount), before the scan."""
+    import deadrelu.outputs as outputs
 
-    real_access = os.access
+    real_mkstemp = outputs.tempfile.mkstemp
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
     message = _error(run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", locked / "r.json"))
-    assert re.search(r"--json .*r\.json: directory .*locked is not writable", message), message
+    assert re.search(r"--json .*r\.json: directory .*locked is not writable \(Permission denied\)", message), message
+    assert "ReLU sites" not in message and list(locked.iterdir()) == []
+
+
+def test_outputs_never_land_on_or_among_any_input(runner: CliRunner, tmp_path: Path) -> None:
+    """Not only the model and the data file: a file in a --data folder (or a new one
+    there), an ONNX model's external data file, the --arch file and a file.py:function
+    data file are inputs too. Each is refused in one line, before the scan, unchanged."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    calib = np.load(FIX / "mlp.calib.npy")
+    np.save(shards / "a.npy", calib[:40])
+    np.save(shards / "b.npy", calib[40:])
+    onnx_dir = tmp_path / "onnx"
+    onnx_dir.mkdir()
+    for name in ("external.onnx", "external.onnx.data"):
+        shutil.copy(FIX / "onnx" / name, onnx_dir / name)
+    np.save(tmp_path / "x8.npy", np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    arch = tmp_path / "arch.py"
+    arch.write_text((FIX / "fixture_models.py").read_text())
+    datafn = tmp_path / "datafn.py"
+    datafn.write_text("import torch\ndef make():\n    return torch.randn(16, 32)\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    ts, sd = str(FIX / "mlp.ts.pt"), str(FIX / "mlp.state_dict.pt")
+    cases = [
+        ([ts, "--data", shards, "--json", shards / "a.npy"], r"--json .*a\.npy: that is inside the input folder .*shards"),
+        ([ts, "--data", shards, "-o", shards / "new.txt"], r"-o .*new\.txt: that is inside the input folder"),
+        ([onnx_dir / "external.onnx", "--data", tmp_path / "x8.npy", "--json", onnx_dir / "external.onnx.data"],
+         r"--json .*external\.onnx\.data: that is the input"),
+        ([sd, "--arch", f"{arch}:MLP", "--data", FIX / "mlp.calib.npy", "-o", arch], r"-o .*arch\.py: that is the input"),
+        ([ts, "--data", f"{datafn}:make", "--json", datafn], r"--json .*datafn\.py: that is the input"),
+    ]
+    for args, pattern in cases:
+        message = _error(runner.invoke(app, ["scan", *map(str, args)]))
+        assert re.search(pattern, message), (args, message)
+        assert "ReLU sites" not in message
+    fix_cases = [
+        [sd, "--arch", f"{arch}:MLP", "--data", FIX / "mlp.calib.npy", "--apply", "-o", tmp_path / "out.pt2", "--json", arch],
+        [ts, "--data", shards, "--apply", "-o", shards / "fixed.pt2"],
+        [onnx_dir / "external.onnx", "--data", tmp_path / "x8.npy", "--apply", "-o", onnx_dir / "external.onnx.data"],
+    ]
+    for args in fix_cases:
+        message = _error(runner.invoke(app, ["fix", *map(str, args)]))
+        assert re.search(r"that is (the input|inside the input folder)", message), (args, message)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_binary_reports_and_configs_are_one_line(runner: CliRunner, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
             notify: Callable[[str], None] | None = None) -> FixReport:
     """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units."""
     model = Path(model)
-    output = _check_output(model, data, options)
+    output = _check_output(model, data, options, scan_options.arch)
     loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle)
     report = _baseline_scan(loaded, data, options, scan_options, notify)
     plan = plan_fixes(report, options.plan)
@@ -151,7 +151,7 @@ def written_paths(options: FixOptions) -> tuple[Path, ...]:
     return options.output, state_dict_path(options.output)
 
 
-def _check_output(model: Path, data: str | None, options: FixOptions) -> Path | None:
+def _check_output(model: Path, data: str | None, options: FixOptions, arch: str | None = None) -> Path | None:
     """The options that need no model, checked before any work: --to, -o and --apply."""
     from deadrelu.fix.plan import CHANGES
 
@@ -164,7 +164,7 @@ def _check_output(model: Path, data: str | None, options: FixOptions) -> Path | 
         return None
     if options.output is None:
         raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
-    inputs = read_paths(model, data, options.report)
+    inputs = read_paths(model, data, arch, options.report)
     written_as_onnx = model.suffix.lower() == ".onnx" or (model.is_file() and _is_onnx(model))
     if options.output.suffix.lower() == ".onnx" and not written_as_onnx:
         raise UsageError(f"-o {options.output}: a PyTorch model is written as a torch.export program; "

@@ -117,6 +117,18 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> tuple[str, ...]:
     return tuple(files)
 
 
+def external_data_files(path: Path) -> tuple[Path, ...]:
+    """The existing files an ONNX model's external-data references name (none when the
+    model does not parse: loading it says why), so that no output of deadrelu replaces one."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  the loader reports a bad model, not this check
+        return ()
+    locations = {entry.value for tensor in _external_tensors(proto) for entry in tensor.external_data
+                 if entry.key == "location" and entry.value}
+    return tuple(path.parent / name for name in sorted(locations) if (path.parent / name).is_file())
+
+
 def offload_embedded_weights(proto: onnx.ModelProto, path: Path) -> int:
     """Point large embedded main-graph initializers at their bytes in the model file.
 
