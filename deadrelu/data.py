@@ -86,22 +86,23 @@ class InputSelector:
     positions: tuple[int, ...] | None = None
     keys: tuple[str, ...] | None = None
     count: int | None = None
+    names: tuple[str, ...] | None = None  # the forward's positional parameters, in order, when known
 
     @staticmethod
-    def parse(spec: str | None, count: int | None) -> InputSelector:
+    def parse(spec: str | None, count: int | None, names: tuple[str, ...] | None = None) -> InputSelector:
         """``--inputs 0`` / ``--inputs 0,1`` (positions) or ``--inputs image,mask`` (keys)."""
         if not spec:
-            return InputSelector(count=count)
+            return InputSelector(count=count, names=names)
         parts = tuple(p.strip() for p in spec.split(",") if p.strip())
         if parts and all(p.isdigit() for p in parts):
-            return InputSelector(positions=tuple(int(p) for p in parts), count=count)
-        return InputSelector(keys=parts, count=count)
+            return InputSelector(positions=tuple(int(p) for p in parts), count=count, names=names)
+        return InputSelector(keys=parts, count=count, names=names)
 
     def select(self, batch: Any) -> ModelInput:
         if isinstance(batch, ModelInput):  # arrays from a file (.npz, tuple .pt): the same choice applies
             if batch.args and not batch.kwargs:
                 return self._from_sequence(batch.args)
-            if batch.kwargs and not batch.args and self.keys is not None:
+            if batch.kwargs and not batch.args and (self.keys is not None or self.names is not None):
                 return self._from_dict(batch.kwargs)
             return batch
         if isinstance(batch, torch.Tensor):
@@ -128,11 +129,35 @@ class InputSelector:
         return ModelInput(tuple(_as_tensor(x, f"batch element {i}") for i, x in enumerate(chosen)))
 
     def _from_dict(self, batch: dict[str, Any]) -> ModelInput:
-        keys = self.keys if self.keys is not None else tuple(batch)
+        """Named inputs go to the forward's parameters of those names, as positional
+        arguments (a torch.export program takes no keywords); without --inputs, entries the
+        forward does not take (labels) are left out."""
+        keys = self.keys if self.keys is not None else self._default_keys(batch)
         missing = [k for k in keys if k not in batch]
         if missing:
             raise DataError(f"--inputs: the batch has no key {missing[0]!r} (it has {', '.join(map(str, batch))})")
-        return ModelInput((), {k: _as_tensor(batch[k], f"batch key {k!r}") for k in keys})
+        tensors = {k: _as_tensor(batch[k], f"batch key {k!r}") for k in keys}
+        if self.names is None:
+            return ModelInput((), tensors)
+        leading = self.names[:len(keys)]
+        if set(keys) == set(leading):
+            return ModelInput(tuple(tensors[k] for k in leading))
+        if not set(keys) & set(self.names):  # --inputs pixels for forward(x): in the order given
+            return ModelInput(tuple(tensors.values()))
+        return ModelInput((), tensors)
+
+    def _default_keys(self, batch: dict[str, Any]) -> tuple[str, ...]:
+        if self.names is None:
+            return tuple(batch)
+        taken = tuple(k for k in self.names if k in batch)
+        required = self.names[:self.count] if self.count is not None else self.names[:1]
+        if all(k in batch for k in required) and taken:
+            return taken
+        if len(batch) == 1 and len(required) <= 1:
+            return tuple(batch)  # one array for a one-input model, whatever its name
+        raise DataError(f"--data: the inputs are named {', '.join(map(str, batch))} but the model's forward takes "
+                        f"{', '.join(self.names) or 'no named parameters'}; name them after its parameters, "
+                        "or choose them with --inputs")
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:

@@ -163,17 +163,33 @@ def count_model_inputs(loaded: LoadedModel) -> int | None:
     if loaded.format is ModelFormat.ONNX:
         counter = getattr(module, "input_count", None)
         return counter() if callable(counter) else None
+    parameters = _forward_parameters(module)
+    if parameters is None:
+        return None
+    return sum(1 for _, required in parameters if required)
+
+
+def model_input_names(loaded: LoadedModel) -> tuple[str, ...] | None:
+    """The names of the forward's positional parameters, in order (None for ONNX, whose
+    feeder matches inputs by name itself, or when they cannot be read)."""
+    if loaded.format is ModelFormat.ONNX:
+        return None
+    parameters = _forward_parameters(loaded.module)
+    return None if parameters is None else tuple(name for name, _ in parameters)
+
+
+def _forward_parameters(module: Any) -> list[tuple[str, bool]] | None:
+    """(name, required) of each positional parameter of `module`'s forward."""
     try:
         if isinstance(module, torch.jit.ScriptModule):
-            arguments = module.forward.schema.arguments[1:]
-            return sum(1 for a in arguments if not a.has_default_value())
+            return [(a.name, not a.has_default_value()) for a in module.forward.schema.arguments[1:]]
         parameters = inspect.signature(module.forward).parameters.values()
     except (AttributeError, TypeError, ValueError, RuntimeError):
         return None
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return None
-    return sum(1 for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [(p.name, p.default is inspect.Parameter.empty) for p in parameters if p.kind in kinds]
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def _open(data: Any, options: ScanOptions) -> CalibrationSource:
 
 def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> Iterator[ModelInput]:
     """The source's batches as model inputs (`--inputs`), capped at `--samples`."""
-    selector = InputSelector.parse(options.inputs, count_model_inputs(loaded))
+    selector = InputSelector.parse(options.inputs, count_model_inputs(loaded), model_input_names(loaded))
     return _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
 
 

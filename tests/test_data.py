@@ -134,6 +134,22 @@ def test_inputs_selector() -> None:
         InputSelector(count=2).select((x, "label"))
 
 
+def test_named_inputs_go_to_the_forward_parameters_of_those_names() -> None:
+    image, mask, label = torch.ones(2, 3), torch.zeros(2, 3), torch.arange(2)
+    selector = InputSelector.parse(None, 2, ("image", "mask"))
+    for batch in ({"image": image, "mask": mask}, {"mask": mask, "label": label, "image": image}):
+        chosen = selector.select(batch)
+        assert chosen.kwargs == {} and chosen.args[0] is image and chosen.args[1] is mask
+    one = InputSelector.parse(None, 1, ("x",)).select({"pixels": image})  # one array, one input
+    assert one.args == (image,)
+    picked = InputSelector.parse("pixels", 1, ("x",)).select({"pixels": image, "y": label})
+    assert picked.args == (image,)
+    optional = InputSelector.parse(None, 1, ("image", "mask")).select({"image": image, "label": label})
+    assert optional.args == (image,)
+    with pytest.raises(DataError, match="named img, msk but the model's forward takes image, mask"):
+        selector.select({"img": image, "msk": mask})
+
+
 def test_samples_cap_and_short_data_warning(reference) -> None:
     capped = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", samples=100, batch_size=64))
     assert capped.data.samples == 100

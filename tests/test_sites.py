@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deadrelu import ScanOptions, scan
+from deadrelu.errors import DataError
 from deadrelu.sites import context_from_torchscript
 
 
@@ -115,6 +116,42 @@ def test_keyword_and_positional_inputs() -> None:
     by_position = scan(TwoInputs(), [(a, b)], ScanOptions(device="cpu"))
     by_name = scan(TwoInputs(), [{"a": a, "b": b}], ScanOptions(device="cpu"))
     np.testing.assert_array_equal(by_position.sites[0].stats.positive, by_name.sites[0].stats.positive)
+
+
+class ImageAndMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(image) * mask)
+
+
+def test_named_arrays_in_a_file_reach_the_parameters_of_those_names(tmp_path) -> None:
+    """An .npz's arrays go to the forward's parameters by name, in whatever order the file
+    holds them, extra arrays (labels) left out; a torch.export program, which takes no
+    keywords, gets them as positional arguments."""
+    model = ImageAndMask().eval()
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((24, 3)).astype(np.float32)
+    mask = (rng.random((24, 4)) > 0.5).astype(np.float32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    example = (torch.from_numpy(image[:2]), torch.from_numpy(mask[:2]))
+    program = torch.export.export(model, example, dynamic_shapes={"image": {0: batch}, "mask": {0: batch}})
+    torch.export.save(program, tmp_path / "two.pt2")
+    torch.jit.save(torch.jit.trace(model, example), tmp_path / "two.ts.pt")
+    np.savez(tmp_path / "ordered.npz", image=image, mask=mask)
+    np.savez(tmp_path / "reversed.npz", label=np.arange(24), mask=mask, image=image)
+    truth = (model.fc(torch.from_numpy(image)) * torch.from_numpy(mask)).detach().numpy()
+    options = ScanOptions(device="cpu", batch_size=8)
+    for model_file in ("two.pt2", "two.ts.pt"):
+        for data_file in ("ordered.npz", "reversed.npz"):
+            report = scan(tmp_path / model_file, tmp_path / data_file, options)
+            np.testing.assert_array_equal(report.sites[0].stats.positive, (truth > 0).sum(axis=0))
+    np.savez(tmp_path / "misnamed.npz", img=image, msk=mask)
+    with pytest.raises(DataError, match="named img, msk but the model's forward takes image, mask"):
+        scan(tmp_path / "two.pt2", tmp_path / "misnamed.npz", options)
 
 
 def test_torchscript_hierarchy_parsing() -> None:
