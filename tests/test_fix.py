@@ -314,6 +314,19 @@ class Named(nn.Module):  # a module called act_1 of its own, beside act: not act
         return self.act_1(self.fc2(self.act(self.fc1(x))))
 
 
+class Shared(nn.Module):  # one ReLU module called twice, on widths 16 and 12: only the first call has dead units
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 12)
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.fc1.bias[:4] = -50.0
+            self.fc2.bias.fill_(50.0)
+
+    def forward(self, x):
+        return self.act(self.fc2(self.act(self.fc1(x))))
+
+
 class Functional(nn.Module):  # BatchNorm at a functional relu
     def __init__(self):
         super().__init__()
@@ -326,10 +339,12 @@ class Functional(nn.Module):  # BatchNorm at a functional relu
 '''
 
 
-@pytest.mark.parametrize(("arch", "to"), [("Named", "prelu"), ("Functional", "bn")])
+@pytest.mark.parametrize(("arch", "to"), [("Named", "prelu"), ("Shared", "prelu"), ("Functional", "bn")])
 def test_fixed_state_dict_loads_where_the_instructions_say(tmp_path: Path, arch: str, to: str) -> None:
-    """`act_1` used to be read as call #2 of `act` (key act_1_fix.weight), and BatchNorm at a
-    functional relu was saved without the Sequential's '.0.' the instructions give."""
+    """`act_1` used to be read as call #2 of `act` (key act_1_fix.weight); the first call of a
+    module called twice was fixed by replacing the module, which changes its second call too
+    (a PReLU(16) there fails on 12 units); and BatchNorm at a functional relu was saved
+    without the Sequential's '.0.' the instructions give."""
     import importlib.util
 
     (tmp_path / "archs.py").write_text(ARCHS)
@@ -348,6 +363,11 @@ def test_fixed_state_dict_loads_where_the_instructions_say(tmp_path: Path, arch:
         assert [line.split(":")[0] for line in result.instructions] == ["act", "act_1"]
         assert all("replace the module" in line for line in result.instructions), result.instructions
         model.act, model.act_1 = torch.nn.PReLU(16, init=0.25), torch.nn.PReLU(16, init=0.25)
+    elif arch == "Shared":
+        assert [line.split(":")[0] for line in result.instructions] == ["act"]
+        assert "give call #1 its own module `self.act_fix = nn.PReLU(16, init=0.25)`" in result.instructions[0]
+        model.act_fix = torch.nn.PReLU(16, init=0.25)
+        model.forward = lambda x: model.act(model.fc2(model.act_fix(model.fc1(x))))
     else:
         assert "add `self.relu_fix = nn.Sequential(nn.BatchNorm1d(16" in result.instructions[0], result.instructions
         model.relu_fix = torch.nn.Sequential(torch.nn.BatchNorm1d(16), torch.nn.ReLU())

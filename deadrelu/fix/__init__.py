@@ -245,8 +245,9 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
         return (), None
     types = how.module_types(loaded.module)
     ndims = {f.index: int(report.sites[f.index].extra.get("preact_ndim", 4)) for f in plan}
-    lines = tuple(how.instructions(plan, types, options.rewrite, ndims))
-    state = how.fixed_state_dict(dict(loaded.module.state_dict()), plan, added, types)
+    shared = how.shared_modules([site.name for site in report.sites], types)
+    lines = tuple(how.instructions(plan, types, options.rewrite, ndims, shared))
+    state = how.fixed_state_dict(dict(loaded.module.state_dict()), plan, added, types, shared)
     target = state_dict_path(output)
     import io
 

@@ -29,10 +29,16 @@ class Placement:
     module_path: str  # the activation module, or the module whose forward makes the call
     call: int  # 0 for the first call of that module / functional, 1 for the second, ...
     functional: str | None  # None: an activation module; else relu, relu6, hardtanh, ...
+    shared: bool = False  # an activation module the forward calls more than once
+
+    def replaces_module(self) -> bool:
+        """Whether the change replaces the activation module itself: only when it has
+        this one call, since a replaced module changes every call of it."""
+        return self.functional is None and self.call == 0 and not self.shared
 
     def new_module_path(self) -> str:
         """Where the new module goes (its parameters' key prefix)."""
-        if self.functional is None and self.call == 0:
+        if self.replaces_module():
             return self.module_path
         leaf = (self.module_path.rsplit(".", 1)[-1] if self.functional is None else self.functional)
         attr = f"{leaf}_{self.call}_fix" if self.call else f"{leaf}_fix"
@@ -41,14 +47,23 @@ class Placement:
         return f"{parent}.{attr}" if parent else attr
 
 
-def place(site: str, module_types: dict[str, str]) -> Placement:
-    """Module path / call index / functional of a site name (see deadrelu.sites naming)."""
+def place(site: str, module_types: dict[str, str], shared: frozenset[str] = frozenset()) -> Placement:
+    """Module path / call index / functional of a site name (see deadrelu.sites naming).
+
+    Args:
+        shared: the activation modules called more than once (`shared_modules`)."""
     for base, call in _candidates(site):
         if module_types.get(base) in ACTIVATION_MODULE_TYPES:
-            return Placement(base, call, None)
+            return Placement(base, call, None, shared=base in shared)
     base, call = _candidates(site)[-1]  # a functional call: the _N reading when there is one
     parent, _, functional = base.rpartition(".")
     return Placement(parent, call, functional)
+
+
+def shared_modules(site_names: Sequence[str], module_types: dict[str, str]) -> frozenset[str]:
+    """The activation modules with more than one call among the scanned sites."""
+    placed = (place(name, module_types) for name in site_names)
+    return frozenset(p.module_path for p in placed if p.functional is None and p.call > 0)
 
 
 def _candidates(site: str) -> list[tuple[str, int]]:
@@ -64,14 +79,14 @@ def _candidates(site: str) -> list[tuple[str, int]]:
 
 
 def instructions(fixes: Sequence[SiteFix], module_types: dict[str, str], options: RewriteOptions,
-                 ndims: dict[int, int]) -> list[str]:
+                 ndims: dict[int, int], shared: frozenset[str] = frozenset()) -> list[str]:
     """One line per change, naming the module or call to swap and what to put there."""
     lines = []
     for fix in fixes:
-        where = place(fix.site, module_types)
+        where = place(fix.site, module_types, shared)
         new = _new_module(fix, options, ndims.get(fix.index, 4))
         target = where.new_module_path()
-        if where.functional is None and where.call == 0:
+        if where.replaces_module():
             lines.append(f"{fix.site}: replace the module `{where.module_path}` ({module_types.get(where.module_path)}) "
                          f"with `{new}`")
         elif where.functional is None:
@@ -103,19 +118,19 @@ def _new_module(fix: SiteFix, options: RewriteOptions, ndim: int) -> str:
 
 
 def fixed_state_dict(original: dict[str, torch.Tensor], fixes: Sequence[SiteFix], added: Sequence[NewTensor],
-                     module_types: dict[str, str]) -> dict[str, torch.Tensor]:
+                     module_types: dict[str, str], shared: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The original weights plus the new parameters under the names the instructions give."""
     state = dict(original)
     by_site = {fix.site: fix for fix in fixes}
     for tensor in added:
         fix = by_site[tensor.site]
-        prefix = place(fix.site, module_types).new_module_path()
+        prefix = place(fix.site, module_types, shared).new_module_path()
         kind, _, role = tensor.role.partition(".")
         # BatchNorm comes as nn.Sequential(BN, ReLU) wherever it goes (see `_new_module`): keys under '.0.'
         state[f"{prefix}.0.{role}" if kind == "bn" else f"{prefix}.{role}"] = tensor.value.detach().clone()
     for fix in fixes:
         if fix.change == "bn":
-            state[f"{place(fix.site, module_types).new_module_path()}.0.num_batches_tracked"] = torch.tensor(0)
+            state[f"{place(fix.site, module_types, shared).new_module_path()}.0.num_batches_tracked"] = torch.tensor(0)
     return state
 
 
