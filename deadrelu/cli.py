@@ -15,12 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deadrelu import ci
-from deadrelu.cli_options import (BaselineOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt, FailOnOpt,
-                                   FormatName, FormatOpt, IgnoreOpt, MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, OutputOpt, QuietOpt,
-                                   output_options, settings_from_flags)
-from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
+from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
+                                   FailOnOpt, FormatName, FormatOpt, IgnoreOpt, ImageSizeOpt, InputShapeOpt,
+                                   MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, MeanOpt, OutputOpt, QuietOpt,
+                                   SeedOpt, StdOpt, WorkersOpt, data_options_from_flags, output_options,
+                                   settings_from_flags)
 from deadrelu.distributed import ranks_from_env
-from deadrelu.errors import DeadReluError, ExitCode, UsageError
+from deadrelu.errors import DeadReluError, ExitCode
 from deadrelu.outputs import read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
@@ -109,18 +110,6 @@ def _fail(message: str, exc: BaseException, code: int) -> None:
     raise typer.Exit(int(code))
 
 
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--input-shape '{text}': expected integers like 3,224,224") from None
-    if not shape or any(d < 1 for d in shape):
-        raise UsageError(f"--input-shape '{text}': expected positive integers like 3,224,224")
-    return shape
-
-
 @app.command("scan")
 def scan_command(
     model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch) or pickle.")],
@@ -130,15 +119,15 @@ def scan_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Per-sample shape for --data random, e.g. 3,224,224.")] = None,
+    input_shape: InputShapeOpt = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs: positions (0 or 0,1) or dict keys (image,mask). Default: the leading elements the model's forward takes.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the model and its float inputs: float32, float16, bfloat16.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes for image folders and Datasets.")] = 2,
-    image_size: Annotated[int, typer.Option("--image-size", min=1, help="Image folders: resize the shorter side and centre-crop to this.")] = 224,
-    mean: Annotated[Optional[str], typer.Option("--mean", help="Image folders: normalisation mean, a preset (imagenet, clip, half, none) or numbers.")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --data random.")] = 0,
-    compile_mode: Annotated[str, typer.Option("--compile", help="PyTorch: torch.compile the model with its statistics (auto: when the data would take the eager path over a minute). ONNX on CPU: build and use deadrelu's one-pass kernel (auto: when a C compiler is found). auto, on, off.")] = "auto",
+    workers: WorkersOpt = 2,
+    image_size: ImageSizeOpt = 224,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    compile_mode: CompileOpt = "auto",
     near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
@@ -161,9 +150,8 @@ def scan_command(
                                     near_dead=near_dead, tau=tau)
         prepared = ci.prepare(flags, config, output_options(fmt, output, quiet, exit_zero, json_out),
                               inputs=read_paths(model, data, arch, baseline, config))
-        normalise = parse_normalisation(mean, std)
-        data_options = DataOptions(input_shape=parse_shape(input_shape), seed=seed, workers=workers,
-                                   image=ImageOptions(image_size, normalise[0], normalise[1], workers))
+        data_options = data_options_from_flags(data, input_shape=input_shape, seed=seed, workers=workers,
+                                               image_size=image_size, mean=mean, std=std)
         options = ScanOptions(
             arch=arch, trust_pickle=trust_pickle, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
             inputs=inputs, compile=compile_mode, data=data_options, thresholds=prepared.thresholds,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +10,8 @@ import typer
 from rich.console import Console
 
 from deadrelu.cli import app, reported_errors, stderr_console
+from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WorkersOpt,
+                                   data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix, written_paths
 from deadrelu.outputs import check_target, read_paths, write_atomic
@@ -25,7 +26,7 @@ def fix_command(
     to: Annotated[Optional[str], typer.Option("--to", help="Force one change for every chosen site: leaky, prelu or bn.")] = None,
     sites: Annotated[Optional[list[str]], typer.Option("--sites", help="Change the sites whose names match this glob (repeatable).")] = None,
     min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", min=0.0, max=1.0, help="Choose sites with at least this fraction of dead units (default: any dead unit).")] = 0.0,
-    slope: Annotated[Optional[float], typer.Option("--slope", help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25).")] = None,
+    slope: Annotated[Optional[float], typer.Option("--slope", min=0.0, max=1.0, help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25), in [0, 1].")] = None,
     bn_init: Annotated[str, typer.Option("--bn-init", help="identity: outputs unchanged; revive: centre each unit so dead units fire.")] = "identity",
     apply: Annotated[bool, typer.Option("--apply", help="Write the fixed model to -o and verify it.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where --apply writes (.pt2 for PyTorch models, .onnx for ONNX).")] = None,
@@ -36,20 +37,27 @@ def fix_command(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs (as for scan).")] = None,
+    input_shape: InputShapeOpt = None,
+    workers: WorkersOpt = 2,
+    image_size: ImageSizeOpt = 224,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    seed: SeedOpt = 0,
+    compile_mode: CompileOpt = "auto",
 ) -> None:
     """Suggest, and with --apply write and verify, LeakyReLU/PReLU swaps or BatchNorm insertion for dead units."""
     with reported_errors():
         if bn_init not in ("identity", "revive"):
             raise UsageError(f"--bn-init {bn_init!r}: expected identity or revive")
-        if slope is not None and not math.isfinite(slope):
-            raise UsageError(f"--slope {slope}: expected a finite number (a negative slope, e.g. 0.01)")
         options = FixOptions(
             plan=PlanOptions(to=to, sites=tuple(sites or ()), min_dead_fraction=min_dead_fraction),
             rewrite=RewriteOptions(slope=slope, bn_init=bn_init),
             apply=apply, output=output, report=report,
         )
+        data_options = data_options_from_flags(data, input_shape=input_shape, seed=seed, workers=workers,
+                                               image_size=image_size, mean=mean, std=std)
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
-                                   samples=samples, inputs=inputs)
+                                   samples=samples, inputs=inputs, compile=compile_mode, data=data_options)
         if json_out and json_out != "-":
             check_target(Path(json_out), "--json", read_paths(model, data, arch, report), written_paths(options))
         console = stderr_console()

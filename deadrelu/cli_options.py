@@ -7,6 +7,7 @@ so that the configuration file's value applies) and a `ci.OutputOptions`.
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,6 +15,8 @@ import typer
 
 from deadrelu.ci import OutputOptions
 from deadrelu.config import Settings
+from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
+from deadrelu.errors import UsageError
 from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
 
@@ -49,6 +52,48 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Report failed gates, but exit 0.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="Print only the summary line (stderr); the exit code tells the rest. -o files are still written.")]
+
+
+# Reading the calibration data: `scan` and `fix` (which scans first) take the same flags.
+InputShapeOpt = Annotated[Optional[str], typer.Option(
+    "--input-shape", help="Per-sample shape for --data random, e.g. 3,224,224.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes for image folders and Datasets.")]
+ImageSizeOpt = Annotated[int, typer.Option(
+    "--image-size", min=1, help="Image folders: resize the shorter side and centre-crop to this.")]
+MeanOpt = Annotated[Optional[str], typer.Option(
+    "--mean", help="Image folders: normalisation mean, a preset (imagenet, clip, half, none) or numbers.")]
+StdOpt = Annotated[Optional[str], typer.Option(
+    "--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --data random.")]
+CompileOpt = Annotated[str, typer.Option(
+    "--compile", help="PyTorch: torch.compile the model with its statistics (auto: when the data would take the eager "
+                      "path over a minute). ONNX on CPU: build and use deadrelu's one-pass kernel (auto: when a C "
+                      "compiler is found). auto, on, off.")]
+
+
+def data_options_from_flags(data: str | None, *, input_shape: str | None, seed: int, workers: int, image_size: int,
+                            mean: str | None, std: str | None) -> DataOptions:
+    """The data flags as `DataOptions`; --input-shape is refused for data it cannot shape
+    (anything but `--data random`), rather than ignored."""
+    shape = parse_shape(input_shape)
+    if shape is not None and data is not None and data != "random":
+        raise UsageError(f"--input-shape applies to --data random only (the shape of {data}'s samples is its own)")
+    normalise = parse_normalisation(mean, std)
+    return DataOptions(input_shape=shape, seed=seed, workers=workers,
+                       image=ImageOptions(image_size, normalise[0], normalise[1], workers))
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """`3,224,224` or `3x224x224`: every part a positive integer."""
+    if not text:
+        return None
+    parts = [part.strip() for part in re.split(r"[,x]", text.strip())]
+    if not all(part.isdigit() for part in parts):
+        raise UsageError(f"--input-shape '{text}': expected positive integers like 3,224,224")
+    shape = tuple(int(part) for part in parts)
+    if any(d < 1 for d in shape):
+        raise UsageError(f"--input-shape '{text}': expected positive integers like 3,224,224")
+    return shape
 
 
 def settings_from_flags(*, fail_on: FailOn | None = None, max_dead: int | None = None,

@@ -130,6 +130,33 @@ def test_cli_apply_writes_and_verifies(tmp_path: Path) -> None:
     assert doc["output"] == str(out) and [s["dead_before"] for s in doc["verification"]["sites"]] == [2, 1]
 
 
+def test_fix_reads_the_data_as_scan_does(tmp_path: Path) -> None:
+    """fix scans first, so it takes scan's data flags: an image folder's size and
+    normalisation, and --data random with its shape and seed."""
+    from PIL import Image
+
+    from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
+    from deadrelu.scan import scan
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        pixels = (np.random.default_rng(i).random((20, 24, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    result = cli(FIX / "convnet.pt2", "--data", folder, "--image-size", "16", "--mean", "none", "--workers", "0",
+                 "--json", "-")
+    assert result.exit_code == 0, result.output
+    mean, std = parse_normalisation("none", None)
+    options = ScanOptions(device="cpu", data=DataOptions(workers=0, image=ImageOptions(16, mean, std, 0)))
+    truth = scan(FIX / "convnet.pt2", str(folder), options)
+    planned = {p["site"]: p["dead_units"] for p in json.loads(result.stdout)["plan"]}
+    assert planned and planned == {s.name: list(s.verdict.dead) for s in truth.sites if s.name in planned}
+    random = cli(FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--seed", "3", "--samples", "64",
+                 "--json", "-")
+    assert random.exit_code == 0, random.output
+    assert json.loads(random.stdout)["plan"], "the fixture MLP has dead units on any data"
+
+
 def test_refusals(tmp_path: Path) -> None:
     copy = tmp_path / "m.pt2"
     copy.write_bytes((FIX / "mlp.pt2").read_bytes())
@@ -194,8 +221,12 @@ def test_outputs_never_replace_an_input(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.calib.npy", "mlp.state_dict.pt"]
 
 
-@pytest.mark.parametrize(("args", "pattern"), [(["--bn-init", "bad"], "--bn-init 'bad': expected identity or revive"),
-                                               (["--slope", "nan"], "--slope nan: expected a finite number")])
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["--bn-init", "bad"], "--bn-init 'bad': expected identity or revive"),
+    (["--slope", "nan"], "'--slope'"), (["--slope", "-0.5"], "'--slope'"), (["--slope", "1.5"], "'--slope'"),
+    (["--input-shape", "3,x,16"], "--input-shape '3,x,16': expected positive integers"),
+    (["--input-shape", "32"], "--input-shape applies to --data random only"),
+])
 def test_bad_rewrite_options_are_one_line(tmp_path: Path, args: list[str], pattern: str) -> None:
     result = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--apply", "-o", tmp_path / "x.pt2", *args)
     assert result.exit_code == 2 and pattern in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
