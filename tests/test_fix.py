@@ -197,8 +197,24 @@ def test_nothing_to_do(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32))
     result = cli(tmp_path / "alive.pt2", "--data", tmp_path / "x.npy", "--batch-size", "2", "--apply", "-o", tmp_path / "o.pt2")
     assert result.exit_code == 0
-    assert "Nothing to fix" in result.stdout
+    assert "Nothing to fix" in result.stdout and "no site has dead units on these 8 samples" in result.stdout
     assert not (tmp_path / "o.pt2").exists()
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--min-dead-fraction", "0.9"],
+     "no site has --min-dead-fraction 0.9 of its units dead (the most: "),
+    ([FIX / "convnet.pt2", "--data", CALIB, "--sites", "layer3.act_leaky"],
+     "the sites --sites chose are leaky already (layer3.act_leaky; LeakyReLU and PReLU pass gradients"),
+    ([FIX / "norelunet.ts.pt", "--data", FIX / "norelunet.calib.npy"], "the model has no ReLU sites"),
+])
+def test_an_empty_plan_says_why(args: list, why: str) -> None:
+    result = cli(*args, "--json", "-")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["plan"] == [] and doc["nothing_planned"].startswith(why), doc["nothing_planned"]
+    table = cli(*args)
+    assert table.exit_code == 0 and why in " ".join(table.stdout.split()), table.stdout
 
 
 def test_outputs_never_replace_an_input(tmp_path: Path) -> None:

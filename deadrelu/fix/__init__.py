@@ -20,7 +20,7 @@ import torch
 
 from deadrelu.data import ModelInput
 from deadrelu.errors import UsageError
-from deadrelu.fix.plan import PlanOptions, SiteFix, plan_fixes
+from deadrelu.fix.plan import PlanOptions, SiteFix, nothing_planned, plan_fixes
 from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
 from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
 from deadrelu.load import LoadedModel, load_model
@@ -58,6 +58,7 @@ class FixReport:
     deviation: OutputDeviation | None = None
     instructions: tuple[str, ...] = ()
     state_dict: str | None = None
+    nothing_planned: str | None = None  # why the plan is empty, when it is
 
     def to_dict(self) -> dict[str, Any]:
         from deadrelu import __version__
@@ -74,6 +75,7 @@ class FixReport:
             },
             "class_changes": list(self.instructions),
             "state_dict": self.state_dict,
+            "nothing_planned": self.nothing_planned,
         }
 
 
@@ -85,7 +87,8 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle)
     report = _baseline_scan(loaded, data, options, scan_options, notify)
     plan = plan_fixes(report, options.plan)
-    base = FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report)
+    base = FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report,
+                     nothing_planned=None if plan else nothing_planned(report, options.plan))
     if not plan or not options.apply or output is None:
         return base
     data = data or _data_of(report)

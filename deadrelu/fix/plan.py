@@ -73,6 +73,28 @@ def plan_fixes(report: ScanReport, options: PlanOptions) -> tuple[SiteFix, ...]:
     return tuple(fixes)
 
 
+def nothing_planned(report: ScanReport, options: PlanOptions) -> str:
+    """Why the plan for `report` is empty (call it only when it is)."""
+    leaky_note = "LeakyReLU and PReLU pass gradients, so deadrelu leaves them alone"
+    if not report.sites:
+        return "the model has no ReLU sites"
+    if options.sites:
+        matched = [s.name for s in report.sites if any(fnmatch.fnmatchcase(s.name, g) for g in options.sites)]
+        return f"the sites --sites chose are leaky already ({_names(matched)}; {leaky_note})"
+    dead = [s for s in report.sites if s.dead]
+    if not dead:
+        return f"no site has dead units on these {report.data.samples} samples"
+    if all(s.leaky for s in dead):
+        return f"the sites with dead units are leaky already ({_names([s.name for s in dead])}; {leaky_note})"
+    most = max((s for s in dead if not s.leaky), key=lambda s: s.dead / s.units)
+    return (f"no site has --min-dead-fraction {options.min_dead_fraction:g} of its units dead (the most: {most.name}, "
+            f"{most.dead}/{most.units})")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
 def _chosen(site: SiteReport, options: PlanOptions) -> bool:
     if options.sites:
         return any(fnmatch.fnmatchcase(site.name, glob) for glob in options.sites)

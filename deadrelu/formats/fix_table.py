@@ -11,11 +11,8 @@ from deadrelu.fix import FixReport
 
 def render_fix(report: FixReport, console: Console) -> None:
     if not report.plan:
-        leaky = [s.name for s in report.scan.sites if s.leaky]
-        why = (f"the sites chosen are leaky already or have no dead units (leaky sites: {', '.join(leaky[:6])}"
-               f"{', ...' if len(leaky) > 6 else ''})" if leaky else "no site has enough dead units to plan for")
-        console.print(f"Nothing to fix in {report.model}: {why}; dead units: {report.scan.dead}.",
-                      highlight=False, markup=False)
+        console.print(f"Nothing to fix in {report.model}: {report.nothing_planned}; nothing written.",
+                      highlight=False, markup=False, soft_wrap=True)
         return
     console.print(plan_table(report))
     if not report.applied:
