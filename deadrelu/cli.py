@@ -21,7 +21,7 @@ from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormat
                                    SeedOpt, StdOpt, WorkersOpt, data_options_from_flags, output_options,
                                    settings_from_flags)
 from deadrelu.distributed import ranks_from_env
-from deadrelu.errors import DeadReluError, ExitCode
+from deadrelu.errors import DeadReluError, ExitCode, one_line
 from deadrelu.outputs import read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
@@ -85,20 +85,6 @@ def reported_errors() -> Iterator[None]:
     except Exception as exc:  # a bug of ours: still one line, exit 2
         _fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (set DEADRELU_DEBUG=1 for the traceback)",
               exc, ExitCode.ERROR)
-
-
-def one_line(message: str) -> str:
-    """The line of an error message that says what went wrong. A DataLoader worker's
-    error comes back as "Caught X in DataLoader worker process N. Original Traceback
-    ...", ending with the original "pkg.X: message" line: that message is kept."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return message.strip()
-    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
-        last = lines[-1]
-        kind, sep, rest = last.partition(": ")
-        return rest if sep and " " not in kind else last
-    return lines[0]
 
 
 def _fail(message: str, exc: BaseException, code: int) -> None:

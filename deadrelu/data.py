@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from deadrelu.errors import DataError
+from deadrelu.errors import DataError, DeadReluError, one_line
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 NORMALISATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -316,7 +316,28 @@ class IterableSource:
         iterable = self.iterable
         if _is_dataset(iterable):
             iterable = torch.utils.data.DataLoader(iterable, batch_size=batch_size, num_workers=self.workers)  # type: ignore[arg-type]
-        yield from iterable
+        iterator = iter(iterable)
+        index = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DeadReluError:
+                raise
+            except Exception as exc:  # the user's Dataset or generator failed: name the data, not "internal error"
+                raise DataError(f"--data {self.description}: reading batch {index} failed: "
+                                f"{type(exc).__name__}: {one_line(_message(exc))}") from exc
+            index += 1
+            yield batch
+
+
+def _message(exc: BaseException) -> str:
+    """An exception's message; a KeyError's own text, not its repr (a DataLoader worker's
+    error comes back as one of the original type, its message the worker's traceback)."""
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 def _sized(obj: Any) -> bool:

@@ -50,3 +50,17 @@ class ConfigError(UsageError):
 
 class SavedReportError(DeadReluError):
     """A saved JSON report (for `report`, `diff`, `--baseline`) cannot be read."""
+
+
+def one_line(message: str) -> str:
+    """The line of an error message that says what went wrong. A DataLoader worker's
+    error comes back as "Caught X in DataLoader worker process N. Original Traceback
+    ...", ending with the original "pkg.X: message" line: that message is kept."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return message.strip()
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1]
+        kind, sep, rest = last.partition(": ")
+        return rest if sep and " " not in kind else last
+    return lines[0]

@@ -238,3 +238,25 @@ def test_inputs_choose_among_the_arrays_of_a_file(tmp_path: Path, reference) -> 
     assert positives(named) == positives(reference)
     with pytest.raises(DataError, match="the batch has only 2 elements"):
         scan(FIX / "mlp.ts.pt", str(tmp_path / "yx.npz"), ScanOptions(device="cpu", inputs="2"))
+
+
+def test_a_failing_user_dataset_or_generator_is_a_data_error_naming_the_batch() -> None:
+    def generator():
+        yield torch.ones(4, 32)
+        raise ValueError("bad shard 7")
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            if i == 5:
+                raise KeyError("sample 5 missing")
+            return torch.ones(32)
+
+    with pytest.raises(DataError, match=r"reading batch 1 failed: ValueError: bad shard 7"):
+        scan(FIX / "mlp.ts.pt", generator(), ScanOptions(device="cpu"))
+    with pytest.raises(DataError, match=r"reading batch 1 failed: KeyError: sample 5 missing"):
+        scan(FIX / "mlp.ts.pt", Broken(), ScanOptions(device="cpu", batch_size=4, data=DataOptions(workers=0)))
+    with pytest.raises(DataError, match=r"reading batch 1 failed: KeyError: .sample 5 missing"):  # from a worker
+        scan(FIX / "mlp.ts.pt", Broken(), ScanOptions(device="cpu", batch_size=4, data=DataOptions(workers=1)))
