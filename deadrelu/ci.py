@@ -94,6 +94,8 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
         deliver(prepared.fmt, outcome, out.output, quiet=out.quiet, stdout=stdout)
         if out.json_out:
             write_atomic(Path(out.json_out), report.to_json())
+    for warning in _warnings_not_shown(report, out):
+        stderr.print(f"deadrelu: warning: {warning}", style="yellow", highlight=False, markup=False)
     line, style = scan_summary(report, gates)
     stderr.print(line, style=style or None, highlight=False, markup=False)
     if report.partial and live:
@@ -102,6 +104,14 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
         stderr.print(f"deadrelu: note: this is a PARTIAL report: its scan was interrupted after "
                      f"{report.data.samples} samples", highlight=False, markup=False)
     return gates.exit_code(out.exit_zero)
+
+
+def _warnings_not_shown(report: ScanReport, out: OutputOptions) -> tuple[str, ...]:
+    """The report's warnings, for stderr, unless the table on stdout has just shown them: a
+    warning must reach the person at the terminal when stdout is JSON, a file or a pipe's.
+    -q keeps its promise: the summary line alone."""
+    table_on_stdout = out.format == "table" and out.output is None and out.json_out != "-"
+    return () if table_on_stdout or out.quiet else report.warnings
 
 
 def saved_report(path: Path, flags: Settings, config: Path | None, out: OutputOptions,

@@ -68,6 +68,19 @@ def test_random_data_warns(runner: CliRunner) -> None:
     doc = json.loads(result.stdout)
     assert doc["data"]["samples"] == 10 and doc["data"]["random"] is True
     assert any("random data" in w for w in doc["warnings"])
+    assert "deadrelu: warning: random data" in result.stderr  # stdout is JSON: the person reads stderr
+
+
+def test_warnings_reach_stderr_unless_the_table_on_stdout_shows_them(runner: CliRunner, tmp_path: Path) -> None:
+    args = (FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--samples", "10")
+    table = run(runner, *args)
+    assert "warning: random data" in table.stdout and "warning" not in table.stderr
+    for extra in (("--format", "json"), ("--format", "sarif", "-o", tmp_path / "r.sarif")):
+        result = run(runner, *args, *extra)
+        assert result.exit_code == 0, result.output
+        assert "deadrelu: warning: random data" in result.stderr, extra
+    quiet = run(runner, *args, "-q")  # -q: the summary line alone
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr and len(quiet.stderr.splitlines()) == 1
 
 
 def test_samples_caps_the_data(runner: CliRunner) -> None:
