@@ -126,6 +126,36 @@ def test_data_that_does_not_fit(tmp_path: Path, data: np.ndarray, pattern: str) 
     assert __import__("re").search(pattern, message), message
 
 
+class _RefusesOddWidths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 2 == 1:
+            raise ValueError("odd feature counts are not supported")
+        return torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize(("model", "data", "pattern"), [
+    # traced TorchScript: the interpreter blanks an op's error raised under our dispatch mode
+    ("traced", np.ones((4, 31), np.float32), r"input of shape \(4, 31\): mat1 and mat2 shapes cannot be multiplied"),
+    # scripted TorchScript with the model's own raise: the line that names it, not the wrapper
+    ("scripted", np.ones((4, 5), np.float32), r"input of shape \(4, 5\): odd feature counts are not supported"),
+    ("scripted", np.ones((4, 8), np.float32), r"input of shape \(4, 8\): mat1 and mat2 shapes cannot be multiplied"),
+])
+def test_torchscript_forward_errors_say_what_went_wrong(tmp_path: Path, model: str, data: np.ndarray,
+                                                        pattern: str) -> None:
+    net = _RefusesOddWidths()
+    saved = torch.jit.trace(net, torch.ones(2, 6)) if model == "traced" else torch.jit.script(net)
+    saved.save(str(tmp_path / "net.ts.pt"))
+    np.save(tmp_path / "bad.npy", data)
+    result = cli(tmp_path / "net.ts.pt", "--data", tmp_path / "bad.npy")
+    message = result.stderr.replace("\n", " ")
+    assert result.exit_code == 2 and "TorchScript interpreter" not in message, message
+    assert __import__("re").search(pattern, message), message
+
+
 def test_nonfinite_input_data(tmp_path: Path) -> None:
     data = np.ones((10, 32), np.float32)
     data[7, 3] = np.nan

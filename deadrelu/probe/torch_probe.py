@@ -162,6 +162,9 @@ class ReluProbe(TorchDispatchMode):
         self._calls: list[SiteCall] = []
         self.first_pass_calls: list[SiteCall] | None = None  # ReLU-family calls of the first committed pass
         self._op_names: dict[Any, str] = {}  # aten op -> its packet name
+        # The error an op raised in this pass: TorchScript's interpreter re-raises an error
+        # from a dispatch mode with its message blanked, so the forward's error names this one.
+        self.op_error: Exception | None = None
 
     def begin_pass(self) -> None:
         """Call before each forward pass: names and graph cursors restart."""
@@ -169,6 +172,7 @@ class ReluProbe(TorchDispatchMode):
         self.contexts.reset()
         self._staged.clear()
         self._calls.clear()
+        self.op_error = None
 
     def commit_pass(self) -> None:
         """The forward pass completed: fold its staged moments into every site's statistics.
@@ -199,8 +203,12 @@ class ReluProbe(TorchDispatchMode):
         if op_name is None:
             op_name = self._op_names[func] = sites.packet_name(func)
         functional = sites.CANDIDATE_OPS.get(op_name)
-        observed = self._observe(functional, args, kwargs) if functional is not None else None
-        out = func(*args, **kwargs)
+        try:
+            observed = self._observe(functional, args, kwargs) if functional is not None else None
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            self.op_error = exc
+            raise
         recording = self.first_pass_calls is None  # the calls are kept for the first pass only
         if observed is not None:
             tap, pending = observed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -294,7 +295,9 @@ class _Runner:
                 stack.reset()
             if _interrupted(exc):
                 raise KeyboardInterrupt from exc
-            raise ModelRunError(describe_failure(module, inputs, exc, where)) from exc
+            if isinstance(probe.op_error, (DataError, ModelRunError)):
+                raise probe.op_error from exc  # ours, raised inside TorchScript: as it was
+            raise ModelRunError(describe_failure(module, inputs, exc, where, probe.op_error)) from exc
         probe.commit_pass()
 
 
@@ -344,13 +347,31 @@ def _watching_interrupts() -> Iterator[None]:
         _INTERRUPTS.pending = False
 
 
-def describe_failure(module: Any, inputs: ModelInput, exc: Exception, where: str | None) -> str:
+def describe_failure(module: Any, inputs: ModelInput, exc: Exception, where: str | None,
+                     op_error: Exception | None = None) -> str:
     """One line: where the forward failed, on what input, why, and what the model expects."""
-    message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    message = _error_message(exc, op_error)[:300]
     location = f" in module '{where}'" if where else ""
     hints = [h for h in (_dtype_hint(module, inputs), _shape_hint(module)) if h]
     suffix = f" ({'; '.join(hints)})" if hints else ""
     return f"model forward failed{location} on {inputs.shapes() and 'input of shape ' + inputs.shapes()}: {message}{suffix}"
+
+
+_TORCHSCRIPT_TRACEBACK = "The following operation failed in the TorchScript interpreter"
+_RAISED_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def _error_message(exc: Exception, op_error: Exception | None = None) -> str:
+    """The error's own first line. TorchScript's interpreter wraps an error in its traceback,
+    whose last 'SomeError: message' line says what went wrong, or, for an op run under our
+    dispatch mode, blanks it: then the op's own error (``op_error``) says it."""
+    lines = str(exc).strip().splitlines()
+    if lines and lines[0].startswith(_TORCHSCRIPT_TRACEBACK):
+        raised = [m.group(1).strip() for m in map(_RAISED_LINE.match, lines) if m]
+        if raised:
+            return raised[-1]
+        lines = str(op_error).strip().splitlines() if op_error is not None else lines
+    return lines[0] if lines else type(exc).__name__
 
 
 def _dtype_hint(module: Any, inputs: ModelInput) -> str:
