@@ -177,6 +177,23 @@ def test_module_entry_point() -> None:
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
 
 
+def test_console_script_imports_modules_from_the_working_folder(tmp_path: Path) -> None:
+    """`-d mod:fn` and `--arch mod:fn` find mod in the current folder as under `python -m`;
+    the console script's sys.path starts with its bin folder, not the working folder."""
+    import subprocess
+    import sys
+
+    shutil.copy(FIX / "fixture_models.py", tmp_path / "my_models.py")
+    (tmp_path / "my_data.py").write_text("import numpy as np\n\ndef calib():\n"
+                                         "    return np.load(%r)\n" % str(FIX / "mlp.calib.npy"))
+    console_script = "import sys; del sys.path[0]; from deadrelu.cli import main; sys.argv[0] = 'deadrelu'; main()"
+    proc = subprocess.run([sys.executable, "-c", console_script, "scan", str(FIX / "mlp.state_dict.pt"),
+                           "--arch", "my_models:MLP", "--data", "my_data:calib", "--json", "-"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["dead"] == 3
+
+
 def test_onnx_cuda_request_names_the_package_to_install(runner: CliRunner) -> None:
     import onnxruntime
 

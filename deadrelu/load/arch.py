@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ def import_callable(spec: str, what: str) -> Any:
         module = _import_file(Path(target), what, spec)
     else:
         try:
-            module = importlib.import_module(target)
+            with _on_path(Path.cwd()):  # as under `python -m`: the console script's path lacks it
+                module = importlib.import_module(target)
         except Exception as exc:
             raise ArchitectureError(f"{what} '{spec}': cannot import {target}: {exc}") from exc
     obj: Any = module
@@ -42,14 +45,22 @@ def _import_file(path: Path, what: str, spec: str) -> Any:
         raise ArchitectureError(f"{what} '{spec}': cannot import {path}")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
-    sys.path.insert(0, str(path.parent.resolve()))
     try:
-        module_spec.loader.exec_module(module)
+        with _on_path(path.parent.resolve()):
+            module_spec.loader.exec_module(module)
     except Exception as exc:
         raise ArchitectureError(f"{what} '{spec}': importing {path} raised: {exc}") from exc
-    finally:
-        sys.path.pop(0)
     return module
+
+
+@contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    """``folder`` first on sys.path while the user's module imports (and its own imports)."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
 
 
 def build_architecture(spec: str) -> torch.nn.Module:
