@@ -205,9 +205,18 @@ def _open(data: Any, options: ScanOptions) -> CalibrationSource:
 
 
 def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> Iterator[ModelInput]:
-    """The source's batches as model inputs (`--inputs`), capped at `--samples`."""
+    """The source's batches as model inputs (`--inputs`), capped at `--samples`, finite."""
     selector = InputSelector.parse(options.inputs, count_model_inputs(loaded), model_input_names(loaded))
-    return _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+    batches = _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+    return _finite(batches, source.description)
+
+
+def _finite(batches: Iterator[ModelInput], description: str) -> Iterator[ModelInput]:
+    seen = 0
+    for batch in batches:
+        batch.check_finite(seen, description)
+        seen += batch.size
+        yield batch
 
 
 def open_source(data: Any, options: ScanOptions) -> CalibrationSource:

@@ -162,6 +162,39 @@ def test_bad_data_files(runner: CliRunner, tmp_path: Path) -> None:
     assert "expected .npy" in _error(run(runner, FIX / "mlp.ts.pt", "--data", wrong))
 
 
+def _pickle_of_a_module(path: Path) -> None:
+    import torch
+
+    torch.save(torch.nn.Linear(2, 2), path)
+
+
+def _pickle_protocol_4(path: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps([1.0, 2.0], protocol=4))
+
+
+@pytest.mark.parametrize(("name", "write", "expected"), [
+    ("text.pt", lambda p: p.write_text("hello"), r"text\.pt: not a file written by torch\.save \(expected a tensor"),
+    ("model.pt", _pickle_of_a_module, r"model\.pt: holds Python objects other than tensors \(it holds a "
+                                      r"torch\.nn\.modules\.linear\.Linear\).*a model goes in the MODEL argument"),
+    ("plain.pt", _pickle_protocol_4, r"plain\.pt: holds Python objects other than tensors; .*weights_only=True"),
+    ("text.npz", lambda p: p.write_text("hello"), r"text\.npz: not an \.npz archive \(np\.savez writes a zip file"),
+    ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)),
+     r"objects\.npy: array has dtype object \(Python objects\), expected real numbers"),
+    ("fortran.npy", lambda p: np.save(p, np.asfortranarray(np.ones((4, 32), np.float32))),
+     r"fortran\.npy: Fortran-ordered arrays are not supported"),
+])
+def test_data_files_of_the_wrong_kind_say_what_they_are(runner: CliRunner, tmp_path: Path, name: str, write,
+                                                        expected: str) -> None:
+    path = tmp_path / name
+    write(path)
+    result = run(runner, FIX / "mlp.ts.pt", "--data", path)
+    message = _error(result)
+    assert re.search(expected, message), message
+    assert "Warning" not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
+
+
 def test_usage_error_exits_2(runner: CliRunner) -> None:
     result = runner.invoke(app, ["scan", str(FIX / "mlp.ts.pt")])
     assert result.exit_code == 2  # --data missing

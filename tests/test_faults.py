@@ -160,7 +160,7 @@ def test_nonfinite_input_data(tmp_path: Path) -> None:
     data = np.ones((10, 32), np.float32)
     data[7, 3] = np.nan
     np.save(tmp_path / "nan.npy", data)
-    with pytest.raises(DataError, match=r"input 0 holds NaN or Inf \(batch sample 3\)"):
+    with pytest.raises(DataError, match=r"nan\.npy: sample 7 holds NaN or Inf in input 0"):
         scan(FIX / "mlp.ts.pt", tmp_path / "nan.npy", ScanOptions(batch_size=4, device="cpu"))
 
 
@@ -169,7 +169,7 @@ def test_infinite_input_data(tmp_path: Path, bad: float) -> None:
     data = np.ones((10, 32), np.float32)
     data[9, 0] = bad
     np.save(tmp_path / "inf.npy", data)
-    with pytest.raises(DataError, match=r"input 0 holds NaN or Inf \(batch sample 1\)"):
+    with pytest.raises(DataError, match=r"inf\.npy: sample 9 holds NaN or Inf in input 0"):
         scan(FIX / "mlp.ts.pt", tmp_path / "inf.npy", ScanOptions(batch_size=4, device="cpu"))
 
 

@@ -916,11 +916,8 @@ def _convert(array: np.ndarray, spec: InputSpec, model_path: Path) -> np.ndarray
     """The batch in the input's dtype, as the PyTorch path takes it: float data of another
     width is cast; integer or bool data for a float input is refused (uint8 pixels fed
     as 0..255 to a model trained on normalised floats would give statistics of nothing it
-    sees), as are non-integral values for an integer input; float data must be finite."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(np.flatnonzero(~np.isfinite(array.reshape(array.shape[0], -1)).all(1))[0]) if array.ndim else 0
-        raise DataError(f"{model_path}: input '{spec.name}' holds NaN or Inf (batch sample {bad}): calibration data "
-                        "must be finite")
+    sees), as are non-integral values for an integer input. (That float data is finite,
+    `scan.model_batches` has checked.)"""
     if array.dtype == spec.dtype:
         return np.ascontiguousarray(array)
     if spec.dtype.kind == "f" and array.dtype.kind in "biu":
