@@ -71,6 +71,18 @@ def stderr_console() -> Console:
     return Console(stderr=True)
 
 
+class _StdoutConsole(Console):
+    """Rich exits 1 on a closed stdout pipe, which a CI gate would read as findings: the
+    closed pipe goes on to `reported_errors` instead."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+def stdout_console() -> Console:
+    return _StdoutConsole()
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Known errors become one line on stderr and exit 2; never a traceback (unless DEADRELU_DEBUG=1)."""
@@ -82,6 +94,11 @@ def reported_errors() -> Iterator[None]:
         _fail(one_line(str(exc)), exc, exc.exit_code)
     except KeyboardInterrupt as exc:
         _fail("interrupted", exc, ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        # stdout's reader went away (`deadrelu scan ... | head`): quietly, as `yes | head` ends,
+        # with stdout pointed at devnull so that Python's last flush raises nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(int(ExitCode.STDOUT_CLOSED)) from None
     except Exception as exc:  # a bug of ours: still one line, exit 2
         _fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (set DEADRELU_DEBUG=1 for the traceback)",
               exc, ExitCode.ERROR)
@@ -145,7 +162,7 @@ def scan_command(
         report = _scan_with_progress(model, data, options)
         if not ranks_from_env().is_main:
             raise typer.Exit(0)  # under torchrun, rank 0 alone reports (it holds every rank's statistics)
-        raise typer.Exit(int(ci.finish(report, prepared, Console(), stderr_console())))
+        raise typer.Exit(int(ci.finish(report, prepared, stdout_console(), stderr_console())))
 
 
 def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanReport:
@@ -192,7 +209,7 @@ def report_command(
                                     max_site_dead_fraction=max_site_dead_fraction, ignore=ignore, baseline=baseline,
                                     near_dead=near_dead, tau=tau)
         code = ci.saved_report(report, flags, config, output_options(fmt, output, quiet, exit_zero),
-                               Console(), stderr_console())
+                               stdout_console(), stderr_console())
         raise typer.Exit(int(code))
 
 
@@ -212,7 +229,7 @@ def diff_command(
     with reported_errors():
         flags = settings_from_flags(ignore=ignore, max_new_dead=max_new_dead)
         code = ci.compare(old, new, flags, config, output_options(fmt, output, quiet, exit_zero),
-                          Console(), stderr_console())
+                          stdout_console(), stderr_console())
         raise typer.Exit(int(code))
 
 

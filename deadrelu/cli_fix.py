@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from deadrelu.cli import app, reported_errors, stderr_console
+from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
 from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WorkersOpt,
                                    data_options_from_flags)
 from deadrelu.errors import UsageError
@@ -69,6 +68,6 @@ def fix_command(
             return
         from deadrelu.formats.fix_table import render_fix
 
-        render_fix(result, Console())
+        render_fix(result, stdout_console())
         if json_out:
             write_atomic(Path(json_out), document)

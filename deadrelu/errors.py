@@ -12,6 +12,7 @@ class ExitCode(enum.IntEnum):
     FINDINGS = 1  # a gate failed
     ERROR = 2  # usage, load, data or internal error
     INTERRUPTED = 130  # Ctrl-C: a partial report was written
+    STDOUT_CLOSED = 141  # the reader of stdout went away (`| head`): 128 + SIGPIPE, as the shell gives
 
 
 class DeadReluError(Exception):

@@ -227,6 +227,25 @@ def test_console_script_imports_modules_from_the_working_folder(tmp_path: Path) 
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
 
 
+@pytest.mark.parametrize("extra", [[], ["--json", "-"], ["--format", "sarif"]])
+def test_a_closed_stdout_pipe_exits_141_quietly(extra: list[str]) -> None:
+    """`deadrelu scan ... | head`: not exit 1 (a gate's findings) nor a traceback: 128 + SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the report is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
+                               str(FIX / "mlp.calib.npy"), *extra], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+
+
 def test_onnx_cuda_request_names_the_package_to_install(runner: CliRunner) -> None:
     import onnxruntime
 
