@@ -109,6 +109,7 @@ def parse_settings(table: dict[str, Any], path: Path, where: str = SECTION) -> S
     """Validate one [tool.deadrelu] table; every error names `path`, the table and the key."""
     place = f"{path}: {where + ' ' if where else ''}"
     values: dict[str, Any] = {"source": path}
+    _refuse_two_spellings(table, place)
     for raw_key, value in table.items():
         key = raw_key.replace("_", "-")
         if key == "sites":
@@ -123,6 +124,16 @@ def parse_settings(table: dict[str, Any], path: Path, where: str = SECTION) -> S
 
 
 # --- validation ------------------------------------------------------------------------------
+
+def _refuse_two_spellings(table: dict[str, Any], place: str) -> None:
+    """max-dead and max_dead are one key: given both, which wins would be a guess."""
+    spellings: dict[str, list[str]] = {}
+    for raw_key in table:
+        spellings.setdefault(raw_key.replace("_", "-"), []).append(raw_key)
+    for given in spellings.values():
+        if len(given) > 1:
+            raise ConfigError(f"{place}{' and '.join(given)}: one key spelt {len(given)} ways; keep one")
+
 
 def _count(value: Any, name: str, _path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -189,6 +200,7 @@ def _site_rules(value: Any, path: Path, where: str) -> tuple[SiteRule, ...]:
         if not isinstance(limits, dict):
             raise ConfigError(f"{head}: expected a table with max-dead and/or max-dead-fraction, got {limits!r}")
         parsed: dict[str, Any] = {}
+        _refuse_two_spellings(limits, f"{head} ")
         for raw_key, limit in limits.items():
             key = raw_key.replace("_", "-")
             check = _SITE_KEYS.get(key)

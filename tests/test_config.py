@@ -98,6 +98,9 @@ def test_explicit_config_file(tmp_path: Path) -> None:
     ("[tool.deadrelu.sites.'layer4.*']\nmax-dead = 'many'\n",
      '[tool.deadrelu.sites."layer4.*"] max-dead: expected an integer >= 0'),
     ("[tool.deadrelu.sites.'layer4.*']\nignore = true\n", '[tool.deadrelu.sites."layer4.*"] ignore: unknown key'),
+    ("[tool.deadrelu]\nmax-dead = 1\nmax_dead = 5\n", "[tool.deadrelu] max-dead and max_dead: one key spelt 2 ways"),
+    ("[tool.deadrelu.sites.'layer4.*']\nmax-dead-fraction = 0.1\nmax_dead_fraction = 0.2\n",
+     '[tool.deadrelu.sites."layer4.*"] max-dead-fraction and max_dead_fraction: one key spelt 2 ways'),
     ("[tool.deadrelu\nmax-dead = 1\n", "invalid TOML"),
     ("[tool]\ndeadrelu = 3\n", "tool.deadrelu: expected a table"),
 ])
