@@ -154,6 +154,7 @@ class GateReport:
     results: tuple[GateResult, ...]
     baseline: str | None = None
     extra_results: tuple[GateResult, ...] = field(default=())
+    baseline_notes: tuple[str, ...] = ()  # where the baseline does not match the report's sites
 
     @property
     def active(self) -> bool:
@@ -203,6 +204,7 @@ class GateReport:
             "passed": self.passed,
             "fail_on": self.policy.kind.value,
             "baseline": self.baseline,
+            "baseline_notes": list(self.baseline_notes),
             "policy": effective.to_dict(),
             "counted": {"kind": self.kind_words, "units": self.units, "findings": self.counted,
                         "fraction": self.counted_fraction},
@@ -242,15 +244,44 @@ def evaluate(report: ScanReport, policy: GatePolicy, baseline: ScanReport | None
         counted, collapsed = found, site.verdict.collapsed
         if baseline is not None:
             before = known.get(site.name)
+            if before is not None and before.units != site.units:
+                before = None  # another layer under the same name: unit i there is not unit i here
             old = set(findings(before, kind)) if before is not None else set()
             counted = tuple(u for u in found if u not in old)
             collapsed = collapsed and not (before is not None and before.verdict.collapsed)
         sites.append(SiteFindings(site.name, site.units, policy.ignores(site.name), found, counted, collapsed))
     label = baseline_label or (baseline.model.path if baseline is not None else None)
-    gate_report = GateReport(policy, tuple(sites), (), label)
+    notes = baseline_mismatches(report, baseline, label or "the baseline") if baseline is not None else ()
+    gate_report = GateReport(policy, tuple(sites), (), label, baseline_notes=notes)
     if not policy.active:
         return gate_report
     return replace(gate_report, results=tuple(_results(gate_report, policy.effective())))
+
+
+def baseline_mismatches(report: ScanReport, baseline: ScanReport, label: str) -> tuple[str, ...]:
+    """Where `baseline` cannot excuse findings: the report's sites it lacks, or has with
+    another unit count (their findings all count as new). None shared at all usually means
+    the baseline is of another model, and gating against it is gating without one."""
+    known = {s.name: s.units for s in baseline.sites}
+    missing = [s.name for s in report.sites if s.name not in known]
+    resized = [f"{s.name} ({s.units} units, {known[s.name]} there)" for s in report.sites
+               if s.name in known and known[s.name] != s.units]
+    if report.sites and len(missing) == len(report.sites):
+        return (f"baseline {label} shares no site name with this report (another model?): "
+                f"every finding counts as new",)
+    notes = []
+    if missing:
+        notes.append(f"baseline {label} lacks {len(missing)} of this report's {len(report.sites)} sites, whose "
+                     f"findings all count as new: {_listed(missing)}")
+    if resized:
+        notes.append(f"baseline {label} has other unit counts at {len(resized)} sites, whose findings all count "
+                     f"as new: {_listed(resized)}")
+    return tuple(notes)
+
+
+def _listed(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:

@@ -112,6 +112,35 @@ def test_baseline_counts_only_new_findings() -> None:
     assert ("collapsed", "c") not in [(r.gate, r.site) for r in gates.failures]  # collapsed before too
     assert gates.failures[0].message == "2 new dead units > max-dead 0"
     assert evaluate(new, GatePolicy(max_dead=2), old).passed
+    assert gates.baseline_notes == ("baseline old.json lacks 1 of this report's 3 sites, whose findings all count as "
+                                    "new: b",)
+
+
+def test_a_baseline_that_does_not_match_says_so() -> None:
+    new = make_report([Site("a", 10, dead=(1, 2)), Site("b", 4, dead=(0,))])
+    other_model = make_report([Site("x", 10, dead=(1, 2)), Site("y", 4, dead=(0,))])
+    gates = evaluate(new, GatePolicy(max_dead=0), other_model, "old.json")
+    assert gates.counted == 3 and gates.baseline_notes == (
+        "baseline old.json shares no site name with this report (another model?): every finding counts as new",)
+    resized = make_report([Site("a", 20, dead=(1, 2)), Site("b", 4, dead=(0,))])  # 'a' is another layer now
+    gates = evaluate(new, GatePolicy(max_dead=0), resized, "old.json")
+    assert {s.name: s.counted for s in gates.sites} == {"a": (1, 2), "b": ()}
+    assert gates.baseline_notes == ("baseline old.json has other unit counts at 1 sites, whose findings all count "
+                                    "as new: a (10 units, 20 there)",)
+    assert evaluate(new, GatePolicy(max_dead=0), new).baseline_notes == ()
+    assert evaluate(new, GatePolicy(max_dead=0)).to_dict()["baseline_notes"] == []
+
+
+def test_baseline_mismatches_reach_the_table_or_stderr(tmp_path: Path) -> None:
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    new.write_text(make_report([Site("a", 10, dead=(1,))]).to_json())
+    old.write_text(make_report([Site("x", 10, dead=(1,))]).to_json())
+    table = run("report", new, "--baseline", old, "--max-dead", "0")
+    assert table.exit_code == 1 and "shares no site name" in " ".join(table.stdout.split())
+    assert "shares no" not in table.stderr  # the table on stdout said it
+    as_json = run("report", new, "--baseline", old, "--max-dead", "0", "-f", "json")
+    assert "deadrelu: warning: baseline" in as_json.stderr and "shares no site name" in " ".join(as_json.stderr.split())
+    assert json.loads(as_json.stdout)["gates"]["baseline_notes"][0].startswith(f"baseline {old} shares no site")
 
 
 def test_gate_report_json_shape() -> None:

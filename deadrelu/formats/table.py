@@ -122,6 +122,7 @@ def gate_lines(gates: GateReport) -> list[Text]:
     ignored = [s.name for s in gates.sites if s.ignored]
     if ignored:
         lines.append(Text(f"  ignored sites: {', '.join(ignored)}", style="dim"))
+    lines.extend(Text(f"  warning: {note}", style="yellow") for note in gates.baseline_notes)
     return lines
 
 
