@@ -293,10 +293,10 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
                                   f"{g.counted} {words} {plural(g.counted, 'unit')} {_cmp(ok)} max-dead {policy.max_dead}"))
     if policy.max_dead_fraction is not None:
         ok = g.counted_fraction <= policy.max_dead_fraction
+        shown = pct_pair(g.counted_fraction, policy.max_dead_fraction)
         results.append(GateResult(
             "max-dead-fraction", None, policy.max_dead_fraction, g.counted_fraction, ok,
-            f"{g.counted} of {g.units} units {words} ({pct(g.counted_fraction)}) {_cmp(ok)} "
-            f"max-dead-fraction {pct(policy.max_dead_fraction)}"))
+            f"{g.counted} of {g.units} units {words} ({shown[0]}) {_cmp(ok)} max-dead-fraction {shown[1]}"))
     for site in g.sites:
         if site.ignored:
             continue
@@ -310,10 +310,11 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
         if fraction_limit is not None:
             fraction = n / site.units if site.units else 0.0
             ok = fraction <= fraction_limit
+            shown = pct_pair(fraction, fraction_limit)
             results.append(GateResult(
                 "max-site-dead-fraction", site.name, fraction_limit, fraction, ok,
-                f"{site.name}: {n} of {site.units} units {words} ({pct(fraction)}) {_cmp(ok)} "
-                f"max-site-dead-fraction {pct(fraction_limit)}{from_rule}"))
+                f"{site.name}: {n} of {site.units} units {words} ({shown[0]}) {_cmp(ok)} "
+                f"max-site-dead-fraction {shown[1]}{from_rule}"))
         if count_limit is not None:
             ok = n <= count_limit
             results.append(GateResult("site-max-dead", site.name, count_limit, n, ok,
@@ -321,9 +322,19 @@ def _results(g: GateReport, policy: GatePolicy) -> list[GateResult]:
     return results
 
 
-def pct(fraction: float) -> str:
+def pct(fraction: float, digits: int = 3) -> str:
     """A fraction as a short percentage: 0.065 -> '6.5%', 0.0004 -> '0.04%'."""
-    return f"{fraction * 100:.3g}%"
+    return f"{fraction * 100:.{digits}g}%"
+
+
+def pct_pair(actual: float, limit: float) -> tuple[str, str]:
+    """Both as percentages with the digits it takes to tell them apart: a gate that failed
+    must not read '6.48% > 6.48%' (0.0648148 against 0.0648)."""
+    for digits in range(3, 18):
+        shown = pct(actual, digits), pct(limit, digits)
+        if actual == limit or shown[0] != shown[1]:
+            return shown
+    return shown
 
 
 def plural(count: int, word: str) -> str:

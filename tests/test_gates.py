@@ -143,6 +143,16 @@ def test_baseline_mismatches_reach_the_table_or_stderr(tmp_path: Path) -> None:
     assert json.loads(as_json.stdout)["gates"]["baseline_notes"][0].startswith(f"baseline {old} shares no site")
 
 
+def test_a_failed_fraction_gate_never_reads_as_equal() -> None:
+    """14 of 216 units is 6.4815%: against 6.48% the message shows the digits that differ."""
+    report = make_report([Site("a", 216, dead=tuple(range(14)))])
+    for policy in (GatePolicy(max_dead_fraction=0.0648), GatePolicy(max_site_dead_fraction=0.0648)):
+        failure = evaluate(report, policy).failures[0]
+        assert "(6.481%) > max" in failure.message and failure.message.endswith(" 6.48%"), failure.message
+    passing = evaluate(report, GatePolicy(max_dead_fraction=14 / 216)).results[0]
+    assert passing.passed and "(6.48%) <= max-dead-fraction 6.48%" in passing.message
+
+
 def test_gate_report_json_shape() -> None:
     doc = evaluate(sample_report(), GatePolicy(fail_on=FailOn.DEAD)).to_dict()
     assert doc["active"] is True and doc["passed"] is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from deadrelu.formats.interface import Outcome, ReportFormat
-from deadrelu.gates import GateReport, GateResult, pct, plural
+from deadrelu.gates import GateReport, GateResult, pct, pct_pair, plural
 from deadrelu.report import ScanReport, SiteReport
 
 if TYPE_CHECKING:
@@ -110,8 +110,7 @@ def _gate_table(gates: GateReport) -> list[str]:
     shown: list[GateResult] = [*gates.global_results(), *(r for r in gates.failures if r.site is not None)]
     for r in shown:
         fraction = "fraction" in r.gate
-        actual = pct(r.actual) if fraction else f"{r.actual:g}"
-        limit = pct(r.limit) if fraction else f"{r.limit:g}"
+        actual, limit = pct_pair(r.actual, r.limit) if fraction else (f"{r.actual:g}", f"{r.limit:g}")
         rows.append(f"| {PASS if r.passed else FAIL} | {r.gate} | {code(r.site) if r.site else 'all sites'} | "
                     f"{actual} | {limit} | {cell(r.message)} |")
     site_checks = [r for r in gates.all_results if r.site is not None]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deadrelu.diff import ReportDiff
-from deadrelu.gates import GateReport, GateResult, pct, plural
+from deadrelu.gates import GateReport, GateResult, pct, pct_pair, plural
 from deadrelu.report import ScanReport
 
 
@@ -41,5 +41,6 @@ def _short(result: GateResult) -> str:
     if result.gate == "collapsed":
         return f"collapsed{where}"
     if isinstance(result.limit, float) and "fraction" in result.gate:
-        return f"{result.gate}{where} ({pct(result.actual)} > {pct(result.limit)})"
+        actual, limit = pct_pair(result.actual, result.limit)
+        return f"{result.gate}{where} ({actual} > {limit})"
     return f"{result.gate}{where} ({result.actual:g} > {result.limit:g})"
