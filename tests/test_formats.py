@@ -21,7 +21,7 @@ from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.formats.github import escape_data, escape_property
 from deadrelu.formats.interface import Outcome
 from deadrelu.formats.markdown import code
-from deadrelu.gates import GatePolicy, evaluate
+from deadrelu.gates import FailOn, GatePolicy, evaluate
 from deadrelu.report import json_schema
 
 HERE = Path(__file__).resolve().parent
@@ -119,6 +119,34 @@ def test_sarif_is_valid_sarif_2_1_0() -> None:
     assert stem[0]["suppressions"][0]["kind"] == "external"  # ignored by configuration
     assert [r["ruleId"] for r in run["results"] if "logicalLocations" not in r["locations"][0]] == ["DR100"]
     assert run["artifacts"][0]["location"]["uri"] == "models/net.pt"
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    (FailOn.DEAD, {"a": [("DR001", "error"), ("DR002", "note")], "b": [("DR002", "note")], "c": [("DR004", "note")]}),
+    (FailOn.NEAR_DEAD, {"a": [("DR001", "error"), ("DR002", "error")], "b": [("DR002", "error")],
+                        "c": [("DR004", "note")]}),
+    (FailOn.DORMANT, {"a": [("DR001", "error"), ("DR002", "error")], "b": [("DR002", "error")],
+                      "c": [("DR004", "error")]}),
+])
+def test_sarif_errors_are_the_findings_the_failed_gate_counted(kind: FailOn, expected: dict) -> None:
+    """A gate that failed on near-dead or dormant units alone is no 'dead-units' (DR001) result."""
+    schema = json.loads((HERE / "schemas" / "sarif-schema-2.1.0.json").read_text())
+    report = make_report([Site("a", 8, dead=(1,), near=(2,)), Site("b", 8, near=(3,)), Site("c", 8, dormant=(4,))])
+    gates = evaluate(report, GatePolicy(fail_on=kind, max_dead=100, max_site_dead_fraction=0.0))
+    doc = json.loads(get_format("sarif").render(Outcome(report, gates)))
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft4Validator)
+    by_site: dict[str, list] = {}
+    gate_named: dict[str, list] = {}
+    results = doc["runs"][0]["results"]
+    assert all("logicalLocations" in r["locations"][0] for r in results)  # max-dead 100 passed
+    for result in (r for r in results if "logicalLocations" in r["locations"][0]):
+        site = result["locations"][0]["logicalLocations"][0]["name"]
+        by_site.setdefault(site, []).append((result["ruleId"], result["level"]))
+        if "Gate: " in result["message"]["text"]:
+            gate_named.setdefault(site, []).append(result["ruleId"])
+    assert by_site == expected
+    first_errors = {site: [r for r, level in found if level == "error"][:1] for site, found in expected.items()}
+    assert gate_named == {site: rules for site, rules in first_errors.items() if rules}
 
 
 def test_sarif_without_a_model_file_is_still_valid() -> None:

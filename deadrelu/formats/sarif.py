@@ -1,8 +1,9 @@
 """SARIF 2.1.0: one result per finding at a site (logical location = the site), one per
 failed global gate. Upload to GitHub code scanning or open in any SARIF viewer.
 
-Levels: `error` where a gate failed for the site (or globally), `warning` for dead units
-and collapsed sites, `note` for near-dead units. The model file is the physical location
+Levels: `error` for the findings a failed gate counted at the site (dead units, then near-dead
+and dormant ones as --fail-on widens) and for failed global gates; otherwise `warning` for dead
+units and collapsed sites, `note` for near-dead (DR002) and dormant (DR004) units. The model file is the physical location
 (an artifact with its sha-256), so viewers that need a file have one.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from deadrelu.formats.interface import Outcome, ReportFormat
-from deadrelu.gates import GateResult
+from deadrelu.gates import FailOn, GateResult
 from deadrelu.report import SiteReport
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -27,10 +28,14 @@ RULES = (
      "These units fire on fewer positions than the near-dead threshold."),
     ("DR003", "collapsed-site", "Every unit of a ReLU site is dead",
      "Everything after this site sees a constant: the layers after it cannot learn."),
+    ("DR004", "dormant-units", "ReLU units whose output is tiny beside the site's other units",
+     "The tau-dormant score of these units (mean output over the site's mean output, Sokar et al. 2023) is at "
+     "or below tau: they fire, but contribute almost nothing."),
     ("DR100", "gate-failed", "A deadrelu gate failed",
      "A threshold over the whole model (max-dead, max-dead-fraction) was exceeded."),
 )
 _INDEX = {rule[0]: i for i, rule in enumerate(RULES)}
+_DEFAULT_LEVEL = {"DR001": "warning", "DR002": "note", "DR003": "warning", "DR004": "note", "DR100": "error"}
 
 
 def artifact_uri(path: str) -> str | None:
@@ -56,7 +61,7 @@ class SarifFormat(ReportFormat):
         ignored = {s.name for s in gates.sites if s.ignored}
         for index, site in enumerate(report.sites):
             failed = [r for r in gates.site_results(site.name) if not r.passed]
-            results.extend(_site_results(site, index, failed, uri, site.name in ignored))
+            results.extend(_site_results(site, index, failed, uri, site.name in ignored, gates.policy.kind))
         for gate in gates.global_results():
             if not gate.passed:
                 result = _result("DR100", "error", gate.message,
@@ -69,7 +74,7 @@ class SarifFormat(ReportFormat):
                 "name": "deadrelu", "version": __version__, "semanticVersion": __version__,
                 "rules": [{"id": rid, "name": name, "shortDescription": {"text": short},
                            "fullDescription": {"text": full},
-                           "defaultConfiguration": {"level": "note" if rid == "DR002" else "warning"}}
+                           "defaultConfiguration": {"level": _DEFAULT_LEVEL[rid]}}
                           for rid, name, short, full in RULES],
             }},
             "invocations": [{"executionSuccessful": True,
@@ -90,23 +95,40 @@ class SarifFormat(ReportFormat):
 
 
 def _site_results(site: SiteReport, index: int, failed: list[GateResult], uri: str | None,
-                  ignored: bool) -> list[dict[str, Any]]:
+                  ignored: bool, kind: FailOn) -> list[dict[str, Any]]:
+    """The site's findings, one result a kind. Where a gate failed at the site, the kinds that
+    gate counted (dead, then near-dead, then dormant, by --fail-on) are errors, and the first
+    of them carries the gate's message; the rest stay warnings (dead) and notes."""
     gate = "; ".join(r.message for r in failed)
-    suffix = f" Gate: {gate}" if gate else ""
-    level = "error" if failed else "warning"
     v = site.verdict
-    found: list[tuple[str, str, str, dict[str, Any]]] = []
+    counted = {"DR001", "DR003"} | ({"DR002"} if kind in (FailOn.NEAR_DEAD, FailOn.DORMANT) else set()) \
+        | ({"DR004"} if kind is FailOn.DORMANT else set())
+    shown = set(v.dead) | set(v.near_dead)
+    dormant = tuple(u for u in v.dormant if u not in shown)
+    found: list[tuple[str, str, dict[str, Any]]] = []
     if v.collapsed:
-        found.append(("DR003", level, f"{site.name}: all {site.units} units are dead; everything after it sees "
-                      f"a constant.{suffix}", {"units": site.units}))
+        found.append(("DR003", f"{site.name}: all {site.units} units are dead; everything after it sees a constant.",
+                      {"units": site.units}))
     elif site.dead:
-        found.append(("DR001", level, f"{site.name}: {site.dead} of {site.units} units dead "
-                      f"(units {_list(v.dead)}).{suffix}", {"units": site.units, "deadUnits": list(v.dead)}))
-    elif failed:  # a gate that counts near-dead or dormant units failed here
-        found.append(("DR001", "error", f"{site.name}: {gate}", {"units": site.units}))
+        found.append(("DR001", f"{site.name}: {site.dead} of {site.units} units dead (units {_list(v.dead)}).",
+                      {"units": site.units, "deadUnits": list(v.dead)}))
     if v.near_dead:
-        found.append(("DR002", "note", f"{site.name}: {len(v.near_dead)} of {site.units} units near-dead "
+        found.append(("DR002", f"{site.name}: {len(v.near_dead)} of {site.units} units near-dead "
                       f"(units {_list(v.near_dead)}).", {"units": site.units, "nearDeadUnits": list(v.near_dead)}))
+    if dormant and not v.collapsed:
+        found.append(("DR004", f"{site.name}: {len(dormant)} of {site.units} units dormant "
+                      f"(units {_list(dormant)}).", {"units": site.units, "dormantUnits": list(dormant)}))
+    at_fault = [rule for rule, _, _ in found if rule in counted] if failed else []
+    if failed and not at_fault:  # (a gate fails only on findings; kept for a policy of another kind)
+        found.insert(0, ("DR100", f"{site.name}: a gate failed.", {"units": site.units}))
+        at_fault = ["DR100"]
+    levelled = []
+    for rule, message, properties in found:
+        if rule in at_fault:
+            suffix = f" Gate: {gate}" if rule == at_fault[0] else ""
+            levelled.append((rule, "error", message + suffix, properties))
+        else:
+            levelled.append((rule, _DEFAULT_LEVEL[rule], message, properties))
     location: dict[str, Any] = {
         "logicalLocations": [{"name": site.name, "fullyQualifiedName": site.name, "kind": "module", "index": index}],
         "message": {"text": f"ReLU site {site.name} ({site.op}, unit axis {site.unit_axis})"},
@@ -114,7 +136,7 @@ def _site_results(site: SiteReport, index: int, failed: list[GateResult], uri: s
     if uri:
         location["physicalLocation"] = {"artifactLocation": {"uri": uri, "index": 0}}
     out = []
-    for rule, rule_level, message, properties in found:
+    for rule, rule_level, message, properties in levelled:
         result = _result(rule, rule_level, message, properties)
         result["locations"] = [location]
         if ignored:
