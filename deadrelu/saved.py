@@ -128,6 +128,7 @@ def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
         raise at.error("per_unit.positive", "more positive values than values seen (count + inf)")
     if (columns["m2"] < 0).any():
         raise at.error("per_unit.m2", "a sum of squared deviations cannot be negative")
+    _check_bounds(columns, at)
     count = columns["count"]
     zeros = np.zeros(units, dtype=np.int64)
     nonfinite = site.get("nonfinite")
@@ -145,6 +146,22 @@ def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
         relu_sum=np.nan_to_num(columns["relu_mean"], nan=0.0) * count,
     )
     return summary, lacks_nonfinite
+
+
+def _check_bounds(columns: dict[str, np.ndarray], at: _Where) -> None:
+    """min <= max, and a unit with positive values has a positive max: a report edited or
+    corrupted into contradicting itself would give verdicts of nothing that was measured."""
+    low, high = columns["min"], columns["max"]
+    with np.errstate(invalid="ignore"):
+        crossed = np.flatnonzero(low > high)
+        unmet = np.flatnonzero((columns["positive"] > 0) & ~(high > 0))
+    if crossed.size:
+        u = int(crossed[0])
+        raise at.error("per_unit.min", f"unit {u} has min {low[u]:g} > max {high[u]:g}")
+    if unmet.size:
+        u = int(unmet[0])
+        raise at.error("per_unit.positive", f"unit {u} has {int(columns['positive'][u])} positive values but "
+                       f"max {high[u]:g}")
 
 
 class _Where:

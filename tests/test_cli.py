@@ -424,6 +424,8 @@ _DELETE = object()
     ("sites.0.per_unit.positive.0", 10 ** 9, r"sites\[0\]\.per_unit\.positive: more positive values"),
     ("sites.0.per_unit.mean.0", "1.5", r"sites\[0\]\.per_unit\.mean: expected numbers"),
     ("sites.0.per_unit.m2.0", -1.0, r"sites\[0\]\.per_unit\.m2: .*cannot be negative"),
+    ("sites.0.per_unit.min.0", 1e9, r"sites\[0\]\.per_unit\.min: unit 0 has min 1e\+09 > max 4\.3"),
+    ("sites.0.per_unit.max.0", 0.0, r"sites\[0\]\.per_unit\.positive: unit 0 has 122 positive values but max 0"),
     ("sites.0.nonfinite", None, None),  # optional: read only for a hint
     ("sites.0.units", -1, r"sites\[0\]\.units: expected an integer >= 0"),
     ("sites.0.unit_axis", -2, r"sites\[0\]\.unit_axis: expected an integer >= 0"),
