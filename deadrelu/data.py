@@ -167,7 +167,22 @@ class InputSelector:
             return ModelInput(tuple(tensors[k] for k in leading))
         if not set(keys) & set(self.names):  # --inputs pixels for forward(x): in the order given
             return ModelInput(tuple(tensors.values()))
-        return ModelInput((), tensors)
+        raise DataError(self._unplaceable(keys))
+
+    def _unplaceable(self, keys: tuple[str, ...]) -> str:
+        """Why named inputs that are partly the forward's parameters cannot be passed: inputs
+        go by position (a torch.export program takes no keywords), so they must be its
+        leading parameters, or all be other names (taken in the order given)."""
+        assert self.names is not None
+        takes = f"the model's forward takes ({', '.join(self.names)})"
+        unknown = [k for k in keys if k not in self.names]
+        if unknown:
+            return (f"--inputs {','.join(keys)}: {', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} "
+                    f"not among its parameters, the others are; {takes}")
+        last = max(self.names.index(k) for k in keys)
+        skipped = [n for n in self.names[:last] if n not in keys]
+        return (f"--inputs {','.join(keys)}: {takes} and inputs go by position, so {self.names[last]!r} needs "
+                f"{', '.join(map(repr, skipped))} before it")
 
     def _default_keys(self, batch: dict[str, Any]) -> tuple[str, ...]:
         if self.names is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -152,6 +154,14 @@ def test_named_arrays_in_a_file_reach_the_parameters_of_those_names(tmp_path) ->
     np.savez(tmp_path / "misnamed.npz", img=image, msk=mask)
     with pytest.raises(DataError, match="named img, msk but the model's forward takes image, mask"):
         scan(tmp_path / "two.pt2", tmp_path / "misnamed.npz", options)
+    renamed = scan(tmp_path / "two.pt2", tmp_path / "misnamed.npz", replace(options, inputs="img,msk"))
+    np.testing.assert_array_equal(renamed.sites[0].stats.positive, (truth > 0).sum(axis=0))  # in the order given
+    # --inputs partly the forward's names: no keyword arguments (a .pt2 takes none), one clear line
+    for inputs, message in (("image,label", r"--inputs image,label: 'label' is not among its parameters, the others "
+                                            r"are; the model's forward takes \(image, mask\)"),
+                            ("mask", r"--inputs mask: .* so 'mask' needs 'image' before it")):
+        with pytest.raises(DataError, match=message):
+            scan(tmp_path / "two.pt2", tmp_path / "reversed.npz", replace(options, inputs=inputs))
 
 
 def test_torchscript_hierarchy_parsing() -> None:
