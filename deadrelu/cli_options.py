@@ -15,7 +15,7 @@ import typer
 
 from deadrelu.ci import OutputOptions
 from deadrelu.config import Settings
-from deadrelu.data import DataOptions, ImageOptions, parse_normalisation
+from deadrelu.data import RANDOM, DataOptions, ImageOptions, parse_normalisation
 from deadrelu.errors import UsageError
 from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
@@ -76,7 +76,7 @@ def data_options_from_flags(data: str | None, *, input_shape: str | None, seed: 
     """The data flags as `DataOptions`; --input-shape is refused for data it cannot shape
     (anything but `--data random`), rather than ignored."""
     shape = parse_shape(input_shape)
-    if shape is not None and data is not None and data != "random":
+    if shape is not None and data is not None and data != RANDOM:
         raise UsageError(f"--input-shape applies to --data random only (the shape of {data}'s samples is its own)")
     normalise = parse_normalisation(mean, std)
     return DataOptions(input_shape=shape, seed=seed, workers=workers,

@@ -489,10 +489,13 @@ class DataOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
 
 
+RANDOM = "random"  # the --data spec of seeded Gaussian inputs
+
+
 def open_data(spec: str, options: DataOptions | None = None) -> CalibrationSource:
     """Open a `--data` spec (see the module docstring)."""
     options = options or DataOptions()
-    if spec == "random":
+    if spec == RANDOM:
         if not options.input_shape:
             raise DataError("--data random needs --input-shape, e.g. --input-shape 3,224,224")
         return RandomSource(options.input_shape, options.random_samples, options.seed)
