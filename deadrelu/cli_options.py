@@ -101,6 +101,8 @@ def settings_from_flags(*, fail_on: FailOn | None = None, max_dead: int | None =
                         ignore: list[str] | None = None, baseline: Path | None = None,
                         near_dead: float | None = None, tau: float | None = None,
                         max_new_dead: int | None = None) -> Settings:
+    if ignore and not all(glob.strip() for glob in ignore):
+        raise UsageError("--ignore '': expected a site-name glob (e.g. 'head.*'); an empty one matches no site")
     return Settings(fail_on=fail_on, max_dead=max_dead, max_dead_fraction=max_dead_fraction,
                     max_site_dead_fraction=max_site_dead_fraction, ignore=tuple(ignore) if ignore else None,
                     baseline=baseline, near_dead=near_dead, tau=tau, max_new_dead=max_new_dead)

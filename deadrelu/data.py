@@ -141,7 +141,8 @@ class InputSelector:
     def _from_sequence(self, batch: Sequence[Any]) -> ModelInput:
         if self.positions is not None:
             if max(self.positions) >= len(batch):
-                raise DataError(f"--inputs {','.join(map(str, self.positions))}: the batch has only {len(batch)} elements")
+                raise DataError(f"--inputs {','.join(map(str, self.positions))}: the batch has only {len(batch)} "
+                                f"element{'' if len(batch) == 1 else 's'} (positions count from 0)")
             chosen = [batch[i] for i in self.positions]
         elif self.count is not None and len(batch) > self.count:
             chosen = list(batch[: self.count])  # (inputs, labels): the labels are not model inputs
