@@ -43,6 +43,21 @@ def test_table_fits_80_columns_and_folds_names(runner: CliRunner) -> None:
     assert "layer3.act_prelu" in first_column  # folded over lines, never cut
 
 
+@pytest.mark.parametrize("columns", [79, 70, 60, 50, 40, 32])
+def test_a_narrow_terminal_keeps_the_site_names_and_dead_counts(runner: CliRunner, columns: int) -> None:
+    """Columns go (axis, then the moments) before the names and counts do; the title says which."""
+    result = run(runner, FIX / "convnet.ts.pt", "--data", FIX / "convnet.calib.npy", columns=columns)
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 0 and all(len(line) <= columns for line in lines)
+    header = next(line for line in lines if line.lstrip().startswith("site "))
+    assert header.split()[:1] == ["site"] and {"units", "dead", "near"} <= set(header.split())
+    assert "hidden, too narrow: axis" in " ".join(result.stdout.split())
+    width = header.index(header.split()[1])  # where the column after the names starts
+    body = lines[lines.index(header) + 2:]
+    first_column = "".join(line[:width].strip() for line in body if line.startswith(" ") and line.strip())
+    assert "layer3.act_prelu" in first_column  # the name, folded, never dropped
+
+
 def test_json_to_stdout_is_only_json(runner: CliRunner) -> None:
     result = run(runner, FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--json", "-")
     assert result.exit_code == 0

@@ -32,40 +32,70 @@ def _num(value: float | None) -> str:
 _OP_LABELS = {"leaky_relu": "leaky"}
 _NUMERIC_COLUMNS = (("axis", 4), ("units", 5), ("dead", 4), ("near", 4), ("dorm", 4), ("active", 6),
                     ("mean", 6), ("std", 6), ("min", 6), ("max", 6))
+# On a terminal too narrow for every column these go first, in this order: the site's name
+# (folded, never dropped), its units and its dead/near-dead counts stay.
+_DROPPED_FIRST = ("axis", "std", "min", "max", "dorm", "mean", "op", "active")
 
 
 def _count(count: int, total: int, style: str) -> Text:
     return Text(str(count), style=style if count else "dim")
 
 
-def site_table(report: ScanReport) -> Table:
-    table = Table(title=f"ReLU sites of {report.model.path}", title_justify="left", box=box.SIMPLE_HEAD,
+def site_table(report: ScanReport, console: Console | None = None) -> Table:
+    """Every column, or on a console too narrow for them (under 80 columns) the ones that fit."""
+    rows = [_row(site) for site in report.sites]
+    dropped: list[str] = []
+    while console is not None and len(dropped) < len(_DROPPED_FIRST) and _width(rows, dropped) > console.width:
+        dropped.append(_DROPPED_FIRST[len(dropped)])
+    return _table(report, rows, dropped)
+
+
+_SITE_WIDTH = 12  # the folded name column's least width
+
+
+def _width(rows: list[list[tuple[str, Text | str]]], dropped: list[str]) -> int:
+    """Columns the table needs: the name folded to its least width, every other column as
+    wide as its header or widest cell (they never wrap), and a separator a column."""
+    widths = {"op": 5, **dict(_NUMERIC_COLUMNS)}
+    for header, least in widths.items():
+        widths[header] = max(least, len(header), *(len(str(cell)) for row in rows for h, cell in row if h == header))
+    kept = [w for h, w in widths.items() if h not in dropped]
+    return _SITE_WIDTH + sum(kept) + 1 + len(kept)
+
+
+def _table(report: ScanReport, rows: list[list[tuple[str, Text | str]]], dropped: list[str]) -> Table:
+    title = f"ReLU sites of {report.model.path}"
+    if dropped:
+        title += f" (hidden, too narrow: {', '.join(dropped)})"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=(0, 0), expand=False)
-    table.add_column("site", overflow="fold", min_width=12)
-    table.add_column("op", no_wrap=True, min_width=5)
+    table.add_column("site", overflow="fold", min_width=_SITE_WIDTH)
+    if "op" not in dropped:
+        table.add_column("op", no_wrap=True, min_width=5)
     for header, width in _NUMERIC_COLUMNS:
-        table.add_column(header, justify="right", no_wrap=True, min_width=width)
-    for site in report.sites:
-        table.add_row(*_row(site))
+        if header not in dropped:
+            table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*(cell for header, cell in row if header not in dropped))
     return table
 
 
-def _row(site: SiteReport) -> list[Text | str]:
+def _row(site: SiteReport) -> list[tuple[str, Text | str]]:
     m = site.preact
     name = Text(site.name, style="bold red" if site.verdict.collapsed else "")
     return [
-        name,
-        _OP_LABELS.get(site.op, site.op),
-        str(site.unit_axis),
-        str(site.units),
-        _count(site.dead, site.units, "bold red"),
-        _count(len(site.verdict.near_dead), site.units, "yellow"),
-        _count(len(site.verdict.dormant), site.units, "yellow"),
-        f"{site.active_rate:.1%}",
-        _num(m.mean),
-        _num(m.std),
-        _num(m.min),
-        _num(m.max),
+        ("site", name),
+        ("op", _OP_LABELS.get(site.op, site.op)),
+        ("axis", str(site.unit_axis)),
+        ("units", str(site.units)),
+        ("dead", _count(site.dead, site.units, "bold red")),
+        ("near", _count(len(site.verdict.near_dead), site.units, "yellow")),
+        ("dorm", _count(len(site.verdict.dormant), site.units, "yellow")),
+        ("active", f"{site.active_rate:.1%}"),
+        ("mean", _num(m.mean)),
+        ("std", _num(m.std)),
+        ("min", _num(m.min)),
+        ("max", _num(m.max)),
     ]
 
 
@@ -96,7 +126,7 @@ def summary_lines(report: ScanReport) -> list[str]:
 
 def render(report: ScanReport, console: Console) -> None:
     if report.sites:
-        console.print(site_table(report))
+        console.print(site_table(report, console))
     for line in summary_lines(report):
         console.print(line, highlight=False, markup=False)
     for warning in report.warnings:
