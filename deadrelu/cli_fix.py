@@ -62,6 +62,8 @@ def fix_command(
         console = stderr_console()
         result = run_fix(model, data, options, scan_options,
                          notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))
+        for warning in result.scan.warnings:  # the scan's (random data, fewer samples than asked for...)
+            console.print(f"deadrelu: warning: {warning}", style="yellow", highlight=False, markup=False)
         document = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
         if json_out == "-":
             typer.echo(document, nl=False)

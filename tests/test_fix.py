@@ -201,6 +201,15 @@ def test_nothing_to_do(tmp_path: Path) -> None:
     assert not (tmp_path / "o.pt2").exists()
 
 
+def test_the_scans_warnings_reach_stderr_and_the_json() -> None:
+    args = (FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--samples", "16")
+    result = cli(*args, "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert any(w.startswith("random data") for w in json.loads(result.stdout)["warnings"])
+    assert "deadrelu: warning: random data" in result.stderr
+    assert "deadrelu: warning: random data" in cli(*args).stderr
+
+
 @pytest.mark.parametrize(("args", "why"), [
     ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--min-dead-fraction", "0.9"],
      "no site has --min-dead-fraction 0.9 of its units dead (the most: "),

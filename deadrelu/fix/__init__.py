@@ -76,6 +76,7 @@ class FixReport:
             "class_changes": list(self.instructions),
             "state_dict": self.state_dict,
             "nothing_planned": self.nothing_planned,
+            "warnings": list(self.scan.warnings),  # the scan's the plan rests on
         }
 
 
