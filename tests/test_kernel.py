@@ -25,7 +25,7 @@ from deadrelu.cli import app
 from deadrelu.errors import UsageError
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import survey
-from deadrelu.probe import kernel as kernel_lib, onnx_probe
+from deadrelu.probe import kernel as kernel_lib, onnx_emit, onnx_graph, onnx_probe
 from reference import unit_stats
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -209,9 +209,9 @@ def test_the_kernel_graph_reads_each_pre_activation_once() -> None:
     for elem in (TensorProto.FLOAT, TensorProto.DOUBLE):
         model = test_onnx._paths_model(17, elem)
         sites = survey(model).sites
-        plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(sites)]
-        head, exposures = onnx_probe.Rewriter(OnnxModel(model, Path("p.onnx"), 17), plans, onnx_probe.emit_kernel).head()
-        added = [n for n in head.graph.node if n.name.startswith(onnx_probe.PREFIX)]
+        plans = [onnx_emit.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(sites)]
+        head, exposures = onnx_graph.Rewriter(OnnxModel(model, Path("p.onnx"), 17), plans, onnx_emit.emit_kernel).head()
+        added = [n for n in head.graph.node if n.name.startswith(onnx_emit.PREFIX)]
         kernels = [n for n in added if n.op_type == kernel_lib.OP_TYPE]
         preacts = {s.preact for s in sites}
         if elem == TensorProto.FLOAT:

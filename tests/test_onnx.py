@@ -31,7 +31,7 @@ from deadrelu.errors import DataError, ModelLoadError, UsageError
 from deadrelu.load import load_model
 from deadrelu.load.onnx_format import OnnxModel, initializer_spans, load_onnx
 from deadrelu.onnx_sites import GraphIndex, survey, trace_axis
-from deadrelu.probe import onnx_probe
+from deadrelu.probe import onnx_emit, onnx_graph, onnx_probe
 from deadrelu.probe.onnx_probe import SessionFactory, execution_providers, scan_batches
 from reference import unit_stats
 
@@ -505,9 +505,9 @@ def test_the_fast_graph_reads_the_relu_output_and_takes_moments_from_one_batch_n
     statistics into them."""
     model = _paths_model(17)
     loaded = OnnxModel(model, Path("paths.onnx"), 17)
-    plans = [onnx_probe.SitePlan(i, site, site.rank, site.axis.resolve(site.rank)) for i, site in enumerate(survey(model).sites)]
-    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
-    added = [n for n in head.graph.node if n.name.startswith(onnx_probe.PREFIX)]
+    plans = [onnx_emit.SitePlan(i, site, site.rank, site.axis.resolve(site.rank)) for i, site in enumerate(survey(model).sites)]
+    head, _ = onnx_graph.Rewriter(loaded, plans, onnx_emit.emit_fast).head()
+    added = [n for n in head.graph.node if n.name.startswith(onnx_emit.PREFIX)]
     assert not [n for n in added if n.op_type == "Cast" and helper.get_attribute_value(n.attribute[0]) == TensorProto.DOUBLE]
     norms = [n for n in added if n.op_type == "BatchNormalization"]
     assert len(norms) == 3
@@ -532,8 +532,8 @@ def test_batch_norm_moments_inside_loop_and_if_bodies(case_report: Any, tmp_path
     raised = scan(save(model, tmp_path, "subgraphs17.onnx"), data, options())
     loaded = load_onnx(tmp_path / "subgraphs17.onnx")
     found = survey(loaded.proto).sites
-    plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found) if not s.obstacle()]
-    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
+    plans = [onnx_emit.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found) if not s.obstacle()]
+    head, _ = onnx_graph.Rewriter(loaded, plans, onnx_emit.emit_fast).head()
     assert "BatchNormalization" in str(head.graph)  # inside the bodies
     original = case_report("subgraphs")
     assert [s.name for s in raised.sites] == [s.name for s in original.sites]
@@ -570,8 +570,8 @@ def test_model_weights_equal_to_batch_norm_parameters_are_not_overwritten(tmp_pa
     batches = [ModelInput((torch.from_numpy(f["x"]),)) for f in feeds]
     loaded = load_onnx(path)
     found = survey(loaded.proto).sites
-    plans = [onnx_probe.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found)]
-    head, _ = onnx_probe.Rewriter(loaded, plans, onnx_probe.emit_fast).head()
+    plans = [onnx_emit.SitePlan(i, s, s.rank, s.axis.resolve(s.rank)) for i, s in enumerate(found)]
+    head, _ = onnx_graph.Rewriter(loaded, plans, onnx_emit.emit_fast).head()
     assert sum(n.op_type == "BatchNormalization" for n in head.graph.node) == 2  # the path under test
     result = scan_batches(loaded, iter(batches), CPU)  # no kernel: ORT's operators
     preacts = exposed_preacts(model, ["fc", "ln"], feeds)
@@ -822,8 +822,8 @@ def test_fallback_session_from_a_temporary_directory(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     model = load_onnx(ONNX_DIR / "external.onnx")
     factory = SessionFactory(model, CPU, optimise=True)
-    head, _ = onnx_probe.Rewriter(model, [], onnx_probe.emit_fast).head()
-    session = factory.session_in_tempdir(onnx_probe.model_bytes(head, model.proto.graph.initializer))
+    head, _ = onnx_graph.Rewriter(model, [], onnx_emit.emit_fast).head()
+    session = factory.session_in_tempdir(onnx_graph.model_bytes(head, model.proto.graph.initializer))
     (y,) = session.run(None, {"x": np.ones((2, 8), np.float32)})
     factory.close()
     assert y.shape == (2, 12) and list(tmp_path.iterdir()) == []
@@ -889,15 +889,15 @@ def _model_with_a_head(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[
 def test_the_head_after_the_last_site_is_neither_run_nor_loaded(emit: str) -> None:
     model, _ = _model_with_a_head(np.random.default_rng(11))
     loaded = OnnxModel(model, Path("head.onnx"), 17)
-    plans = [onnx_probe.SitePlan(i, s, 2, 1) for i, s in enumerate(survey(model).sites)]
-    head, exposures = onnx_probe.Rewriter(loaded, plans, getattr(onnx_probe, emit), statistics_only=True).head()
+    plans = [onnx_emit.SitePlan(i, s, 2, 1) for i, s in enumerate(survey(model).sites)]
+    head, exposures = onnx_graph.Rewriter(loaded, plans, getattr(onnx_emit, emit), statistics_only=True).head()
     names = [node.name for node in head.graph.node]
     assert "mm" in names and "head" not in names and "softmax" not in names
-    assert [o.name for o in head.graph.output] == onnx_probe._names(exposures[0])
-    used = [t.name for t in onnx_probe.used_initializers(head, model.graph.initializer)]
+    assert [o.name for o in head.graph.output] == onnx_graph.exposed_names(exposures[0])
+    used = [t.name for t in onnx_graph.used_initializers(head, model.graph.initializer)]
     assert "w" in used and "head_w" not in used
     # without statistics_only (what `deadrelu fix` verifies outputs with) the head stays
-    whole, _ = onnx_probe.Rewriter(loaded, [], onnx_probe.emit_fast).head()
+    whole, _ = onnx_graph.Rewriter(loaded, [], onnx_emit.emit_fast).head()
     assert [node.name for node in whole.graph.node] == ["mm", "relu", "head", "softmax"]
     assert [o.name for o in whole.graph.output] == ["y"]
 

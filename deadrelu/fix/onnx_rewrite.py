@@ -47,7 +47,10 @@ from deadrelu.load.detect import ModelFormat
 from deadrelu.load.onnx_format import OnnxModel
 from deadrelu.onnx_sites import SUBGRAPH_CONTAINERS, OnnxSite, ScopeStep, node_label, survey
 from deadrelu.outputs import atomic_file, write_atomic
-from deadrelu.probe.onnx_probe import Feeder, Rewriter, SessionFactory, emit_fast, input_specs
+from deadrelu.probe.onnx_emit import emit_fast
+from deadrelu.probe.onnx_feed import Feeder, input_specs
+from deadrelu.probe.onnx_graph import Rewriter
+from deadrelu.probe.onnx_session import SessionFactory
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 COPY_CHUNK = 16 << 20
