@@ -90,6 +90,9 @@ class ReportDiff:
     @property
     def notes(self) -> list[str]:
         notes = []
+        if self.old.sites and self.new.sites and not any(s.status == "both" for s in self.sites):
+            notes.append(f"{self.old_label} and {self.new_label} share no site name (scans of different "
+                         "architectures?): every dead unit counts as died, none as revived")
         for s in self.sites:
             if s.status == "added":
                 notes.append(f"{s.name}: only in {self.new_label}")

@@ -80,6 +80,15 @@ def test_diff_of_sites_added_removed_and_resized() -> None:
     assert (by_name["gone"].status, by_name["gone"].died, by_name["gone"].revived) == ("removed", (), ())
     assert by_name["a"].ignored and diff.died == 2 and not diff.passed
     assert "b: units changed from 8 to 6; units matched by index" in diff.notes
+    assert not any("share no site name" in n for n in diff.notes)
+
+
+def test_diff_of_reports_sharing_no_site_says_so() -> None:
+    old = make_report([Site("x", 4, dead=(1,))])
+    new = make_report([Site("a", 4, dead=(1,)), Site("b", 8, dead=(0, 7))])
+    diff = diff_reports(old, new, old_label="old.json", new_label="new.json")
+    assert diff.died == 3 and diff.notes[0] == ("old.json and new.json share no site name (scans of different "
+                                                "architectures?): every dead unit counts as died, none as revived")
 
 
 @pytest.mark.parametrize(("args", "code"), [
