@@ -207,8 +207,19 @@ def _open(data: Any, options: ScanOptions) -> CalibrationSource:
 def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> Iterator[ModelInput]:
     """The source's batches as model inputs (`--inputs`), capped at `--samples`, finite."""
     selector = InputSelector.parse(options.inputs, count_model_inputs(loaded), model_input_names(loaded))
-    batches = _capped((selector.select(b) for b in source.batches(options.batch_size)), options.samples)
+    batches = _capped(_selected(source, selector, options.batch_size), options.samples)
     return _finite(batches, source.description)
+
+
+def _selected(source: CalibrationSource, selector: InputSelector, batch_size: int) -> Iterator[ModelInput]:
+    """The model inputs of each batch; a batch that has none names the data it came from."""
+    for batch in source.batches(batch_size):
+        try:
+            yield selector.select(batch)
+        except DataError as exc:
+            if source.description in str(exc):
+                raise
+            raise DataError(f"{source.description}: {exc}") from exc
 
 
 def _finite(batches: Iterator[ModelInput], description: str) -> Iterator[ModelInput]:

@@ -229,6 +229,15 @@ def test_module_entry_point() -> None:
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
 
 
+def test_batches_that_hold_no_tensors_name_the_data(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "gen.py").write_text("def words():\n    yield 'abc'\n\ndef rows():\n    yield [[0.5] * 32] * 4\n")
+    monkeypatch.chdir(tmp_path)
+    for spec, pattern in (("gen.py:words", r"^deadrelu: error: gen\.py:words: a batch of type str: expected a tensor"),
+                          ("gen.py:rows", r"^deadrelu: error: gen\.py:rows: batch element 0 is a list, expected a tensor")):
+        message = _error(run(runner, FIX / "mlp.ts.pt", "--data", spec))
+        assert re.search(pattern, message), message
+
+
 def test_console_script_imports_modules_from_the_working_folder(tmp_path: Path) -> None:
     """`-d mod:fn` and `--arch mod:fn` find mod in the current folder as under `python -m`;
     the console script's sys.path starts with its bin folder, not the working folder."""
