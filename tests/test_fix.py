@@ -201,6 +201,17 @@ def test_nothing_to_do(tmp_path: Path) -> None:
     assert not (tmp_path / "o.pt2").exists()
 
 
+def test_an_identity_batchnorm_says_its_units_revive_only_in_fine_tuning(tmp_path: Path) -> None:
+    args = (FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--to", "bn", "--apply")
+    kept = cli(*args, "-o", tmp_path / "kept.pt2")
+    assert kept.exit_code == 0, kept.output
+    said = " ".join(kept.stdout.split())
+    assert "layers.1, layers.3: the inserted BatchNorm keeps the outputs as they were (--bn-init identity), so the " \
+           "dead units there stay dead until you fine-tune; --bn-init revive centres them now" in said
+    revived = cli(*args, "-o", tmp_path / "revived.pt2", "--bn-init", "revive")
+    assert revived.exit_code == 0 and "stay dead until you fine-tune" not in " ".join(revived.stdout.split())
+
+
 def test_the_scans_warnings_reach_stderr_and_the_json() -> None:
     args = (FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--samples", "16")
     result = cli(*args, "--json", "-")

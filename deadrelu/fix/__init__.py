@@ -59,6 +59,7 @@ class FixReport:
     instructions: tuple[str, ...] = ()
     state_dict: str | None = None
     nothing_planned: str | None = None  # why the plan is empty, when it is
+    bn_init: str = "identity"  # how inserted BatchNorms were initialised (RewriteOptions.bn_init)
 
     def to_dict(self) -> dict[str, Any]:
         from deadrelu import __version__
@@ -110,7 +111,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         shutil.rmtree(stage, ignore_errors=True)
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
-                     deviation, lines, weights)
+                     deviation, lines, weights, bn_init=options.rewrite.bn_init)
 
 
 def _constant(moments: UnitMoments) -> np.ndarray:
