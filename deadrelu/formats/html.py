@@ -58,7 +58,7 @@ class HtmlFormat(ReportFormat):
             histograms="\n".join(site_charts)
             + (f'<p class="note">{left_out} more sites have no chart (at most {MAX_SITE_CHARTS}).</p>'
                if left_out > 0 else ""),
-            warnings=_warnings(report),
+            warnings=_warnings((*report.warnings, *gates.baseline_notes)),
             script=_SCRIPT,
         )
 
@@ -159,10 +159,10 @@ def _num(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{v:.3g}"
 
 
-def _warnings(report: ScanReport) -> str:
-    if not report.warnings:
+def _warnings(warnings: tuple[str, ...]) -> str:
+    if not warnings:
         return ""
-    items = "".join(f"<li>{_e(w)}</li>" for w in report.warnings)
+    items = "".join(f"<li>{_e(w)}</li>" for w in warnings)
     return f'<section id="warnings"><h2>Warnings</h2><ul>{items}</ul></section>'
 
 
