@@ -99,6 +99,9 @@ def reported_errors() -> Iterator[None]:
         # with stdout pointed at devnull so that Python's last flush raises nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(int(ExitCode.STDOUT_CLOSED)) from None
+    except OSError as exc:  # the machine's, not ours: a full disk or stdout, an I/O error
+        where = exc.filename or "writing the output"
+        _fail(f"{where}: {exc.strerror or one_line(str(exc))}", exc, ExitCode.ERROR)
     except Exception as exc:  # a bug of ours: still one line, exit 2
         _fail(f"internal error: {type(exc).__name__}: {one_line(str(exc))} (set DEADRELU_DEBUG=1 for the traceback)",
               exc, ExitCode.ERROR)

@@ -274,6 +274,19 @@ def test_a_closed_stdout_pipe_exits_141_quietly(extra: list[str]) -> None:
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_stdout_is_one_line_exit_2() -> None:
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
+                               str(FIX / "mlp.calib.npy")], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith("deadrelu: error: writing the output: No space left on device"), proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_onnx_cuda_request_names_the_package_to_install(runner: CliRunner) -> None:
     import onnxruntime
 
