@@ -94,7 +94,7 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
         deliver(prepared.fmt, outcome, out.output, quiet=out.quiet, stdout=stdout)
         if out.json_out:
             write_atomic(Path(out.json_out), report.to_json())
-    for warning in _warnings_not_shown(report, gates, out):
+    for warning in _warnings_not_shown(outcome, out):
         stderr.print(f"deadrelu: warning: {warning}", style="yellow", highlight=False, markup=False)
     line, style = scan_summary(report, gates)
     stderr.print(line, style=style or None, highlight=False, markup=False)
@@ -106,14 +106,16 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
     return gates.exit_code(out.exit_zero)
 
 
-def _warnings_not_shown(report: ScanReport, gates: GateReport, out: OutputOptions) -> tuple[str, ...]:
-    """The report's warnings and the baseline's mismatches, for stderr, unless the table on
-    stdout has just shown them: a warning must reach the person at the terminal when stdout
-    is JSON, a file or a pipe's. -q keeps its promise: the summary line alone."""
+def _warnings_not_shown(outcome: Outcome, out: OutputOptions) -> tuple[str, ...]:
+    """The warnings, for stderr, unless the table on stdout has just shown them (it shows a
+    baseline's mismatches under the gates, when there are gates): a warning must reach the
+    person at the terminal when stdout is JSON, a file or a pipe's. -q: the summary alone."""
+    if out.quiet:
+        return ()
     table_on_stdout = out.format == "table" and out.output is None and out.json_out != "-"
-    shown_by_table = report.warnings + (gates.baseline_notes if gates.active else ())
-    every = report.warnings + gates.baseline_notes
-    return () if out.quiet else tuple(w for w in every if not (table_on_stdout and w in shown_by_table))
+    if not table_on_stdout:
+        return outcome.warnings
+    return () if outcome.gates.active else outcome.gates.baseline_notes
 
 
 def saved_report(path: Path, flags: Settings, config: Path | None, out: OutputOptions,

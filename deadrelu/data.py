@@ -25,6 +25,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -572,8 +573,6 @@ def _open_npy(path: Path) -> ArraySource:
 
 
 def _open_npz(path: Path) -> ArraySource:
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz archive (np.savez writes a zip file of .npy arrays; this is no zip file)")
     try:
@@ -641,8 +640,6 @@ def _open_pt(path: Path) -> ArraySource:
 
 def _written_by_torch_save(path: Path) -> bool:
     """A zip archive (torch.save since 1.6) or a pickle of protocol 2 or later (legacy)."""
-    import zipfile
-
     with path.open("rb") as handle:
         head = handle.read(2)
     return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and head[1] >= 2)

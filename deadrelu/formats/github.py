@@ -46,7 +46,7 @@ class GithubFormat(ReportFormat):
                 f"{len(units)} of {site.units} units {gates.kind_words.removeprefix('new ')}")
             lines.append(command("warning", f"deadrelu: {site.name}",
                                  f"{site.name}: {what} (units {_list(units)}) in {report.model.path}"))
-        for warning in (*report.warnings, *gates.baseline_notes):
+        for warning in outcome.warnings:
             lines.append(command("warning", "deadrelu", warning))
         lines.append(scan_summary(report, gates)[0])
         return "\n".join(lines) + "\n"

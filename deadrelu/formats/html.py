@@ -58,7 +58,7 @@ class HtmlFormat(ReportFormat):
             histograms="\n".join(site_charts)
             + (f'<p class="note">{left_out} more sites have no chart (at most {MAX_SITE_CHARTS}).</p>'
                if left_out > 0 else ""),
-            warnings=_warnings((*report.warnings, *gates.baseline_notes)),
+            warnings=_warnings(outcome.warnings),
             script=_SCRIPT,
         )
 

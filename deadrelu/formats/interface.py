@@ -23,6 +23,11 @@ class Outcome:
     report: ScanReport
     gates: GateReport
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The report's warnings, then where its baseline does not match it."""
+        return (*self.report.warnings, *self.gates.baseline_notes)
+
 
 class ReportFormat(ABC):
     """An output format: a name, and the text of a scan outcome (and, optionally, of a diff)."""

@@ -52,9 +52,8 @@ class MarkdownFormat(ReportFormat):
         if report.sites and len(flagged) < len(report.sites):
             out += [f"<details><summary>All {len(report.sites)} sites</summary>", "",
                     *_site_table(report.sites, gates), "", "</details>", ""]
-        warnings = (*report.warnings, *gates.baseline_notes)
-        if warnings:
-            out += ["### Warnings", "", *[f"- {cell(w)}" for w in warnings], ""]
+        if outcome.warnings:
+            out += ["### Warnings", "", *[f"- {cell(w)}" for w in outcome.warnings], ""]
         out.append(f"<sub>deadrelu {_version()} · model sha256 {code(report.model.sha256[:16] or '-', table=False)} · "
                    f"data {code(report.data.source, table=False)}</sub>")
         return "\n".join(out) + "\n"

@@ -118,10 +118,7 @@ def _site_results(site: SiteReport, index: int, failed: list[GateResult], uri: s
     if dormant and not v.collapsed:
         found.append(("DR004", f"{site.name}: {len(dormant)} of {site.units} units dormant "
                       f"(units {_list(dormant)}).", {"units": site.units, "dormantUnits": list(dormant)}))
-    at_fault = [rule for rule, _, _ in found if rule in counted] if failed else []
-    if failed and not at_fault:  # (a gate fails only on findings; kept for a policy of another kind)
-        found.insert(0, ("DR100", f"{site.name}: a gate failed.", {"units": site.units}))
-        at_fault = ["DR100"]
+    at_fault = [rule for rule, _, _ in found if rule in counted] if failed else []  # a site gate fails on findings
     levelled = []
     for rule, message, properties in found:
         if rule in at_fault:
