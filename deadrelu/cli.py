@@ -22,6 +22,7 @@ from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormat
                                    settings_from_flags)
 from deadrelu.distributed import ranks_from_env
 from deadrelu.errors import DeadReluError, ExitCode, one_line
+from deadrelu.formats.table import UNFOLDED_WIDTH
 from deadrelu.outputs import read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
@@ -67,8 +68,16 @@ def _root() -> None:
     """Find dead ReLU units in trained neural networks."""
 
 
+def _width(stream: Any) -> int | None:
+    """None (rich finds the terminal's width, or COLUMNS) at a terminal or with COLUMNS set;
+    output to no terminal (a pipe, a redirect, a CI log) is as wide as it needs, as a file
+    from -o is: site names and the summary line are never folded there."""
+    at_terminal = stream is not None and hasattr(stream, "isatty") and stream.isatty()
+    return None if at_terminal or "COLUMNS" in os.environ else UNFOLDED_WIDTH
+
+
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, width=_width(sys.stderr))
 
 
 class _StdoutConsole(Console):
@@ -80,7 +89,7 @@ class _StdoutConsole(Console):
 
 
 def stdout_console() -> Console:
-    return _StdoutConsole()
+    return _StdoutConsole(width=_width(sys.stdout))
 
 
 @contextmanager

@@ -43,6 +43,19 @@ def test_table_fits_80_columns_and_folds_names(runner: CliRunner) -> None:
     assert "layer3.act_prelu" in first_column  # folded over lines, never cut
 
 
+def test_output_to_no_terminal_keeps_every_site_name_whole(runner: CliRunner) -> None:
+    """A pipe, a redirect, a CI log: no width to fit, so every name is whole on its row
+    (grep finds it) and every column is shown; COLUMNS still sets a width when given."""
+    args = ["scan", str(FIX / "convnet.ts.pt"), "--data", str(FIX / "convnet.calib.npy")]
+    result = runner.invoke(app, args, env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(" ") and line.strip()}
+    names = [name for name in rows if name not in {"site", "─" * len(name)}]
+    assert names[:3] == ["stem.relu", "layer1.0.relu", "layer1.0.relu_1"] and len(names) == 13
+    assert all(len(rows[name]) == 12 for name in names)  # name and 11 columns, none hidden
+    assert rows["layer3.act_prelu"][1:6] == ["prelu", "1", "16", "1", "0"]
+
+
 @pytest.mark.parametrize("columns", [79, 70, 60, 50, 40, 32])
 def test_a_narrow_terminal_keeps_the_site_names_and_dead_counts(runner: CliRunner, columns: int) -> None:
     """Columns go (axis, then the moments) before the names and counts do; the title says which."""

@@ -233,6 +233,16 @@ def test_summary_line_fits_80_columns_and_folds_names(saved: Path) -> None:
     assert long_name in "".join(lines)  # folded over lines, not cut
 
 
+def test_summary_line_in_a_log_is_one_line(saved: Path) -> None:
+    """stderr that is no terminal (a CI log) and no COLUMNS: the line is not folded, so a
+    grep for the verdict and the long site name finds both on it."""
+    result = run("report", saved, "-q", "--max-site-dead-fraction", "0.01", "--fail-on", "near-dead",
+                 "--ignore", "stem.*", "--ignore", "layer*", "--ignore", "head*", env={"COLUMNS": None})
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("deadrelu: FAILED") and SAMPLE[-1].name in line and len(line) > 80
+
+
 def test_no_color_is_respected(saved: Path) -> None:
     coloured = run("report", saved, "-q", "--max-dead", "1", env={"FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"})
     assert "\x1b[" in coloured.stderr

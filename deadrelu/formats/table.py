@@ -51,6 +51,9 @@ def site_table(report: ScanReport, console: Console | None = None) -> Table:
 
 
 _SITE_WIDTH = 12  # the folded name column's least width
+# The width of output that goes to no terminal (a file, a pipe, a CI log): wider than any
+# table, so site names stay whole on one line and grep finds them.
+UNFOLDED_WIDTH = 10_000
 
 
 def _width(rows: list[list[tuple[str, Text | str]]], dropped: list[str]) -> int:
@@ -166,7 +169,7 @@ class TableFormat(ReportFormat):
 
     name = "table"
     supports_diff = True
-    file_width = 100  # columns of a table written to a file with -o
+    file_width = UNFOLDED_WIDTH  # a file has no width to fit: names are never folded
 
     def show(self, outcome: Outcome, console: Console) -> None:
         render(outcome.report, console)
