@@ -20,7 +20,7 @@ from deadrelu.formats import Outcome, ReportFormat, deliver, deliver_diff, get_f
 from deadrelu.formats.summary import diff_summary, scan_summary
 from deadrelu.gates import GateReport, evaluate
 from deadrelu.judge import Thresholds
-from deadrelu.outputs import check_target, read_paths, write_atomic
+from deadrelu.outputs import check_stdout_open, check_target, read_paths, write_atomic
 from deadrelu.report import ScanReport
 from deadrelu.saved import load_report, rejudge
 
@@ -54,6 +54,8 @@ def prepare(flags: Settings, config: Path | None, out: OutputOptions, *, load_ba
     out = _resolve_json_stdout(out)
     fmt = get_format(out.format)
     fmt.check_available()
+    if out.json_out == "-" or (out.output is None and not out.quiet):
+        check_stdout_open("write it with -o FILE (or --json FILE), or pass -q for the summary line alone")
     if out.output is not None:
         check_target(out.output, "-o", inputs)
     if out.json_out and out.json_out != "-":

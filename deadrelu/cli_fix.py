@@ -13,7 +13,7 @@ from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanO
                                    data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix, written_paths
-from deadrelu.outputs import check_target, read_paths, write_atomic
+from deadrelu.outputs import check_stdout_open, check_target, read_paths, write_atomic
 from deadrelu.scan import ScanOptions
 
 
@@ -57,6 +57,8 @@ def fix_command(
                                                image_size=image_size, mean=mean, std=std)
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
                                    samples=samples, inputs=inputs, compile=compile_mode, data=data_options)
+        if not json_out or json_out == "-":
+            check_stdout_open("write it with --json FILE")
         if json_out and json_out != "-":
             check_target(Path(json_out), "--json", read_paths(model, data, arch, report), written_paths(options))
         console = stderr_console()

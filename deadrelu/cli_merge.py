@@ -9,7 +9,7 @@ import typer
 
 from deadrelu.cli import app, reported_errors
 from deadrelu.merge import merge_reports
-from deadrelu.outputs import check_target, write_atomic
+from deadrelu.outputs import check_stdout_open, check_target, write_atomic
 
 
 @app.command("merge")
@@ -23,6 +23,8 @@ def merge_command(
 
         if output is not None:
             check_target(output, "-o", tuple(reports))
+        else:
+            check_stdout_open("write it with -o FILE")
         merged = merge_reports([load_report(path) for path in reports], [str(p) for p in reports])
         if output is None:
             typer.echo(merged.to_json(), nl=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +24,13 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     data = content.encode("utf-8") if isinstance(content, str) else content
     with atomic_file(path) as handle:
         handle.write(data)
+
+
+def check_stdout_open(instead: str) -> None:
+    """Refuse, before any work starts, a report bound for a closed stdout (`>&-`): it would
+    vanish with exit 0. ``instead`` says where else it can go."""
+    if sys.stdout is None:
+        raise UsageError(f"stdout is closed, so the report has nowhere to go: {instead}")
 
 
 def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: Iterable[Path] = ()) -> None:

@@ -554,3 +554,29 @@ def test_a_saved_partial_report_exits_by_its_gates(runner: CliRunner, tmp_path: 
     assert runner.invoke(app, ["report", str(partial), "-q", "--max-dead", "0", "--exit-zero"]).exit_code == 0
     diffed = runner.invoke(app, ["diff", str(report), str(partial)])
     assert diffed.exit_code == 0 and "partial.json is a PARTIAL report" in " ".join(diffed.stderr.split())
+
+
+@pytest.mark.parametrize("command, extra, code", [
+    ("scan", [], 2), ("scan", ["--json", "-"], 2), ("scan", ["--format", "json"], 2),
+    ("scan", ["-q"], 0), ("scan", ["-o", "{tmp}/r.txt"], 0), ("fix", [], 2), ("fix", ["--json", "{tmp}/f.json"], 0),
+])
+def test_a_closed_stdout_is_refused_before_the_scan(tmp_path: Path, command: str, extra: list[str], code: int) -> None:
+    """`deadrelu scan ... >&-`: the report would vanish with exit 0; it is refused, in one
+    line saying where else it can go, unless -q, -o or --json FILE needs no stdout."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "deadrelu", command, str(FIX / "mlp.pt2"), "--data", str(FIX / "mlp.calib.npy"),
+            *(a.format(tmp=tmp_path) for a in extra)]
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # stderr is a log: one summary line
+    proc = subprocess.run(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(1), env=env)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    if code == 2:
+        assert lines == [lines[0]] and lines[0].startswith("deadrelu: error: stdout is closed, so the report has nowhere "
+                                                           "to go: write it with "), proc.stderr
+    else:
+        assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+        assert any(tmp_path.iterdir()) == bool(extra[1:])  # -o / --json wrote their file

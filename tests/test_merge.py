@@ -92,3 +92,25 @@ def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_p
     merged = json.loads(result.stdout)
     assert merged["thresholds"]["near_dead"] == 0.01  # the first report's
     assert any("judged with different thresholds (near-dead 0.5" in w for w in merged["warnings"])
+
+
+def test_merge_report_and_diff_refuse_a_closed_stdout(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    """`>&-`: the merged report (or the re-rendered one, or the diff) would vanish with exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    a, b = (tmp_path / "a.json", tmp_path / "b.json")
+    scan_json(tmp_path, "convnet.pt2", shards[0], a.name)
+    scan_json(tmp_path, "convnet.pt2", shards[1], b.name)
+
+    def closed(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "deadrelu", *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=120, preexec_fn=lambda: os.close(1))
+
+    for args in (["merge", str(a), str(b)], ["report", str(a)], ["diff", str(a), str(b)]):
+        proc = closed(*args)
+        assert proc.returncode == 2 and proc.stderr.startswith("deadrelu: error: stdout is closed"), (args, proc.stderr)
+    written = closed("merge", str(a), str(b), "-o", str(tmp_path / "m.json"))
+    assert written.returncode == 0, written.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["data"]["samples"] == 64
