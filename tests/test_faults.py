@@ -193,6 +193,23 @@ def test_forward_that_raises_names_the_module() -> None:
         scan(model, [torch.randn(2, 3)], ScanOptions(device="cpu"))
 
 
+def test_an_error_the_model_caught_itself_is_not_reported_for_a_later_one() -> None:
+    """Our own error raised inside an op (here: a site whose width changed) that the model
+    catches is no longer the forward's error when something else fails after it."""
+    class CatchesThenFails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                torch.relu(x[:, : x.shape[0]])  # 2 units on the first batch, 3 on the second
+            except Exception:
+                pass
+            if x.shape[0] == 3:
+                raise ValueError("boom: the real failure")
+            return x
+
+    with pytest.raises(ModelRunError, match=r"on input of shape \(3, 4\): boom: the real failure"):
+        scan(CatchesThenFails(), [torch.randn(2, 4), torch.randn(3, 4)], ScanOptions(device="cpu"))
+
+
 class Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

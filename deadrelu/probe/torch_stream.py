@@ -275,8 +275,8 @@ class _Runner:
                 stack.reset()
             if _interrupted(exc):
                 raise KeyboardInterrupt from exc
-            if isinstance(probe.op_error, (DataError, ModelRunError)):
-                raise probe.op_error from exc  # ours, raised inside TorchScript: as it was
+            if isinstance(probe.op_error, (DataError, ModelRunError)) and _TORCHSCRIPT_TRACEBACK in str(exc):
+                raise probe.op_error from exc  # ours, raised inside TorchScript (no try/except there): as it was
             raise ModelRunError(describe_failure(module, inputs, exc, where, probe.op_error)) from exc
         probe.commit_pass()
 
