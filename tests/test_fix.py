@@ -212,6 +212,29 @@ def test_an_identity_batchnorm_says_its_units_revive_only_in_fine_tuning(tmp_pat
     assert revived.exit_code == 0 and "stay dead until you fine-tune" not in " ".join(revived.stdout.split())
 
 
+def test_a_site_a_fix_made_worse_is_said(tmp_path: Path) -> None:
+    """PReLU's 0.25 slope lets layers.1's planted dead units (pre-activations near -1000)
+    through, which kills most of layers.3: the verification says so, it does not just
+    print the larger count. The count itself is checked against the model rebuilt by hand."""
+    result = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--to", "prelu", "--apply", "-o", tmp_path / "p.pt2",
+                 "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    model = fixture_models.MLP()
+    model.load_state_dict(torch.load(FIX / "mlp.state_dict.pt", weights_only=True))
+    model.layers[1] = torch.nn.PReLU(64, init=0.25)
+    with torch.inference_mode():
+        preact = model.layers[:3](torch.from_numpy(np.load(FIX / "mlp.calib.npy")))
+    dead_after = int((preact.amax(0) <= 0).sum())
+    sites = {s["site"]: s for s in json.loads((tmp_path / "p.json").read_text())["verification"]["sites"]}
+    assert sites["layers.3"]["dead_before"] == 1 and sites["layers.3"]["dead_after"] == dead_after > 1
+    note = (f"layers.3: 1 dead unit before the fix, {dead_after} after: a changed site before it now passes on "
+            "other values")
+    assert note in " ".join(result.stdout.split())
+    assert any(n.startswith(note) for n in json.loads((tmp_path / "p.json").read_text())["verification"]["notes"])
+    gentle = cli(FIX / "mlp.pt2", "--data", FIX / "mlp.calib.npy", "--to", "leaky", "--apply", "-o", tmp_path / "l.pt2")
+    assert gentle.exit_code == 0 and "before the fix" not in gentle.stdout
+
+
 def test_the_scans_warnings_reach_stderr_and_the_json() -> None:
     args = (FIX / "mlp.ts.pt", "--data", "random", "--input-shape", "32", "--samples", "16")
     result = cli(*args, "--json", "-")

@@ -20,6 +20,7 @@ import torch
 
 from deadrelu.data import ModelInput
 from deadrelu.errors import UsageError
+from deadrelu.gates import plural
 from deadrelu.fix.plan import PlanOptions, SiteFix, nothing_planned, plan_fixes
 from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
 from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
@@ -61,6 +62,28 @@ class FixReport:
     nothing_planned: str | None = None  # why the plan is empty, when it is
     bn_init: str = "identity"  # how inserted BatchNorms were initialised (RewriteOptions.bn_init)
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the verification means where its counts alone would mislead: printed under
+        it and carried in the JSON."""
+        notes = []
+        still_dead = [c.site for c in self.changes if c.change == "bn" and c.dead_after and c.dead_after >= c.dead_before]
+        if still_dead and self.bn_init == "identity":
+            notes.append(f"{', '.join(still_dead)}: the inserted BatchNorm keeps the outputs as they were "
+                         "(--bn-init identity), so the dead units there stay dead until you fine-tune; "
+                         "--bn-init revive centres them now (and changes the outputs)")
+        for change in self.changes:
+            if change.dead_after > change.dead_before:
+                notes.append(f"{change.site}: {change.dead_before} dead {plural(change.dead_before, 'unit')} before the fix, "
+                             f"{change.dead_after} after: "
+                             "a changed site before it now passes on other values (a swap's slope lets negative "
+                             "pre-activations through); fine-tune the fixed model, or try a smaller --slope or "
+                             "another --to")
+            if change.zero_variance_units:
+                notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay dead "
+                             "(BatchNorm cannot centre a constant)")
+        return tuple(notes)
+
     def to_dict(self) -> dict[str, Any]:
         from deadrelu import __version__
 
@@ -73,6 +96,7 @@ class FixReport:
             "verification": None if not self.applied else {
                 "sites": [c.to_dict() for c in self.changes],
                 "outputs": self.deviation.to_dict() if self.deviation else None,
+                "notes": list(self.notes),
             },
             "class_changes": list(self.instructions),
             "state_dict": self.state_dict,

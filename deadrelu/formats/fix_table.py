@@ -25,15 +25,8 @@ def render_fix(report: FixReport, console: Console) -> None:
         top1 = f", top-1 agreement {deviation.top1_agreement:.1%}" if deviation.top1_agreement is not None else ""
         console.print(f"Outputs on {deviation.samples} samples: max |diff| {deviation.max_abs:.3g}, mean |diff| "
                       f"{deviation.mean_abs:.3g}, relative {deviation.relative:.3g}{top1}", highlight=False, markup=False)
-    still_dead = [c.site for c in report.changes if c.change == "bn" and c.dead_after and c.dead_after >= c.dead_before]
-    if still_dead and report.bn_init == "identity":
-        console.print(f"{', '.join(still_dead)}: the inserted BatchNorm keeps the outputs as they were "
-                      "(--bn-init identity), so the dead units there stay dead until you fine-tune; "
-                      "--bn-init revive centres them now (and changes the outputs)", highlight=False, markup=False, soft_wrap=True)
-    for change in report.changes:
-        if change.zero_variance_units:
-            console.print(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay dead "
-                          "(BatchNorm cannot centre a constant)", highlight=False, markup=False)
+    for note in report.notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     if report.instructions:
         console.print("Change your model class accordingly:", highlight=False, markup=False)
         for line in report.instructions:
