@@ -309,3 +309,14 @@ def test_ctrl_c_inside_a_torchscript_forward_is_an_interrupt(monkeypatch: pytest
     report = scan(FIX / "mlp.ts.pt", batches, ScanOptions(device="cpu", compile="off"))
     assert report.partial and report.data.samples == 8
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("model", ["convnet.pt2", "convnet.ts.pt", "convnet.onnx"])
+def test_a_forward_that_fails_names_the_model_file(tmp_path: Path, model: str) -> None:
+    """Channels-last images given to a channels-first model: the line names the file, the
+    shape it got and (PyTorch) what failed, for every format."""
+    np.save(tmp_path / "nhwc.npy", np.zeros((4, 16, 16, 3), np.float32))
+    result = cli(FIX / model, "--data", tmp_path / "nhwc.npy")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("deadrelu: error: ")]
+    assert result.exit_code == 2 and len(errors) == 1, result.stderr  # (a kernel-build notice may come first)
+    assert errors[0].startswith(f"deadrelu: error: {FIX / model}: ") and "(4, 16, 16, 3)" in errors[0], errors

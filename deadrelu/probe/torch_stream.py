@@ -78,11 +78,21 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
             except KeyboardInterrupt:
                 probe.discard_pass()
                 partial = True
+            except ModelRunError as exc:
+                raise _naming_the_file(exc, loaded.path) from exc
             runner.fold_graph_into(probe)
         observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result(),
                                          {"normalised_input": t.normalised, "preact_ndim": t.ndim})
                          for t in probe.observed_taps())
     return StreamResult(observed, samples, partial, tuple(runner.notes), runner.engine(reducer))
+
+
+def _naming_the_file(exc: ModelRunError, path: str) -> ModelRunError:
+    """The forward's error, led by the model file it came from (not an in-memory module's
+    "<Sequential>"), as ONNX Runtime's failures are."""
+    if path.startswith("<") or str(exc).startswith(f"{path}: "):
+        return exc
+    return type(exc)(f"{path}: {exc}")
 
 
 # `--compile auto` compiles the whole model when the eager path would take longer than this
