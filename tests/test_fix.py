@@ -510,3 +510,23 @@ def test_revive_names_constant_units_on_both_engines(tmp_path: Path, fmt: str) -
     options = FixOptions(PlanOptions(to="bn"), RewriteOptions(bn_init="revive"), True, tmp_path / f"fixed.{fmt}")
     result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
     assert [c.zero_variance_units for c in result.changes] == [(0, 1, 2)]
+
+
+def test_fixing_torchscript_keeps_torch_export_notices_off_stderr(tmp_path: Path) -> None:
+    """Converting a TorchScript archive exports it with automatic dynamic dims; torch logs
+    a notice for each dim it specialised (here the single input channel). Not the user's."""
+    import subprocess
+    import sys
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].bias[2] = -1e3
+    x = torch.randn(9, 1, 16)
+    torch.jit.trace(model, x[:2]).save(str(tmp_path / "m.ts.pt"))
+    np.save(tmp_path / "x.npy", x.numpy())
+    proc = subprocess.run([sys.executable, "-m", "deadrelu", "fix", str(tmp_path / "m.ts.pt"), "-d", str(tmp_path / "x.npy"),
+                           "--to", "leaky", "--apply", "-o", str(tmp_path / "f.pt2"), "--json", str(tmp_path / "f.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "f.json").read_text())["verification"]["sites"][0]["dead_before"] == 1
+    assert "specialized" not in proc.stderr and "non_strict_utils" not in proc.stderr, proc.stderr

@@ -85,7 +85,8 @@ def _from_torchscript(loaded: LoadedModel, example: ModelInput, site_contexts: S
     from torch._export.converter import TS2EPConverter
 
     try:
-        program = TS2EPConverter(loaded.module, example.args).convert()
+        with quiet_torch_logs():  # the converter exports with Dim.AUTO: notices of dims it specialised
+            program = TS2EPConverter(loaded.module, example.args).convert()
     except Exception as exc:
         raise RewriteError(f"{loaded.path}: cannot convert this TorchScript archive to a torch.export program "
                            f"({_line(exc)}); save the eager model's state_dict and use --arch instead") from exc
@@ -110,10 +111,11 @@ def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
     shapes = tuple({0: torch.export.Dim.AUTO} for _ in example.args) if dynamic else None
     kw_shapes = {k: {0: torch.export.Dim.AUTO} for k in example.kwargs} if dynamic else None
     try:
-        if shapes is not None and example.kwargs:
-            return torch.export.export(module, example.args, example.kwargs, dynamic_shapes={**dict(
-                zip(_arg_names(module, len(example.args)), shapes)), **(kw_shapes or {})})
-        return torch.export.export(module, example.args, example.kwargs or None, dynamic_shapes=shapes)
+        with quiet_torch_logs():  # its notices (a dim specialised to the example's size) are not the user's concern
+            if shapes is not None and example.kwargs:
+                return torch.export.export(module, example.args, example.kwargs, dynamic_shapes={**dict(
+                    zip(_arg_names(module, len(example.args)), shapes)), **(kw_shapes or {})})
+            return torch.export.export(module, example.args, example.kwargs or None, dynamic_shapes=shapes)
     except Exception as exc:
         if dynamic:
             return _export(module, example, dynamic=False)

@@ -42,22 +42,29 @@ def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
     return program.module(), program
 
 
+_TORCH_EXPORT_LOGGERS = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch._export",
+                         "torch.export", "torch._export.non_strict_utils")
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 @contextmanager
 def quiet_torch_logs() -> Iterator[None]:
-    """torch.export's (de)serialiser logs notices (unused symbols, archive names) that are
-    not the user's concern; keep them off stderr."""
-    names = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch._export", "torch.export")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
+    """torch.export's (de)serialiser and tracer log notices (unused symbols, archive names,
+    a dim specialised to the example's size) that are not the user's concern; keep them
+    off stderr. A filter, not a level: torch resets its loggers' levels while it exports."""
+    loggers = [logging.getLogger(name) for name in _TORCH_EXPORT_LOGGERS]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.addFilter(_below_error)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        for logger in loggers:
+            logger.removeFilter(_below_error)
 
 
 def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:
