@@ -163,3 +163,32 @@ def test_random_architectures_match_the_brute_force(seed: int, flavour: str, tmp
         np.testing.assert_array_equal(dead[~ambiguous], (ref["max"] <= 0)[~ambiguous], err_msg=site.name)
         for key, got in (("min", s.minimum), ("max", s.maximum), ("mean", s.mean), ("std", s.std)):
             assert (np.abs(np.asarray(got, np.float64) - ref[key]) <= tol).all(), (site.name, key)
+
+
+@pytest.mark.parametrize("change", ["leaky", "bn"])
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fixes_that_keep_the_function_keep_the_outputs(seed: int, fmt: str, change: str, tmp_path: Path) -> None:
+    """A LeakyReLU swap of slope 0 and an identity BatchNorm compute what the model did:
+    the written model's outputs equal the original's, and the swapped sites' dead counts
+    do not move (checked on the random architectures, every planned site changed)."""
+    from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
+
+    model, shape, _ = draw_model(seed)
+    x = torch.randn(random.Random(seed).choice([9, 20, 33]), *shape)
+    np.save(tmp_path / "x.npy", x.numpy())
+    if fmt == "pt2":
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        torch.export.save(torch.export.export(model, (x[:4],), dynamic_shapes=({0: batch},)), str(tmp_path / "m.pt2"))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x[:4],), str(tmp_path / "m.onnx"), input_names=["x"],
+                              dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    rewrite = RewriteOptions(slope=0.0) if change == "leaky" else RewriteOptions(bn_init="identity")
+    options = FixOptions(PlanOptions(to=change), rewrite, True, tmp_path / f"fixed.{fmt}")
+    result = run_fix(tmp_path / f"m.{fmt}", str(tmp_path / "x.npy"), options, ScanOptions(device="cpu", batch_size=8))
+    assert result.plan and result.applied, result.nothing_planned
+    scale = float(np.abs(model(x).detach().numpy()).max()) + 1.0
+    assert result.deviation.max_abs <= 1e-5 * scale, result.deviation
+    assert [c.dead_after for c in result.changes] == [c.dead_before for c in result.changes]
