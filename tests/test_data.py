@@ -260,3 +260,59 @@ def test_a_failing_user_dataset_or_generator_is_a_data_error_naming_the_batch() 
         scan(FIX / "mlp.ts.pt", Broken(), ScanOptions(device="cpu", batch_size=4, data=DataOptions(workers=0)))
     with pytest.raises(DataError, match=r"reading batch 1 failed: KeyError: .sample 5 missing"):  # from a worker
         scan(FIX / "mlp.ts.pt", Broken(), ScanOptions(device="cpu", batch_size=4, data=DataOptions(workers=1)))
+
+
+def test_npz_members_are_read_by_rows_and_compressed_ones_whole(tmp_path: Path) -> None:
+    """np.savez stores its arrays as they are: read in place by rows (NpyRows at the
+    member's offset); savez_compressed deflates them: read whole. Same batches either way,
+    big-endian and integer arrays included; a truncated member is one line naming it."""
+    rng = np.random.default_rng(3)
+    arrays = {"image": rng.normal(size=(37, 3, 4)).astype(">f4"), "ids": rng.integers(0, 9, size=(37, 5))}
+    np.savez(tmp_path / "stored.npz", **arrays)
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    stored, packed = open_data(str(tmp_path / "stored.npz")), open_data(str(tmp_path / "packed.npz"))
+    assert all(isinstance(a, NpyRows) for a in stored.keyword.values())
+    assert not any(isinstance(a, NpyRows) for a in packed.keyword.values())
+    for a, b in zip(stored.batches(8), packed.batches(8), strict=True):
+        assert a.kwargs.keys() == b.kwargs.keys() == arrays.keys()
+        for key in arrays:
+            assert torch.equal(a.kwargs[key], b.kwargs[key])
+    joined = torch.cat([batch.kwargs["image"] for batch in stored.batches(8)])
+    assert torch.equal(joined, torch.from_numpy(arrays["image"].astype("<f4")))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_STORED) as archive:
+        with zipfile.ZipFile(tmp_path / "stored.npz") as source:
+            archive.writestr("image.npy", source.read("image.npy")[:-12])
+    with pytest.raises(DataError, match=r"short\.npz \(image\): truncated \.npy member"):
+        open_data(str(tmp_path / "short.npz"))
+
+
+def test_safetensors_tensors_are_read_by_rows_against_the_library(tmp_path: Path) -> None:
+    """The header is read by deadrelu, the rows in place (memory flat); the values equal
+    what the safetensors library itself loads. BF16 (numpy has none) and a file cut short
+    are one line each."""
+    from safetensors.numpy import load_file, save_file
+
+    rng = np.random.default_rng(4)
+    arrays = {"image": rng.normal(size=(29, 3, 4)).astype(np.float32), "ids": rng.integers(0, 9, size=(29, 5)),
+              "half": rng.normal(size=(29, 2)).astype(np.float16), "mask": rng.random((29, 3)) > 0.5}
+    save_file(arrays, str(tmp_path / "d.safetensors"), metadata={"made_by": "test"})
+    source = open_data(str(tmp_path / "d.safetensors"))
+    assert all(isinstance(a, NpyRows) for a in source.keyword.values())
+    loaded = load_file(str(tmp_path / "d.safetensors"))
+    for key in arrays:
+        joined = torch.cat([batch.kwargs[key] for batch in source.batches(8)])
+        assert torch.equal(joined, torch.from_numpy(loaded[key])), key
+
+    data = (tmp_path / "d.safetensors").read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-7])
+    with pytest.raises(DataError, match=r"short\.safetensors: tensor '\w+': its byte range .*\(truncated"):
+        open_data(str(tmp_path / "short.safetensors"))
+    torch_file = pytest.importorskip("safetensors.torch")
+    torch_file.save_file({"x": torch.ones(4, 2, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+    with pytest.raises(DataError, match=r"bf16\.safetensors: tensor 'x' has dtype BF16, which numpy cannot hold"):
+        open_data(str(tmp_path / "bf16.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(DataError, match=r"junk\.safetensors: not a readable \.safetensors file"):
+        open_data(str(tmp_path / "junk.safetensors"))

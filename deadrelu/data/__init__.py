@@ -4,7 +4,8 @@
 
 * ``file.npy`` -- read a batch at a time by seeking in the file (memory stays flat);
 * ``file.npz`` / ``file.safetensors`` -- one array per model input (by input name; names
-  ``arr_0, arr_1, ...`` or a single array are positional); read whole;
+  ``arr_0, arr_1, ...`` or a single array are positional); read by rows in place (an
+  ``np.savez_compressed`` archive whole);
 * ``file.pt`` -- a tensor, a tuple of tensors or a dict of tensors (``weights_only=True``);
 * a folder of ``.npy`` shards -- streamed shard after shard, batches spanning shards;
 * a folder of images (JPEG/PNG, flat or one sub-folder per class) -- decoded with Pillow

@@ -3,8 +3,10 @@ or `random`, and refuses what it cannot read with a line naming the file."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -117,22 +119,77 @@ def _open_npz(path: Path) -> ArraySource:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz archive (np.savez writes a zip file of .npy arrays; this is no zip file)")
     try:
+        with zipfile.ZipFile(path) as archive:
+            stored = {info.filename[:-4]: info for info in archive.infolist() if _streamable(info)}
+            starts = {key: _member_start(path, info) for key, info in stored.items()}
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            arrays = {key: NpyRows(path, starts[key], stored[key].file_size, label=f"{path} ({key})") if key in stored
+                      else archive[key] for key in archive.files}
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz archive ({error_line(exc)})") from exc
     return _named_arrays(path, arrays)
 
 
-def _open_safetensors(path: Path) -> ArraySource:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _streamable(info: zipfile.ZipInfo) -> bool:
+    """An `.npy` member stored as it is (`np.savez`, not `savez_compressed`), unencrypted:
+    it can be read by rows in place, memory flat; other members are read whole."""
+    return (info.filename.endswith(".npy") and info.compress_type == zipfile.ZIP_STORED
+            and not info.flag_bits & 0x1)
 
+
+def _member_start(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes begin: after its local header (30 bytes, then the
+    name and an extra field whose lengths that header gives, not the central directory)."""
+    with path.open("rb") as handle:
+        handle.seek(info.header_offset)
+        header = handle.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise DataError(f"{path}: not a readable .npz archive (bad local header for {info.filename})")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+# safetensors dtypes numpy holds; BF16 and the float8s it does not
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                       "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def _open_safetensors(path: Path) -> ArraySource:
+    """Each tensor read by rows in place, memory flat. The format is an 8-byte header
+    length, a JSON header (dtype, shape, byte range of every tensor) and the raw bytes;
+    the safetensors library reads rows lazily only through a memory map, whose touched
+    pages stay resident, so the header is read here and the rows with `NpyRows`."""
+    size = path.stat().st_size
     try:
-        arrays = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file")
+            header = json.loads(handle.read(length))
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable .safetensors file ({error_line(exc)})") from exc
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: not a readable .safetensors file (its header is no JSON object)")
+    arrays = {name: _safetensors_rows(path, name, entry, 8 + length, size)
+              for name, entry in header.items() if name != "__metadata__"}
     return _named_arrays(path, arrays)
+
+
+def _safetensors_rows(path: Path, name: str, entry: Any, base: int, size: int) -> NpyRows:
+    try:
+        kind, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .safetensors file (bad header entry for {name!r})") from exc
+    if kind not in _SAFETENSORS_DTYPES:
+        raise DataError(f"{path}: tensor {name!r} has dtype {kind}, which numpy cannot hold; "
+                        "save calibration data as F32, F16 or an integer type")
+    rows = NpyRows.raw(path, base + int(begin), shape, np.dtype(_SAFETENSORS_DTYPES[kind]))
+    if rows.end != base + int(end) or rows.end > size:
+        raise DataError(f"{path}: tensor {name!r}: its byte range does not match its shape {list(shape)}, "
+                        "or lies past the end of the file (truncated?)")
+    return rows
 
 
 def _named_arrays(path: Path, arrays: dict[str, Any]) -> ArraySource:

@@ -40,30 +40,48 @@ class NpyRows:
     """A `.npy` array read by rows on demand: seek + read, no memory map.
 
     A memory map would keep every page it touched resident, so the process would grow
-    with the file; reading each batch with a plain read keeps memory flat.
+    with the file; reading each batch with a plain read keeps memory flat. ``start`` and
+    ``size``: the array is a member stored (uncompressed) inside a larger file, as in an
+    `.npz` archive written by `np.savez`; ``label`` names it in messages.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, start: int = 0, size: int | None = None, label: str | None = None) -> None:
         self.path = path
+        label = label or str(path)
         try:
             with path.open("rb") as handle:
+                handle.seek(start)
                 version = np.lib.format.read_magic(handle)
                 reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 shape, fortran, dtype = reader(handle)
                 self.offset = handle.tell()
         except Exception as exc:
-            raise DataError(f"{path}: not a readable .npy array ({error_line(exc)})") from exc
+            raise DataError(f"{label}: not a readable .npy array ({error_line(exc)})") from exc
         if dtype.hasobject:
-            raise DataError(f"{path}: array has dtype object (Python objects), expected real numbers")
+            raise DataError(f"{label}: array has dtype object (Python objects), expected real numbers")
         if fortran:
-            raise DataError(f"{path}: Fortran-ordered arrays are not supported; save with np.save(np.ascontiguousarray(a))")
-        self.shape: tuple[int, ...] = tuple(shape)
+            raise DataError(f"{label}: Fortran-ordered arrays are not supported; save with np.save(np.ascontiguousarray(a))")
+        self._place(tuple(shape), dtype)
+        available = path.stat().st_size if size is None else start + size
+        if available < self.end:
+            raise DataError(f"{label}: truncated .npy {'file' if size is None else 'member'} "
+                            f"({available - start} bytes, header says {self.end - start})")
+
+    @classmethod
+    def raw(cls, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> NpyRows:
+        """C-ordered rows at `offset` whose shape and dtype another header gave (a
+        .safetensors file's); the caller checks they lie inside the file."""
+        rows = cls.__new__(cls)
+        rows.path, rows.offset = path, offset
+        rows._place(shape, dtype)
+        return rows
+
+    def _place(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shape: tuple[int, ...] = shape
         self.dtype = dtype
-        self.ndim = len(self.shape)
-        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
-        expected = self.offset + self.shape[0] * self._row_bytes if self.shape else self.offset
-        if path.stat().st_size < expected:
-            raise DataError(f"{path}: truncated .npy file ({path.stat().st_size} bytes, header says {expected})")
+        self.ndim = len(shape)
+        self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.end = self.offset + shape[0] * self._row_bytes if shape else self.offset
 
     def __len__(self) -> int:
         return self.shape[0]
