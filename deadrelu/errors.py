@@ -53,6 +53,13 @@ class SavedReportError(DeadReluError):
     """A saved JSON report (for `report`, `diff`, `--baseline`) cannot be read."""
 
 
+def led_by(exc: DeadReluError, source: str) -> DeadReluError:
+    """A new error of the same type (raise it ``from exc``), its message led by the file or
+    data it came from unless it names that already (a model's or a source's own often does)."""
+    message = str(exc)
+    return type(exc)(message if source in message else f"{source}: {message}")
+
+
 def one_line(message: str) -> str:
     """The line of an error message that says what went wrong. A DataLoader worker's
     error comes back as "Caught X in DataLoader worker process N. Original Traceback

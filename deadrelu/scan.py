@@ -12,7 +12,7 @@ import torch
 
 from deadrelu.data import CalibrationSource, DataOptions, InputSelector, ModelInput, open_data, source_from_object
 from deadrelu.distributed import finish, gather, ranks_from_env, shard, start
-from deadrelu.errors import DataError, UsageError
+from deadrelu.errors import DataError, UsageError, led_by
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
@@ -217,9 +217,7 @@ def _selected(source: CalibrationSource, selector: InputSelector, batch_size: in
         try:
             yield selector.select(batch)
         except DataError as exc:
-            if source.description in str(exc):
-                raise
-            raise DataError(f"{source.description}: {exc}") from exc
+            raise led_by(exc, source.description) from exc
 
 
 def _finite(batches: Iterator[ModelInput], description: str) -> Iterator[ModelInput]:

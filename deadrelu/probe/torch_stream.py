@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from deadrelu.data import ModelInput
-from deadrelu.errors import DataError, ModelRunError
+from deadrelu.errors import DataError, ModelRunError, led_by
 from deadrelu.load import LoadedModel
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_graph import CaptureError, GraphScan, capture
@@ -79,20 +79,14 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
                 probe.discard_pass()
                 partial = True
             except ModelRunError as exc:
-                raise _naming_the_file(exc, loaded.path) from exc
+                if loaded.path.startswith("<"):  # an in-memory module ("<Sequential>"): no file to name
+                    raise
+                raise led_by(exc, loaded.path) from exc  # as ONNX Runtime's failures name it
             runner.fold_graph_into(probe)
         observed = tuple(SiteObservation(t.name, t.op, t.axis.axis, t.axis.source, t.stats.result(),
                                          {"normalised_input": t.normalised, "preact_ndim": t.ndim})
                          for t in probe.observed_taps())
     return StreamResult(observed, samples, partial, tuple(runner.notes), runner.engine(reducer))
-
-
-def _naming_the_file(exc: ModelRunError, path: str) -> ModelRunError:
-    """The forward's error, led by the model file it came from (not an in-memory module's
-    "<Sequential>"), as ONNX Runtime's failures are."""
-    if path.startswith("<") or str(exc).startswith(f"{path}: "):
-        return exc
-    return type(exc)(f"{path}: {exc}")
 
 
 # `--compile auto` compiles the whole model when the eager path would take longer than this
