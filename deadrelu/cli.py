@@ -127,7 +127,7 @@ def _fail(message: str, exc: BaseException, code: int) -> None:
 
 @app.command("scan")
 def scan_command(
-    model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch) or pickle.")],
+    model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch), full pickle (--trust-pickle) or ONNX (.onnx).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, .safetensors, a folder of images or .npy shards, pkg.module:function or file.py:function (runs your code), or 'random' (with --input-shape).")],
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict: pkg.module:fn or path/file.py:fn (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,

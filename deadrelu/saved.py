@@ -48,7 +48,8 @@ def load_report(path: str | Path, thresholds: Thresholds | None = None) -> ScanR
     except OSError as exc:
         raise SavedReportError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise SavedReportError(f"{path}: not a text file (expected a deadrelu JSON report)") from None
+        raise SavedReportError(f"{path}: not a text file (expected a deadrelu JSON report, as `scan --json` writes "
+                               "it; a model is scanned with `deadrelu scan`)") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:

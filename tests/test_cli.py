@@ -428,6 +428,19 @@ def test_binary_reports_and_configs_are_one_line(runner: CliRunner, tmp_path: Pa
         assert "internal error" not in message and re.search(pattern, message), message
 
 
+def test_a_report_and_a_model_given_in_each_others_place_say_which_command_takes_them(
+        runner: CliRunner, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    for command in (["scan", report, "--data", FIX / "mlp.calib.npy"], ["fix", report]):
+        result = runner.invoke(app, [str(a) for a in command])
+        assert result.exit_code == 2
+        assert _error(result) == (f"deadrelu: error: {report}: a deadrelu JSON report, not a model (`deadrelu report {report}` "
+                                  f"re-judges it; `deadrelu fix MODEL --report {report}` fixes the model it came from)")
+    result = runner.invoke(app, ["report", str(FIX / "mlp.ts.pt")])
+    assert result.exit_code == 2 and "a model is scanned with `deadrelu scan`" in _error(result)
+
+
 def test_dataloader_worker_errors_keep_the_original_message() -> None:
     from deadrelu.cli import one_line
 

@@ -39,6 +39,9 @@ def detect_format(path: Path) -> ModelFormat:
         return ModelFormat.SAFETENSORS
     if _looks_like_onnx(path):
         return ModelFormat.ONNX
+    if _looks_like_report(path):
+        raise ModelLoadError(f"{path}: a deadrelu JSON report, not a model (`deadrelu report {path}` re-judges "
+                             f"it; `deadrelu fix MODEL --report {path}` fixes the model it came from)")
     if head.startswith(_ZIP_LOCAL_HEADER):  # a zip whose end (the central directory) is missing
         raise ModelLoadError(f"{path}: truncated or damaged zip archive (it starts as one, but its end is missing: "
                              "an interrupted copy or download?)")
@@ -68,6 +71,13 @@ def _looks_like_safetensors(head: bytes) -> bool:
         return False
     size = int.from_bytes(head[:8], "little")
     return 0 < size < (1 << 32) and head[8:9] == b"{"
+
+
+def _looks_like_report(path: Path) -> bool:
+    """A deadrelu JSON report: it opens with `{"schema_version": ...`, as `--json` writes it."""
+    with path.open("rb") as handle:
+        head = handle.read(256)
+    return head.lstrip().startswith(b"{") and b'"schema_version"' in head
 
 
 def _looks_like_onnx(path: Path) -> bool:
