@@ -63,6 +63,26 @@ def test_npz_by_input_name_and_safetensors(tmp_path: Path, reference) -> None:
         assert positives(report) == positives(reference), name
 
 
+def test_bfloat16_safetensors_are_read_bit_for_bit_and_scan_as_their_float32_values(tmp_path: Path) -> None:
+    """numpy has no bfloat16: the rows are read as 16-bit words and viewed as bfloat16.
+    The batches equal the library's own load, bit for bit, and the scan equals one of the
+    same values stored as float32 (bfloat16 -> float32 is exact)."""
+    torch_file = pytest.importorskip("safetensors.torch")
+    values = torch.from_numpy(CALIB).to(torch.bfloat16)
+    torch_file.save_file({"x": values}, str(tmp_path / "bf16.safetensors"))
+    source = open_data(str(tmp_path / "bf16.safetensors"))
+    joined = torch.cat([batch.args[0] for batch in source.batches(100)])
+    assert joined.dtype == torch.bfloat16
+    assert torch.equal(joined.view(torch.int16), torch_file.load_file(str(tmp_path / "bf16.safetensors"))["x"].view(torch.int16))
+    np.save(tmp_path / "same.npy", values.float().numpy())
+    bf16 = scan(FIX / "mlp.ts.pt", tmp_path / "bf16.safetensors", ScanOptions(device="cpu", batch_size=100))
+    same = scan(FIX / "mlp.ts.pt", tmp_path / "same.npy", ScanOptions(device="cpu", batch_size=100))
+    assert positives(bf16) == positives(same)
+    for a, b in zip(bf16.sites, same.sites):
+        for name in ("count", "minimum", "maximum", "mean", "m2", "relu_sum"):
+            np.testing.assert_array_equal(getattr(a.stats, name), getattr(b.stats, name), err_msg=name)
+
+
 def test_user_function_returning_loader_dataset_or_generator(tmp_path: Path, reference) -> None:
     module = tmp_path / "calib_data.py"
     module.write_text(textwrap.dedent(f"""
@@ -290,8 +310,7 @@ def test_npz_members_are_read_by_rows_and_compressed_ones_whole(tmp_path: Path) 
 
 def test_safetensors_tensors_are_read_by_rows_against_the_library(tmp_path: Path) -> None:
     """The header is read by deadrelu, the rows in place (memory flat); the values equal
-    what the safetensors library itself loads. BF16 (numpy has none) and a file cut short
-    are one line each."""
+    what the safetensors library itself loads. Float8 and a file cut short are one line each."""
     from safetensors.numpy import load_file, save_file
 
     rng = np.random.default_rng(4)
@@ -310,9 +329,9 @@ def test_safetensors_tensors_are_read_by_rows_against_the_library(tmp_path: Path
     with pytest.raises(DataError, match=r"short\.safetensors: tensor '\w+': its byte range .*\(truncated"):
         open_data(str(tmp_path / "short.safetensors"))
     torch_file = pytest.importorskip("safetensors.torch")
-    torch_file.save_file({"x": torch.ones(4, 2, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
-    with pytest.raises(DataError, match=r"bf16\.safetensors: tensor 'x' has dtype BF16, which numpy cannot hold"):
-        open_data(str(tmp_path / "bf16.safetensors"))
+    torch_file.save_file({"x": torch.ones(4, 2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
+    with pytest.raises(DataError, match=r"f8\.safetensors: tensor 'x' has dtype F8_E4M3; calibration data is read as"):
+        open_data(str(tmp_path / "f8.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(DataError, match=r"junk\.safetensors: not a readable \.safetensors file"):
         open_data(str(tmp_path / "junk.safetensors"))

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from deadrelu.data.sources import (IMAGE_SUFFIXES, ArraySource, CalibrationSource, ImageFiles, ImageOptions,
-                                   IterableSource, NpyRows, RandomSource, ShardSource, error_line, source_from_object)
+from deadrelu.data.sources import (IMAGE_SUFFIXES, ArraySource, BFloat16Rows, CalibrationSource, ImageFiles,
+                                   ImageOptions, IterableSource, NpyRows, RandomSource, ShardSource, error_line,
+                                   source_from_object)
 from deadrelu.errors import DataError
 
 
@@ -151,8 +152,9 @@ def _member_start(path: Path, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_length + extra_length
 
 
-# safetensors dtypes numpy holds; BF16 and the float8s it does not
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+# safetensors dtypes numpy holds (BF16 is read as 16-bit words and viewed as bfloat16);
+# the float8s no model input takes
+_SAFETENSORS_DTYPES = {"BF16": "<u2", "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
                        "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
@@ -177,19 +179,19 @@ def _open_safetensors(path: Path) -> ArraySource:
     return _named_arrays(path, arrays)
 
 
-def _safetensors_rows(path: Path, name: str, entry: Any, base: int, size: int) -> NpyRows:
+def _safetensors_rows(path: Path, name: str, entry: Any, base: int, size: int) -> NpyRows | BFloat16Rows:
     try:
         kind, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a readable .safetensors file (bad header entry for {name!r})") from exc
     if kind not in _SAFETENSORS_DTYPES:
-        raise DataError(f"{path}: tensor {name!r} has dtype {kind}, which numpy cannot hold; "
-                        "save calibration data as F32, F16 or an integer type")
+        raise DataError(f"{path}: tensor {name!r} has dtype {kind}; calibration data is read as "
+                        "F64, F32, F16, BF16, integers or BOOL")
     rows = NpyRows.raw(path, base + int(begin), shape, np.dtype(_SAFETENSORS_DTYPES[kind]))
     if rows.end != base + int(end) or rows.end > size:
         raise DataError(f"{path}: tensor {name!r}: its byte range does not match its shape {list(shape)}, "
                         "or lies past the end of the file (truncated?)")
-    return rows
+    return BFloat16Rows(rows) if kind == "BF16" else rows
 
 
 def _named_arrays(path: Path, arrays: dict[str, Any]) -> ArraySource:
@@ -247,8 +249,8 @@ def _check_array(path: Path, name: str, array: Any) -> None:
     """A numpy array (or `NpyRows`) or a tensor: samples along axis 0, real numbers."""
     if array.ndim == 0:
         raise DataError(f"{path}: {name} is a scalar, expected samples along the first axis")
-    if isinstance(array, torch.Tensor):
-        real = not (array.is_complex() or array.is_quantized or array.dtype in _UNREADABLE_TORCH)
+    if isinstance(array, (torch.Tensor, BFloat16Rows)):
+        real = not (array.dtype.is_complex or getattr(array, "is_quantized", False) or array.dtype in _UNREADABLE_TORCH)
     else:
         real = np.dtype(array.dtype).kind in "fiub"
     if not real:

@@ -95,6 +95,23 @@ class NpyRows:
         return flat.reshape((count, *self.shape[1:]))
 
 
+class BFloat16Rows:
+    """BF16 rows (a .safetensors tensor) read as 16-bit words by `NpyRows` and viewed as
+    torch.bfloat16, which numpy has no type for; the same bits, no conversion."""
+
+    dtype = torch.bfloat16
+
+    def __init__(self, words: NpyRows) -> None:
+        self.words = words
+        self.path, self.shape, self.ndim, self.end = words.path, words.shape, words.ndim, words.end
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.from_numpy(self.words[rows]).view(torch.bfloat16)
+
+
 @dataclass
 class ArraySource:
     """Arrays sharing a first (sample) axis; positional (tuple batches) or keyword (dicts)."""
