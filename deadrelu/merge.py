@@ -62,8 +62,8 @@ def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> No
         key = (report.data.source, report.data.samples,
                tuple(bytes(memoryview(s.stats.positive)) + bytes(memoryview(s.stats.mean)) for s in report.sites))
         if key in seen:
-            raise UsageError(f"{name}: the same scan as {seen[key]} (same data, same statistics); merging it "
-                             "again would count its samples twice")
+            what = "given twice" if seen[key] == name else f"the same scan as {seen[key]} (same data, same statistics)"
+            raise UsageError(f"{name}: {what}; merging it again would count its samples twice")
         seen[key] = name
 
 
