@@ -99,64 +99,94 @@ _HIERARCHY_PART = re.compile(r"^(?P<name>.*?)\((?P<type>[^()]*)\)$")
 
 def context_from_torchscript(hierarchy: str) -> CallContext:
     """Parse Node.getModuleHierarchy(), e.g. 'layer1(Sequential).0(B).relu(ReLU)'."""
-    names: list[str] = []
-    module_type = ""
+    parts = hierarchy_parts(hierarchy)
+    return CallContext(".".join(name for name, _ in parts), parts[-1][1] if parts else "")
+
+
+def hierarchy_parts(hierarchy: str) -> list[tuple[str, str]]:
+    """(name, type) of each module in a Node.getModuleHierarchy() string, outermost first."""
+    parts: list[tuple[str, str]] = []
     for part in hierarchy.split(".") if hierarchy else []:
         match = _HIERARCHY_PART.match(part)
         name, kind = (match.group("name"), match.group("type")) if match else (part, "")
-        if name == "UNKNOWN_INSTANCE":
-            continue
-        names.append(name)
-        module_type = kind
-    return CallContext(".".join(names), module_type)
+        if name != "UNKNOWN_INSTANCE":
+            parts.append((name, kind))
+    return parts
 
 
-def resolve_module_path(root: Any, names: list[str]) -> str:
-    """Full module path for a hierarchy whose containers may have been inlined away.
+def module_paths_for(root: Any, parts: list[tuple[str, str]]) -> list[str]:
+    """Every module path a hierarchy may stand for, in registration order.
 
-    Tracing inlines ``nn.Sequential.forward``, so a ReLU at ``layers.1`` is recorded as
-    ``1(ReLU)``. Each name is looked up as a child of the current module, or else as a
-    child of one of its descendants, breadth first.
+    A trace records a call by the called module's own name relative to the innermost
+    module whose forward it recorded, so calling layers held in an ``nn.ModuleList`` from
+    the parent's forward (``for lin, act in zip(self.linears, self.acts)``) records the
+    ReLU at ``acts.1`` as ``1(ReLU)`` alone, like ``blocks.0.1`` in ``block[1](x)``. Each
+    recorded module is a direct child of the previous one when there is one of that name;
+    otherwise any descendant of that name and type (its ``original_name``), all of them
+    kept. A hierarchy that the module tree does not hold keeps its recorded names.
     """
-    path: list[str] = []
-    current = root
-    for index, name in enumerate(names):
-        found = _find_child(current, name)
-        if found is None:  # not in the module tree: keep the recorded names as they are
-            return ".".join([*path, *names[index:]])
-        prefix, current = found
-        path.extend([*prefix, name])
-    return ".".join(path)
+    found: list[tuple[list[str], Any]] = [([], root)]
+    for index, (name, kind) in enumerate(parts):
+        step = [([*path, *sub], child) for path, module in found for sub, child in _modules_called(module, name, kind)]
+        if not step:
+            recorded = [name for name, _ in parts[index:]]
+            return [".".join([*found[0][0], *recorded])]
+        found = step
+    return [".".join(path) for path, _ in found]
 
 
-def _find_child(module: Any, name: str) -> tuple[list[str], Any] | None:
-    queue: list[tuple[list[str], Any]] = [([], module)]
-    while queue:
-        prefix, current = queue.pop(0)
-        children = dict(current.named_children())
-        if name in children:
-            return prefix, children[name]
-        queue.extend(([*prefix, child_name], child) for child_name, child in children.items())
-    return None
+def _modules_called(module: Any, name: str, kind: str) -> list[tuple[list[str], Any]]:
+    """(path below `module`, module) of what a recorded `name(kind)` inside `module` may
+    be: its direct child `name`; else its descendants called `name` of type `kind`
+    (whatever their type when none has that one, a type spelt otherwise)."""
+    children = dict(module.named_children())
+    if name in children:
+        return [([name], children[name])]
+    named = [(path.split("."), child) for path, child in module.named_modules() if path.rsplit(".", 1)[-1] == name]
+    typed = [(path, child) for path, child in named if _type_name(child) == kind]
+    return typed or named
+
+
+def _type_name(module: Any) -> str:
+    return str(getattr(module, "original_name", "") or type(module).__name__)
 
 
 def torchscript_candidate_contexts(module: torch.jit.ScriptModule) -> list[tuple[str, CallContext]]:
-    """(functional, context) for every candidate op of a TorchScript module, graph order."""
+    """(functional, context) for every candidate op of a TorchScript module, graph order.
+
+    A hierarchy that stands for several modules (``1(ReLU)`` for ``acts.1``,
+    ``blocks.0.1`` and ``blocks.1.1``) gives them to its calls in registration order when
+    it is called as many times as there are; otherwise (a module called more than once,
+    or some never) every call takes the shallowest of them, the first registered.
+    """
     graph = module.inlined_graph
-    found: list[tuple[str, CallContext]] = []
+    calls: list[tuple[str, str, str]] = []  # (functional, hierarchy, module type)
 
     def walk(block: Any) -> None:
         for node in block.nodes():
             functional = CANDIDATE_OPS.get(packet_name(node.kind()))
             if node.kind().startswith("aten::") and functional:
-                ctx = context_from_torchscript(node.getModuleHierarchy())
-                names = ctx.module_path.split(".") if ctx.module_path else []
-                found.append((functional, CallContext(resolve_module_path(module, names), ctx.module_type)))
+                hierarchy = node.getModuleHierarchy()
+                calls.append((functional, hierarchy, context_from_torchscript(hierarchy).module_type))
             for sub in node.blocks():
                 walk(sub)
 
     walk(graph)
+    paths = {hierarchy: module_paths_for(module, hierarchy_parts(hierarchy)) for _, hierarchy, _ in calls}
+    times = {hierarchy: sum(1 for _, h, _ in calls if h == hierarchy) for hierarchy in paths}
+    seen: dict[str, int] = {}
+    found: list[tuple[str, CallContext]] = []
+    for functional, hierarchy, module_type in calls:
+        candidates = paths[hierarchy]
+        nth = seen.get(hierarchy, 0)
+        seen[hierarchy] = nth + 1
+        path = candidates[nth] if len(candidates) == times[hierarchy] else _shallowest(candidates)
+        found.append((functional, CallContext(path, module_type)))
     return found
+
+
+def _shallowest(paths: list[str]) -> str:
+    return min(paths, key=lambda path: path.count("."))  # min keeps the first of equals
 
 
 def fx_candidate_contexts(graph_module: torch.fx.GraphModule) -> list[tuple[str, CallContext]]:

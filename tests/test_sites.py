@@ -227,3 +227,33 @@ def test_unit_axis_follows_permutes_and_reshapes(flavour: str, tmp_path) -> None
         np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
         np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-4, atol=1e-5, err_msg=site.name)
         np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)
+
+
+class LoopOverModuleLists(nn.Module):
+    """Layers kept in ModuleLists and called from the parent's forward: a trace records
+    each call by the called module alone ('0(ReLU)', '1(ReLU)'), without the list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.linears = nn.ModuleList([nn.Linear(4, 6), nn.Linear(6, 5)])
+        self.acts = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(5, 4), nn.ReLU()),
+                                     nn.Sequential(nn.Linear(4, 3), nn.ReLU())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for linear, act in zip(self.linears, self.acts):
+            x = act(linear(x))
+        for block in self.blocks:
+            x = block[1](block[0](x))
+        return x
+
+
+def test_traced_relus_called_from_module_lists_keep_their_own_module_paths(tmp_path) -> None:
+    model = LoopOverModuleLists().eval()
+    x = torch.randn(16, 4)
+    torch.jit.save(torch.jit.trace(model, x[:2]), tmp_path / "loop.ts.pt")
+    expected = [("acts.0", 6), ("acts.1", 5), ("blocks.0.1", 4), ("blocks.1.1", 3)]
+    for source in (model, tmp_path / "loop.ts.pt"):
+        report = scan(source, [x], ScanOptions(device="cpu"))
+        assert [(s.name, s.units) for s in report.sites] == expected, source
