@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from deadrelu.data import CalibrationSource, DataOptions, InputSelector, ModelInput, open_data, source_from_object
+from deadrelu.data import (CalibrationSource, DataOptions, ExactBatches, InputSelector, ModelInput, open_data,
+                           source_from_object)
 from deadrelu.distributed import finish, gather, ranks_from_env, shard, start
 from deadrelu.errors import DataError, UsageError, led_by
 from deadrelu.judge import Thresholds
@@ -85,14 +86,17 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         total = _expected_samples(source, options.samples)
         if on_start:
             on_start(total)
-        batches = shard(model_batches(loaded, source, options), ranks)
+        inputs = model_batches(loaded, source, options)
         settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
                                   large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total)
-        result = _stream(loaded, batches, device, progress, settings)
+        result = _stream(loaded, shard(inputs, ranks), device, progress, settings)
         result = gather(result, ranks)
     finally:
         finish(joined)
     if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch
+        if inputs.left_out:
+            raise DataError(f"{source.description}: {inputs.left_out} samples, fewer than one batch of the "
+                            f"{inputs.size} the model was exported to take")
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
                   for o in result.sites)
@@ -103,7 +107,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         thresholds=options.thresholds,
         device=str(device),
         partial=result.partial,
-        warnings=_warnings(source, result, options.samples),
+        warnings=_warnings(source, result, options.samples, inputs),
         engine=result.engine,
     )
 
@@ -204,11 +208,35 @@ def _open(data: Any, options: ScanOptions) -> CalibrationSource:
     return source_from_object(data, f"<{type(data).__name__}>", options.data.workers)
 
 
-def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> Iterator[ModelInput]:
-    """The source's batches as model inputs (`--inputs`), capped at `--samples`, finite."""
+def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanOptions) -> ExactBatches:
+    """The source's batches as model inputs (`--inputs`), capped at `--samples`, finite;
+    for a model with a fixed batch size, cut to that size (read in whole multiples of it
+    up to `--batch-size`, so that cutting takes no copy where the source keeps to it)."""
     selector = InputSelector.parse(options.inputs, count_model_inputs(loaded), model_input_names(loaded))
-    batches = _capped(_selected(source, selector, options.batch_size), options.samples)
-    return _finite(batches, source.description)
+    fixed = fixed_batch_size(loaded)
+    read = options.batch_size if fixed is None else fixed * max(1, options.batch_size // fixed)
+    batches = _capped(_selected(source, selector, read), options.samples)
+    return ExactBatches(_finite(batches, source.description), fixed)
+
+
+def fixed_batch_size(loaded: LoadedModel) -> int | None:
+    """The one batch size the model takes, when every input declares the same static
+    first dimension (an ONNX graph or a `torch.export` program exported without a dynamic
+    batch); None when it takes any."""
+    if loaded.format is ModelFormat.ONNX:
+        from deadrelu.probe.onnx_feed import input_specs
+
+        firsts = {spec.fixed_batch for spec in input_specs(loaded.module.proto)}
+    elif loaded.exported_program is not None:
+        program = loaded.exported_program
+        user_inputs = set(program.graph_signature.user_inputs)
+        values = [node.meta.get("val") for node in program.graph.nodes
+                  if node.op == "placeholder" and node.name in user_inputs]
+        firsts = {int(v.shape[0]) if isinstance(v, torch.Tensor) and v.ndim and isinstance(v.shape[0], int) else None
+                  for v in values}
+    else:
+        return None
+    return firsts.pop() if len(firsts) == 1 else None
 
 
 def _selected(source: CalibrationSource, selector: InputSelector, batch_size: int) -> Iterator[ModelInput]:
@@ -265,13 +293,17 @@ def _stream(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.de
 
 # --- report --------------------------------------------------------------------------------
 
-def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None) -> tuple[str, ...]:
+def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None,
+              inputs: ExactBatches) -> tuple[str, ...]:
     """What the reader of the report should know about the data and the run."""
     warnings = list(result.notes)
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
-    if cap is not None and result.samples < cap and not result.partial:
-        warnings.append(f"asked for {cap} samples, the data held {result.samples}: used {result.samples}")
+    if inputs.left_out:
+        warnings.append(f"{inputs.left_out} samples were left out: the model takes batches of exactly {inputs.size}")
+    held = result.samples + inputs.left_out
+    if cap is not None and held < cap and not result.partial:
+        warnings.append(f"asked for {cap} samples, the data held {held}: used {result.samples}")
     if result.partial:
         warnings.append(f"interrupted: statistics cover the first {result.samples} samples only")
     return tuple(warnings)

@@ -11,7 +11,7 @@ import torch
 
 import fixture_models
 from deadrelu import ScanOptions, scan
-from deadrelu.data import DataOptions, ImageOptions, InputSelector, NpyRows, open_data
+from deadrelu.data import DataOptions, ExactBatches, ImageOptions, InputSelector, ModelInput, NpyRows, open_data
 from deadrelu.errors import DataError
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures"
@@ -177,6 +177,60 @@ def test_samples_cap_and_short_data_warning(reference) -> None:
     short = scan(FIX / "mlp.ts.pt", FIX / "mlp.calib.npy", ScanOptions(device="cpu", samples=1000))
     assert short.data.samples == 256
     assert any("asked for 1000 samples" in w and "used 256" in w for w in short.warnings)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 32])
+def test_exact_batches_cut_the_stream_across_its_batch_ends(size: int) -> None:
+    rng = np.random.default_rng(size)
+    rows = torch.arange(100, dtype=torch.float32)[:, None].repeat(1, 2)
+    ends = np.sort(rng.choice(np.arange(1, 100), 12, replace=False)).tolist()
+    cuts = [0, *ends, 100]
+    stream = (ModelInput((rows[a:b],), {"m": -rows[a:b]}) for a, b in zip(cuts, cuts[1:]))
+    exact = ExactBatches(stream, size)
+    batches = list(exact)
+    assert {b.size for b in batches} == {size}
+    used = len(batches) * size
+    assert used == 100 - 100 % size and exact.left_out == 100 % size
+    np.testing.assert_array_equal(torch.cat([b.args[0] for b in batches]), rows[:used])
+    np.testing.assert_array_equal(torch.cat([b.kwargs["m"] for b in batches]), -rows[:used])
+
+
+def test_exact_batches_without_a_size_pass_the_stream_through() -> None:
+    parts = [ModelInput((torch.zeros(n, 2),)) for n in (5, 1, 9)]
+    exact = ExactBatches(iter(parts), None)
+    assert list(exact) == parts and exact.left_out == 0
+
+
+@pytest.mark.parametrize("batch_size", [2, 5, 32])
+def test_a_program_exported_with_a_fixed_batch_scans_every_whole_batch_of_the_data(
+        tmp_path: Path, batch_size: int) -> None:
+    """A static-batch `torch.export` program takes only batches of its size: the data is
+    cut to it across its own batches, and only the samples at the end that make no whole
+    batch are left out (the guard failed on the first batch of another size before)."""
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(mlp().eval(), (torch.from_numpy(CALIB[:3]),)), str(path))
+    data = tmp_path / "d.npy"
+    np.save(data, CALIB[:200])
+    report = scan(path, data, ScanOptions(device="cpu", batch_size=batch_size))
+    assert report.data.samples == 198
+    assert any("2 samples were left out: the model takes batches of exactly 3" in w for w in report.warnings)
+    whole = scan(mlp(), [torch.from_numpy(CALIB[:198])], ScanOptions(device="cpu"))
+    assert positives(report) == positives(whole)
+    for got, want in zip(report.sites, whole.sites):
+        np.testing.assert_allclose(got.stats.maximum, want.stats.maximum, rtol=1e-6)
+        np.testing.assert_array_equal(got.stats.count, want.stats.count)
+        np.testing.assert_allclose(got.stats.mean, want.stats.mean, rtol=1e-5, atol=1e-6)
+    capped = scan(path, data, ScanOptions(device="cpu", samples=100))
+    assert capped.data.samples == 99
+    assert not any("asked for" in w for w in capped.warnings)
+
+
+def test_data_shorter_than_a_fixed_batch_is_a_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(mlp().eval(), (torch.from_numpy(CALIB[:16]),)), str(path))
+    np.save(tmp_path / "d.npy", CALIB[:10])
+    with pytest.raises(DataError, match="10 samples, fewer than one batch of the 16 the model was exported to take"):
+        scan(path, tmp_path / "d.npy", ScanOptions(device="cpu"))
 
 
 @pytest.mark.parametrize("make", [

@@ -759,17 +759,21 @@ def test_float16_model_takes_float32_data(tmp_path: Path, case_report: Any) -> N
         np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
 
 
-def test_fixed_batch_models_get_batches_of_their_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fixed, used", [(4, 48), (7, 49), (3, 48)])
+def test_fixed_batch_models_get_batches_of_their_size(tmp_path: Path, fixed: int, used: int) -> None:
+    """Batches are cut to the model's size across the data's own batch ends (of 32 here):
+    only the last samples that make no whole batch are left out, not a remainder a batch."""
     model = onnx.load(str(FIX / "mlp.onnx"))
     for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_value = 4
+        value.type.tensor_type.shape.dim[0].dim_value = fixed
     path = save(model, tmp_path, "fixed.onnx")
     data = np.load(FIX / "mlp.calib.npy")[:50]
     np.save(tmp_path / "d.npy", data)
     report = scan(path, tmp_path / "d.npy", options())
-    assert report.data.samples == 48
-    assert any("2 samples were left out: the model takes batches of exactly 4" in w for w in report.warnings)
-    reference = scan(FIX / "mlp.onnx", [torch.from_numpy(data[:48])], options())
+    assert report.data.samples == used
+    assert any(f"{50 - used} samples were left out: the model takes batches of exactly {fixed}" in w
+               for w in report.warnings)
+    reference = scan(FIX / "mlp.onnx", [torch.from_numpy(data[:used])], options())
     for a, b in zip(report.sites, reference.sites):
         np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
 

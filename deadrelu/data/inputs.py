@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +49,63 @@ class ModelInput:
         parts = [str(tuple(a.shape)) for a in self.args] + [f"{k}={tuple(v.shape)}" for k, v in self.kwargs.items()]
         return ", ".join(parts)
 
+    def rows(self, start: int, stop: int) -> ModelInput:
+        """Samples `start` to `stop` (views, no copy)."""
+        return self.map(lambda t: t[start:stop])
+
+    @staticmethod
+    def concat(parts: Sequence[ModelInput]) -> ModelInput:
+        """The parts' samples, one after another, as one batch."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return ModelInput(tuple(torch.cat([p.args[i] for p in parts]) for i in range(len(first.args))),
+                          {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs})
+
     def split(self, parts: int) -> list[ModelInput]:
         """The batch cut into `parts` nearly equal batches along the sample axis."""
         size = math.ceil(self.size / parts)
         chunks = [ModelInput(tuple(a[i:i + size] for a in self.args), {k: v[i:i + size] for k, v in self.kwargs.items()})
                   for i in range(0, self.size, size)]
         return chunks
+
+
+class ExactBatches:
+    """The stream cut into batches of exactly `size` samples, across the ends of its own
+    batches: a model exported with a fixed batch size takes no other. The samples at the
+    end that make no whole batch are left out; `left_out` counts them once the stream is
+    exhausted. With `size` None, the stream as it comes."""
+
+    def __init__(self, batches: Iterator[ModelInput], size: int | None) -> None:
+        self.size = size
+        self.left_out = 0
+        self._batches = batches if size is None else self._cut(batches, size)
+
+    def __iter__(self) -> ExactBatches:
+        return self
+
+    def __next__(self) -> ModelInput:
+        return next(self._batches)
+
+    def _cut(self, batches: Iterator[ModelInput], size: int) -> Iterator[ModelInput]:
+        pending: list[ModelInput] = []
+        held = 0
+        for batch in batches:
+            start = 0
+            if held:
+                start = min(size - held, batch.size)
+                pending.append(batch.rows(0, start))
+                held += start
+                if held == size:
+                    yield ModelInput.concat(pending)
+                    pending, held = [], 0
+            while batch.size - start >= size:
+                yield batch.rows(start, start + size)
+                start += size
+            if start < batch.size:
+                pending.append(batch.rows(start, batch.size))
+                held += batch.size - start
+        self.left_out = held
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -231,25 +231,13 @@ def _data_of(report: ScanReport) -> str:
 
 
 def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> ModelInput:
-    """A small batch to export with; of the program's own batch size when that is fixed."""
-    size = _fixed_batch(loaded) or min(scan_options.batch_size, 8)
+    """A small batch to export with; of the program's own batch size when that is fixed
+    (`model_batches` cuts batches to it)."""
+    size = min(scan_options.batch_size, 8)
     options = ScanOptions(**{**vars(scan_options), "batch_size": size, "samples": None})
     for batch in model_batches(loaded, open_source(data, options), options):
         return batch
     raise UsageError(f"--data {data}: no samples")
-
-
-def _fixed_batch(loaded: LoadedModel) -> int | None:
-    """The batch size an exported program was exported with, when it is static."""
-    program = loaded.exported_program
-    if program is None:
-        return None
-    user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
-        if isinstance(value, torch.Tensor) and value.ndim and isinstance(value.shape[0], int):
-            return int(value.shape[0])
-    return None
 
 
 def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
