@@ -95,7 +95,8 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         finish(joined)
     if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch
         if inputs.left_out:
-            raise DataError(f"{source.description}: {inputs.left_out} samples, fewer than one batch of the "
+            held = f"{inputs.left_out} sample{'s' if inputs.left_out > 1 else ''}"
+            raise DataError(f"{source.description}: {held}, fewer than one batch of the "
                             f"{inputs.size} the model was exported to take")
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
@@ -300,7 +301,8 @@ def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None,
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
     if inputs.left_out:
-        warnings.append(f"{inputs.left_out} samples were left out: the model takes batches of exactly {inputs.size}")
+        were = "sample was" if inputs.left_out == 1 else "samples were"
+        warnings.append(f"{inputs.left_out} {were} left out: the model takes batches of exactly {inputs.size}")
     held = result.samples + inputs.left_out
     if cap is not None and held < cap and not result.partial:
         warnings.append(f"asked for {cap} samples, the data held {held}: used {result.samples}")
