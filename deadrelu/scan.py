@@ -175,10 +175,12 @@ def count_model_inputs(loaded: LoadedModel) -> int | None:
 
 
 def model_input_names(loaded: LoadedModel) -> tuple[str, ...] | None:
-    """The names of the forward's positional parameters, in order (None for ONNX, whose
-    feeder matches inputs by name itself, or when they cannot be read)."""
+    """The names of the model's inputs, in order: an ONNX graph's inputs, or the forward's
+    positional parameters (None when they cannot be read). Named data entries that are none
+    of them (a `label` beside `x`) are then left out for either kind of model."""
     if loaded.format is ModelFormat.ONNX:
-        return None
+        names = getattr(loaded.module, "input_names", None)
+        return tuple(names()) if callable(names) else None
     parameters = _forward_parameters(loaded.module)
     return None if parameters is None else tuple(name for name, _ in parameters)
 

@@ -728,6 +728,27 @@ def test_multi_input_npz_by_name_with_integral_float_ids(tmp_path: Path) -> None
         scan(ONNX_DIR / "multi_input.onnx", write_data(tmp_path, arrays), options())
 
 
+def test_arrays_that_are_no_graph_input_are_left_out(tmp_path: Path) -> None:
+    """As for a PyTorch model: a `label` beside the inputs is not fed, and the inputs go by
+    name whatever order the file holds them in."""
+    arrays = case_arrays("multi_input")
+    plain = scan(ONNX_DIR / "multi_input.onnx", write_data(tmp_path, arrays), options())
+    labelled = {"label": np.arange(len(arrays["ids"])), **dict(reversed(list(arrays.items())))}
+    report = scan(ONNX_DIR / "multi_input.onnx", write_data(tmp_path, labelled), options())
+    for a, b in zip(plain.sites, report.sites, strict=True):
+        np.testing.assert_array_equal(a.stats.positive, b.stats.positive)
+        np.testing.assert_array_equal(a.stats.maximum, b.stats.maximum)
+
+
+def test_one_input_graph_takes_its_array_beside_a_label_or_under_another_name(tmp_path: Path) -> None:
+    x = np.random.default_rng(6).standard_normal((20, 5)).astype(np.float32)
+    model = save(tiny_model([helper.make_node("Relu", ["x"], ["z"], name="relu")],
+                            [_value("x", ["n", 5])], [_value("z", ["n", 5])]), tmp_path)
+    for arrays, inputs in (({"x": x, "label": np.zeros(20)}, None), ({"pixels": x, "label": np.zeros(20)}, "pixels")):
+        (site,) = scan(model, write_data(tmp_path, arrays), options(inputs=inputs)).sites
+        assert_stats(site, unit_stats(x, 1))
+
+
 def test_multi_input_model_with_one_array_names_its_inputs(tmp_path: Path) -> None:
     data = tmp_path / "one.npy"
     np.save(data, np.zeros((4, 3, 8, 8), np.float32))
