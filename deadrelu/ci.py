@@ -20,7 +20,7 @@ from deadrelu.formats import Outcome, ReportFormat, deliver, deliver_diff, get_f
 from deadrelu.formats.summary import diff_summary, scan_summary
 from deadrelu.gates import GateReport, evaluate
 from deadrelu.judge import Thresholds
-from deadrelu.outputs import check_stdout_open, check_target, read_paths, write_atomic
+from deadrelu.outputs import check_stdout_open, check_target, read_paths, silence_stdout, write_atomic
 from deadrelu.report import ScanReport
 from deadrelu.saved import load_report, rejudge
 
@@ -89,13 +89,9 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
     gates = judge_report(report, prepared)
     outcome = Outcome(report, gates)
     out = prepared.out
-    if out.json_out == "-":  # exactly the Python API's report.to_dict(), as before --format existed
-        stdout.file.write(report.to_json())
-        stdout.file.flush()
-    else:
-        deliver(prepared.fmt, outcome, out.output, quiet=out.quiet, stdout=stdout)
-        if out.json_out:
-            write_atomic(Path(out.json_out), report.to_json())
+    if out.json_out and out.json_out != "-":  # files first: a closed stdout loses none of them
+        write_atomic(Path(out.json_out), report.to_json())
+    stdout_closed = not _delivered(outcome, prepared, stdout)
     for warning in _warnings_not_shown(outcome, out):
         stderr.print(f"deadrelu: warning: {warning}", style="yellow", highlight=False, markup=False)
     line, style = scan_summary(report, gates)
@@ -105,7 +101,26 @@ def finish(report: ScanReport, prepared: Prepared, stdout: Console, stderr: Cons
     if report.partial:
         stderr.print(f"deadrelu: note: this is a PARTIAL report: its scan was interrupted after "
                      f"{report.data.samples} samples", highlight=False, markup=False)
-    return gates.exit_code(out.exit_zero)
+    code = gates.exit_code(out.exit_zero)
+    if stdout_closed and code is ExitCode.CLEAN:
+        return ExitCode.STDOUT_CLOSED  # the report asked for did not all arrive; a failed gate still says 1
+    return code
+
+
+def _delivered(outcome: Outcome, prepared: Prepared, stdout: Console) -> bool:
+    """Write the report to stdout (or -o FILE); False when stdout's reader went away
+    (`| head`), which then points at devnull so that later flushes raise nothing."""
+    out = prepared.out
+    try:
+        if out.json_out == "-":  # exactly the Python API's report.to_dict(), as before --format existed
+            stdout.file.write(outcome.report.to_json())
+            stdout.file.flush()
+        else:
+            deliver(prepared.fmt, outcome, out.output, quiet=out.quiet, stdout=stdout)
+    except BrokenPipeError:
+        silence_stdout()
+        return False
+    return True
 
 
 def _warnings_not_shown(outcome: Outcome, out: OutputOptions) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormat
 from deadrelu.distributed import ranks_from_env
 from deadrelu.errors import DeadReluError, ExitCode, one_line
 from deadrelu.formats.table import UNFOLDED_WIDTH
-from deadrelu.outputs import read_paths
+from deadrelu.outputs import read_paths, silence_stdout
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, scan
 
@@ -104,9 +104,8 @@ def reported_errors() -> Iterator[None]:
     except KeyboardInterrupt as exc:
         _fail("interrupted", exc, ExitCode.INTERRUPTED)
     except BrokenPipeError:
-        # stdout's reader went away (`deadrelu scan ... | head`): quietly, as `yes | head` ends,
-        # with stdout pointed at devnull so that Python's last flush raises nothing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # stdout's reader went away (`deadrelu scan ... | head`): quietly, as `yes | head` ends
+        silence_stdout()
         raise typer.Exit(int(ExitCode.STDOUT_CLOSED)) from None
     except OSError as exc:  # the machine's, not ours: a full disk or stdout, an I/O error
         where = exc.filename or "writing the output"

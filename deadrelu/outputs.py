@@ -33,6 +33,12 @@ def check_stdout_open(instead: str) -> None:
         raise UsageError(f"stdout is closed, so the report has nowhere to go: {instead}")
 
 
+def silence_stdout() -> None:
+    """Point stdout at devnull once its reader has gone (`| head`), so that no later write
+    or Python's last flush raises."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: Iterable[Path] = ()) -> None:
     """Refuse, before any work starts, an output path that cannot be written, that is one
     of the command's ``inputs`` (the model, its external weights, the data, the arch file,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,22 +271,33 @@ def test_console_script_imports_modules_from_the_working_folder(tmp_path: Path) 
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
 
 
-@pytest.mark.parametrize("extra", [[], ["--json", "-"], ["--format", "sarif"]])
-def test_a_closed_stdout_pipe_exits_141_quietly(extra: list[str]) -> None:
-    """`deadrelu scan ... | head`: not exit 1 (a gate's findings) nor a traceback: 128 + SIGPIPE."""
-    import os
-    import subprocess
-    import sys
+def _scan_to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
 
     read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the report is written
+    os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
-                               str(FIX / "mlp.calib.npy"), *extra], stdout=write_end, stderr=subprocess.PIPE,
+        return subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
+                               str(FIX / "mlp.calib.npy"), *args], stdout=write_end, stderr=subprocess.PIPE,
                               text=True, timeout=120)
     finally:
         os.close(write_end)
+
+
+@pytest.mark.parametrize("extra", [[], ["--json", "-"], ["--format", "sarif"]])
+def test_a_closed_stdout_pipe_exits_141_quietly(extra: list[str]) -> None:
+    """`deadrelu scan ... | head`: not exit 1 (a gate's findings) nor a traceback: 128 + SIGPIPE."""
+    proc = _scan_to_closed_pipe(*extra)
     assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("gate, code", [([], 141), (["--fail-on", "dead"], 1), (["--fail-on", "dead", "--exit-zero"], 141)])
+def test_a_closed_stdout_pipe_loses_no_file_output_and_no_failed_gate(tmp_path: Path, gate: list[str], code: int) -> None:
+    """`scan ... --json r.json --fail-on dead | head`: the file is written whatever stdout's
+    reader does, and a failed gate still exits 1 (the mlp fixture has dead units)."""
+    proc = _scan_to_closed_pipe("--json", str(tmp_path / "r.json"), *gate)
+    assert proc.returncode == code, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["dead"] == 3
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
 
 
