@@ -510,6 +510,40 @@ def test_revive_names_constant_units_on_both_engines(tmp_path: Path, fmt: str) -
     options = FixOptions(PlanOptions(to="bn"), RewriteOptions(bn_init="revive"), True, tmp_path / f"fixed.{fmt}")
     result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
     assert [c.zero_variance_units for c in result.changes] == [(0, 1, 2)]
+    assert any(note.startswith("relu: zero-variance units [0, 1, 2] stay constant") for note in result.notes), result.notes
+
+
+class RevivedDownstream(torch.nn.Module):
+    """Unit 1 of `fc` is dead (bias -10) but varies; `h * 2` then holds a constant 0 there,
+    which BatchNorm revive cannot centre, until the fix at `fc` makes it vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.fc.bias[1] = -10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        return self.head(torch.relu(h * 2))
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_constant_unit_a_fix_upstream_revived_is_not_said_to_stay_dead(tmp_path: Path, fmt: str) -> None:
+    x = torch.randn(256, 4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    path = tmp_path / f"chain.{fmt}"
+    model = RevivedDownstream().eval()
+    if fmt == "pt2":
+        torch.export.save(torch.export.export(model, (x[:4],), dynamic_shapes=({0: torch.export.Dim.AUTO},)), str(path))
+    else:
+        torch.onnx.export(model, (x[:4],), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    options = FixOptions(PlanOptions(to="bn"), RewriteOptions(bn_init="revive"), True, tmp_path / f"fixed.{fmt}")
+    result = run_fix(path, str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
+    assert [(c.dead_before, c.dead_after) for c in result.changes] == [(1, 0), (1, 0)]
+    assert [c.zero_variance_units for c in result.changes] == [(), ()]
+    assert not any("stay dead" in note for note in result.notes), result.notes
 
 
 def test_fixing_torchscript_keeps_torch_export_notices_off_stderr(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, model_batches, open_source, scan
+from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
 
@@ -80,8 +81,8 @@ class FixReport:
                              "pre-activations through); fine-tune the fixed model, or try a smaller --slope or "
                              "another --to")
             if change.zero_variance_units:
-                notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay dead "
-                             "(BatchNorm cannot centre a constant)")
+                notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay constant "
+                             "(BatchNorm cannot centre a constant; one counted alive fires on rounding noise)")
         return tuple(notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         staged = stage / output.name
         lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
         after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
-        zero_variance = {f.index: tuple(int(u) for u in np.flatnonzero(_constant(moments[f.index])))
+        zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
         deviation = _deviation(loaded, staged, data, scan_options)
@@ -136,6 +137,14 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
                      deviation, lines, weights, bn_init=options.rewrite.bn_init)
+
+
+def _constant_throughout(before: UnitMoments, after: UnitSummary) -> tuple[int, ...]:
+    """Units constant before the fix and still constant at the fixed site: BatchNorm maps a
+    constant to a constant, of whatever sign rounding gives it. (A unit constant before
+    that a fix upstream made vary is not among them: the BatchNorm could centre it.)"""
+    still = _constant(before) & _constant(UnitMoments(after.mean, after.std ** 2))
+    return tuple(int(u) for u in np.flatnonzero(still))
 
 
 def _constant(moments: UnitMoments) -> np.ndarray:

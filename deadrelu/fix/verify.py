@@ -24,7 +24,7 @@ class SiteChange:
     units: int
     dead_before: int
     dead_after: int
-    zero_variance_units: tuple[int, ...] = ()  # BatchNorm revive cannot move these
+    zero_variance_units: tuple[int, ...] = ()  # constant before and after: BatchNorm revive cannot move these
 
     def to_dict(self) -> dict:
         return {"site": self.site, "site_after": self.site_after, "change": self.change, "units": self.units,
