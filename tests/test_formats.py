@@ -149,6 +149,41 @@ def test_sarif_errors_are_the_findings_the_failed_gate_counted(kind: FailOn, exp
     assert gate_named == {site: rules for site, rules in first_errors.items() if rules}
 
 
+def _sarif_levels(report, gates) -> dict[str, list]:
+    results = json.loads(get_format("sarif").render(Outcome(report, gates)))["runs"][0]["results"]
+    levels: dict[str, list] = {}
+    for result in results:
+        logical = result["locations"][0].get("logicalLocations")
+        gated = "Gate: " in result["message"]["text"]
+        levels.setdefault(logical[0]["name"] if logical else "model", []).append((result["ruleId"], result["level"], gated))
+    return levels
+
+
+@pytest.mark.parametrize("policy", [GatePolicy(fail_on=FailOn.DEAD), GatePolicy(max_dead=1),
+                                    GatePolicy(max_dead_fraction=0.05)])
+def test_sarif_errors_are_the_findings_a_failed_whole_model_gate_counted(policy: GatePolicy) -> None:
+    """--fail-on dead, --max-dead and --max-dead-fraction count the dead units of every site
+    not ignored: those are errors, not only the DR100 result; near-dead ones stay notes."""
+    report = make_report([Site("a", 8, dead=(1,), near=(2,)), Site("b", 8, dead=(0, 5)), Site("c", 8, near=(3,)),
+                          Site("skip", 8, dead=(4,))])
+    gates = evaluate(report, GatePolicy(**{**vars(policy), "ignore": ("skip",)}))
+    assert not gates.passed
+    assert _sarif_levels(report, gates) == {
+        "a": [("DR001", "error", True), ("DR002", "note", False)], "b": [("DR001", "error", True)],
+        "c": [("DR002", "note", False)], "skip": [("DR001", "warning", False)], "model": [("DR100", "error", False)]}
+    passing = evaluate(report, GatePolicy(max_dead=10))
+    assert {site: [level for _, level, _ in found] for site, found in _sarif_levels(report, passing).items()} == {
+        "a": ["warning", "note"], "b": ["warning"], "c": ["note"], "skip": ["warning"]}
+
+
+def test_sarif_with_a_baseline_errors_only_where_new_findings_were_counted() -> None:
+    baseline = make_report([Site("a", 8, dead=(1,)), Site("b", 8)])
+    report = make_report([Site("a", 8, dead=(1,)), Site("b", 8, dead=(6,))])
+    gates = evaluate(report, GatePolicy(fail_on=FailOn.DEAD), baseline)
+    assert _sarif_levels(report, gates) == {"a": [("DR001", "warning", False)], "b": [("DR001", "error", True)],
+                                            "model": [("DR100", "error", False)]}
+
+
 def test_sarif_without_a_model_file_is_still_valid() -> None:
     schema = json.loads((HERE / "schemas" / "sarif-schema-2.1.0.json").read_text())
     report = make_report([Site("a", 4, dead=(1,))], path="<MLP>")

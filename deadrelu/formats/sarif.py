@@ -2,7 +2,8 @@
 failed global gate. Upload to GitHub code scanning or open in any SARIF viewer.
 
 Levels: `error` for the findings a failed gate counted at the site (dead units, then near-dead
-and dormant ones as --fail-on widens) and for failed global gates; otherwise `warning` for dead
+and dormant ones as --fail-on widens; a failed whole-model gate counted those of every site
+not ignored) and for failed global gates; otherwise `warning` for dead
 units and collapsed sites, `note` for near-dead (DR002) and dormant (DR004) units. The model file is the physical location
 (an artifact with its sha-256), so viewers that need a file have one.
 """
@@ -15,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from deadrelu.formats.interface import Outcome, ReportFormat
-from deadrelu.gates import FailOn, GateResult
+from deadrelu.gates import GateResult, SiteFindings
 from deadrelu.report import SiteReport
 
 SCHEMA_URI = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -58,10 +59,14 @@ class SarifFormat(ReportFormat):
         report, gates = outcome.report, outcome.gates
         uri = artifact_uri(report.model.path)
         results: list[dict[str, Any]] = []
-        ignored = {s.name for s in gates.sites if s.ignored}
+        found = {s.name: s for s in gates.sites}
+        failed_globally = [r for r in gates.global_results() if not r.passed]
         for index, site in enumerate(report.sites):
+            findings = found[site.name]
             failed = [r for r in gates.site_results(site.name) if not r.passed]
-            results.extend(_site_results(site, index, failed, uri, site.name in ignored, gates.policy.kind))
+            if not findings.ignored:
+                failed += failed_globally  # a whole-model gate counted this site's findings too
+            results.extend(_site_results(site, index, failed, uri, findings))
         for gate in gates.global_results():
             if not gate.passed:
                 result = _result("DR100", "error", gate.message,
@@ -95,32 +100,34 @@ class SarifFormat(ReportFormat):
 
 
 def _site_results(site: SiteReport, index: int, failed: list[GateResult], uri: str | None,
-                  ignored: bool, kind: FailOn) -> list[dict[str, Any]]:
-    """The site's findings, one result a kind. Where a gate failed at the site, the kinds that
-    gate counted (dead, then near-dead, then dormant, by --fail-on) are errors, and the first
-    of them carries the gate's message; the rest stay warnings (dead) and notes."""
+                  findings: SiteFindings) -> list[dict[str, Any]]:
+    """The site's findings, one result a kind. Where a failed gate (at the site, or over the
+    whole model) counted some of them (`findings.counted`: dead, then near-dead, then
+    dormant units by --fail-on; with a baseline only the new ones), the kinds holding them
+    are errors, and the first carries the gates' messages; the rest stay warnings (dead)
+    and notes."""
     gate = "; ".join(r.message for r in failed)
     v = site.verdict
-    counted = {"DR001", "DR003"} | ({"DR002"} if kind in (FailOn.NEAR_DEAD, FailOn.DORMANT) else set()) \
-        | ({"DR004"} if kind is FailOn.DORMANT else set())
     shown = set(v.dead) | set(v.near_dead)
     dormant = tuple(u for u in v.dormant if u not in shown)
-    found: list[tuple[str, str, dict[str, Any]]] = []
+    found: list[tuple[str, str, dict[str, Any], tuple[int, ...]]] = []
     if v.collapsed:
         found.append(("DR003", f"{site.name}: all {site.units} units are dead; everything after it sees a constant.",
-                      {"units": site.units}))
+                      {"units": site.units}, tuple(range(site.units))))
     elif site.dead:
         found.append(("DR001", f"{site.name}: {site.dead} of {site.units} units dead (units {_list(v.dead)}).",
-                      {"units": site.units, "deadUnits": list(v.dead)}))
+                      {"units": site.units, "deadUnits": list(v.dead)}, v.dead))
     if v.near_dead:
         found.append(("DR002", f"{site.name}: {len(v.near_dead)} of {site.units} units near-dead "
-                      f"(units {_list(v.near_dead)}).", {"units": site.units, "nearDeadUnits": list(v.near_dead)}))
+                      f"(units {_list(v.near_dead)}).", {"units": site.units, "nearDeadUnits": list(v.near_dead)},
+                      v.near_dead))
     if dormant and not v.collapsed:
         found.append(("DR004", f"{site.name}: {len(dormant)} of {site.units} units dormant "
-                      f"(units {_list(dormant)}).", {"units": site.units, "dormantUnits": list(dormant)}))
-    at_fault = [rule for rule, _, _ in found if rule in counted] if failed else []  # a site gate fails on findings
+                      f"(units {_list(dormant)}).", {"units": site.units, "dormantUnits": list(dormant)}, dormant))
+    counted = set(findings.counted) if failed else set()
+    at_fault = [rule for rule, _, _, units in found if counted & set(units)]
     levelled = []
-    for rule, message, properties in found:
+    for rule, message, properties, _ in found:
         if rule in at_fault:
             suffix = f" Gate: {gate}" if rule == at_fault[0] else ""
             levelled.append((rule, "error", message + suffix, properties))
@@ -136,7 +143,7 @@ def _site_results(site: SiteReport, index: int, failed: list[GateResult], uri: s
     for rule, rule_level, message, properties in levelled:
         result = _result(rule, rule_level, message, properties)
         result["locations"] = [location]
-        if ignored:
+        if findings.ignored:
             result["suppressions"] = [{"kind": "external", "justification": "ignored by deadrelu configuration"}]
         out.append(result)
     return out
