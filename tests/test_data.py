@@ -141,6 +141,45 @@ def test_image_folder_scan_end_to_end(tmp_path: Path) -> None:
     assert report.data.samples == 6 and len(report.sites) == 13
 
 
+@pytest.mark.parametrize("mean, std, message", [
+    ("0.5,0.5", None, r"--mean '0.5,0.5': 2 values, expected 3 \(one per RGB channel"),
+    ("imagenet", "0.2,0.2,0.2,0.2", r"--std '0.2,0.2,0.2,0.2': 4 values, expected 3"),
+    ("nan", "1", r"--mean 'nan': expected a preset .* all finite"),
+    ("0.5", "0,1,1", r"--std: values must not be 0"),
+])
+def test_normalisation_needs_one_value_or_one_per_rgb_channel(mean: str, std: str | None, message: str) -> None:
+    from deadrelu.data import parse_normalisation
+
+    with pytest.raises(DataError, match=message):
+        parse_normalisation(mean, std)
+
+
+def test_one_normalisation_value_applies_to_every_channel(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from deadrelu.data import parse_normalisation
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "0.png")
+    images = [next(iter(open_data(str(tmp_path), DataOptions(workers=0, image=ImageOptions(16, *normalise)))
+                        .batches(1)))[0] for normalise in (parse_normalisation("0.5", "0.25"),
+                                                           parse_normalisation("0.5,0.5,0.5", "0.25,0.25,0.25"))]
+    np.testing.assert_array_equal(images[0].numpy(), images[1].numpy())
+    assert images[0].shape == (3, 16, 16)
+
+
+def test_a_wrong_normalisation_count_is_one_line_on_the_command_line(tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from deadrelu.cli import app
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "0.png")
+    result = CliRunner().invoke(app, ["scan", str(FIX / "convnet.pt2"), "--data", str(tmp_path), "--image-size", "16",
+                                      "--mean", "0.5,0.5"])
+    assert result.exit_code == 2, result.output
+    assert "--mean '0.5,0.5': 2 values, expected 3" in result.output and "Traceback" not in result.output
+
+
 def test_inputs_selector() -> None:
     x, y = torch.ones(2, 3), torch.zeros(2)
     assert InputSelector(count=1).select((x, y)).args == (x,)  # (inputs, labels)

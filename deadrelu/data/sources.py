@@ -3,6 +3,7 @@ time, `.npy` shards, seeded random inputs, the user's loaders and datasets, imag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,14 +313,22 @@ class ImageOptions:
 
 
 def parse_normalisation(mean: str | None, std: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """`--mean`/`--std`: a preset name (imagenet, clip, half, none) or comma-separated numbers."""
+    """`--mean`/`--std`: a preset name (imagenet, clip, half, none) or comma-separated numbers,
+    one for all channels or three, one per RGB channel (images are decoded as RGB)."""
     def parse(text: str, index: int, flag: str) -> tuple[float, ...]:
         if text in NORMALISATIONS:
             return NORMALISATIONS[text][index]
+        expected = f"expected a preset ({', '.join(NORMALISATIONS)}) or numbers like 0.5,0.5,0.5"
         try:
-            return tuple(float(v) for v in text.split(","))
+            values = tuple(float(v) for v in text.split(","))
         except ValueError:
-            raise DataError(f"{flag} '{text}': expected a preset ({', '.join(NORMALISATIONS)}) or numbers like 0.5,0.5,0.5") from None
+            raise DataError(f"{flag} '{text}': {expected}") from None
+        if len(values) not in (1, 3):
+            raise DataError(f"{flag} '{text}': {len(values)} values, expected 3 (one per RGB channel; images are "
+                            "decoded as RGB) or 1 for all channels")
+        if not all(math.isfinite(v) for v in values):
+            raise DataError(f"{flag} '{text}': {expected}, all finite")
+        return values
 
     mean_v = parse(mean or "imagenet", 0, "--mean")
     std_v = parse(std or (mean if mean in NORMALISATIONS else "imagenet"), 1, "--std")
