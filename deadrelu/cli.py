@@ -18,7 +18,7 @@ from deadrelu import ci
 from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
                                    FailOnOpt, FormatName, FormatOpt, IgnoreOpt, ImageSizeOpt, InputShapeOpt,
                                    MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, MeanOpt, OutputOpt, QuietOpt,
-                                   SeedOpt, StdOpt, WorkersOpt, data_options_from_flags, output_options,
+                                   SeedOpt, StdOpt, WeightsKeyOpt, WorkersOpt, data_options_from_flags, output_options,
                                    settings_from_flags)
 from deadrelu.distributed import ranks_from_env
 from deadrelu.errors import DeadReluError, ExitCode, one_line
@@ -130,6 +130,7 @@ def scan_command(
     data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, .safetensors, a folder of images or .npy shards, pkg.module:function or file.py:function (runs your code), or 'random' (with --input-shape).")],
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict: pkg.module:fn or path/file.py:fn (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
+    weights_key: WeightsKeyOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
@@ -167,7 +168,7 @@ def scan_command(
         data_options = data_options_from_flags(data, input_shape=input_shape, seed=seed, workers=workers,
                                                image_size=image_size, mean=mean, std=std)
         options = ScanOptions(
-            arch=arch, trust_pickle=trust_pickle, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
+            arch=arch, trust_pickle=trust_pickle, weights_key=weights_key, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
             inputs=inputs, compile=compile_mode, data=data_options, thresholds=prepared.thresholds,
         )
         report = _scan_with_progress(model, data, options)

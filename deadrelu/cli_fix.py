@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
-from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WorkersOpt,
-                                   data_options_from_flags)
+from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
+                                   WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix, written_paths
 from deadrelu.outputs import check_stdout_open, check_target, read_paths, write_atomic
@@ -32,6 +32,7 @@ def fix_command(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write plan, changes and verification as JSON to PATH ('-' for stdout).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
+    weights_key: WeightsKeyOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
@@ -55,8 +56,9 @@ def fix_command(
         )
         data_options = data_options_from_flags(data, input_shape=input_shape, seed=seed, workers=workers,
                                                image_size=image_size, mean=mean, std=std)
-        scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, device=device, batch_size=batch_size,
-                                   samples=samples, inputs=inputs, compile=compile_mode, data=data_options)
+        scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, weights_key=weights_key, device=device,
+                                   batch_size=batch_size, samples=samples, inputs=inputs, compile=compile_mode,
+                                   data=data_options)
         if not json_out or json_out == "-":
             check_stdout_open("write it with --json FILE")
         if json_out and json_out != "-":

@@ -65,6 +65,9 @@ MeanOpt = Annotated[Optional[str], typer.Option(
 StdOpt = Annotated[Optional[str], typer.Option(
     "--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --data random.")]
+WeightsKeyOpt = Annotated[Optional[str], typer.Option(
+    "--weights-key", metavar="KEY", help="Checkpoint dict: the entry holding the weights to load, e.g. ema "
+                                         "(default: the first of state_dict, model_state_dict, model, ...).")]
 CompileOpt = Annotated[str, typer.Option(
     "--compile", help="PyTorch: torch.compile the model with its statistics (auto: when the data would take the eager "
                       "path over a minute). ONNX on CPU: build and use deadrelu's one-pass kernel (auto: when a C "

@@ -38,6 +38,7 @@ class ScanOptions:
 
     arch: str | None = None
     trust_pickle: bool = False
+    weights_key: str | None = None  # the checkpoint entry holding the weights (default: the first of the usual)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str | None = None  # float32 | float16 | bfloat16: cast model and float inputs
     batch_size: int = 32
@@ -108,7 +109,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         thresholds=options.thresholds,
         device=str(device),
         partial=result.partial,
-        warnings=_warnings(source, result, options.samples, inputs),
+        warnings=loaded.notes + _warnings(source, result, options.samples, inputs),
         engine=result.engine,
     )
 
@@ -159,7 +160,7 @@ def _load(model: str | Path | torch.nn.Module | LoadedModel, options: ScanOption
         return LoadedModel(module=model, format=fmt, path=f"<{type(model).__name__}>", sha256="", owned=False)
     if not isinstance(model, (str, Path)):
         raise UsageError(f"model: expected a path or an nn.Module, got {type(model).__name__}")
-    return load_model(model, arch=options.arch, trust_pickle=options.trust_pickle)
+    return load_model(model, arch=options.arch, trust_pickle=options.trust_pickle, weights_key=options.weights_key)
 
 
 def count_model_inputs(loaded: LoadedModel) -> int | None:

@@ -271,6 +271,67 @@ def test_console_script_imports_modules_from_the_working_folder(tmp_path: Path) 
     assert json.loads(proc.stdout)["summary"]["dead"] == 3
 
 
+def _checkpoint(tmp_path: Path) -> tuple[Path, dict]:
+    """A training checkpoint: the mlp fixture's weights under `state_dict`, and under `ema`
+    the same weights with every unit of the first layer revived (bias +100)."""
+    import torch
+
+    weights = torch.load(FIX / "mlp.state_dict.pt", weights_only=True)
+    ema = {k: v.clone() for k, v in weights.items()}
+    ema["layers.0.bias"] += 100.0
+    path = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 7, "state_dict": weights, "ema": {f"module.{k}": v for k, v in ema.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, path)
+    torch.save(ema, tmp_path / "ema_only.pt")
+    return path, ema
+
+
+def test_a_checkpoint_with_several_weights_says_which_it_scanned(runner: CliRunner, tmp_path: Path) -> None:
+    path, _ = _checkpoint(tmp_path)
+    arch = ["--arch", "fixtures/fixture_models.py:MLP", "--data", FIX / "mlp.calib.npy", "--json", "-"]
+    default = json.loads(run(runner, path, *arch).stdout)
+    plain = json.loads(run(runner, FIX / "mlp.state_dict.pt", *arch).stdout)
+    assert default["summary"]["dead"] == plain["summary"]["dead"] == 3
+    assert default["warnings"] == [f"{path}: the checkpoint holds weights under 'state_dict' and 'ema'; scanned "
+                                   "'state_dict' (choose with --weights-key)"]
+    chosen = json.loads(run(runner, path, *arch, "--weights-key", "ema").stdout)
+    alone = json.loads(run(runner, tmp_path / "ema_only.pt", *arch).stdout)
+    assert chosen["warnings"] == []
+    assert [s["dead_units"] for s in chosen["sites"]] == [s["dead_units"] for s in alone["sites"]]
+    assert [s["dead_units"] for s in chosen["sites"]] != [s["dead_units"] for s in plain["sites"]]
+
+
+@pytest.mark.parametrize("model, key, message", [
+    ("ckpt.pt", "epoch", r"--weights-key epoch: .*ckpt\.pt has no weights under 'epoch' \(it holds weights under "
+                         r"'state_dict', 'ema'\)"),
+    ("ema_only.pt", "ema", r"--weights-key ema: .*ema_only\.pt has no weights under 'ema' \(it holds a plain state_dict\)"),
+    (FIX / "mlp.pt2", "ema", r"--weights-key ema: .*mlp\.pt2 is not a torch\.save file \(exported_program\)"),
+])
+def test_a_weights_key_that_holds_no_weights_is_one_line(runner: CliRunner, tmp_path: Path, model: object, key: str,
+                                                          message: str) -> None:
+    _checkpoint(tmp_path)
+    for command in ("scan", "fix"):
+        result = runner.invoke(app, [command, str(tmp_path / model), "--arch", "fixtures/fixture_models.py:MLP",
+                                     "--data", str(FIX / "mlp.calib.npy"), "--weights-key", key])
+        assert result.exit_code == 2, result.output
+        assert re.search(message, " ".join(result.output.split())), result.output
+
+
+def test_fix_plans_for_the_weights_key_it_is_given(tmp_path: Path) -> None:
+    from deadrelu.fix import FixOptions, run_fix
+    from deadrelu.scan import ScanOptions
+
+    path, _ = _checkpoint(tmp_path)
+    plans = {key: run_fix(path, str(FIX / "mlp.calib.npy"), FixOptions(),
+                          ScanOptions(arch="fixtures/fixture_models.py:MLP", device="cpu", weights_key=key))
+             for key in (None, "ema")}
+    assert plans[None].scan.dead == 3 and "scanned 'state_dict'" in plans[None].scan.warnings[0]
+    alone = run_fix(tmp_path / "ema_only.pt", str(FIX / "mlp.calib.npy"), FixOptions(),
+                    ScanOptions(arch="fixtures/fixture_models.py:MLP", device="cpu"))
+    assert plans["ema"].scan.dead == alone.scan.dead != 3 and not plans["ema"].scan.warnings
+    assert [f.to_dict() for f in plans["ema"].plan] == [f.to_dict() for f in alone.plan]
+
+
 def _scan_to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
 
     read_end, write_end = os.pipe()

@@ -111,7 +111,8 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units."""
     model = Path(model)
     output = _check_output(model, data, options, scan_options.arch)
-    loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle)
+    loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle,
+                        weights_key=scan_options.weights_key)
     report = _baseline_scan(loaded, data, options, scan_options, notify)
     plan = plan_fixes(report, options.plan)
     base = FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report,
@@ -125,7 +126,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     try:
         staged = stage / output.name
         lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
-        after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False}))
+        after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None}))
         zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
@@ -320,5 +321,5 @@ def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanO
 
     original = output_function(loaded)
     rewritten = output_function(load_model(output))
-    options = ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False})
+    options = ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None})
     return output_deviation(model_batches(loaded, open_source(data, options), options), original, rewritten)

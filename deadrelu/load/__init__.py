@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deadrelu.errors import ModelLoadError
+from deadrelu.errors import ModelLoadError, UsageError
 from deadrelu.load.detect import ModelFormat, detect_format
 
 
@@ -26,6 +26,7 @@ class LoadedModel:
     sha256: str
     exported_program: Any = None  # torch.export.ExportedProgram when format is exported_program
     owned: bool = True  # False for the caller's in-memory module: it must come back unchanged
+    notes: tuple[str, ...] = ()  # for the report's warnings (which weights of a checkpoint were used)
 
 
 def file_sha256(path: Path) -> str:
@@ -36,8 +37,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load a model file (TorchScript, exported program, state_dict + arch, pickle, ONNX)."""
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
+               weights_key: str | None = None) -> LoadedModel:
+    """Load a model file (TorchScript, exported program, state_dict + arch, pickle, ONNX);
+    `weights_key` picks the entry of a checkpoint dict that holds the weights."""
     from deadrelu.load import torch_formats
 
     path = Path(path)
@@ -46,11 +49,16 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, expected a model file")
     fmt = detect_format(path)
+    if weights_key is not None and fmt is not ModelFormat.TORCH_SAVE:
+        raise UsageError(f"--weights-key {weights_key}: {path} is not a torch.save file ({fmt.value}); the option "
+                         "picks the weights of a checkpoint dict")
     digest = file_sha256(path)
+    if fmt is ModelFormat.TORCH_SAVE:
+        module, notes = torch_formats.load_torch_save(path, arch, trust_pickle, weights_key)
+        return LoadedModel(module, torch_formats.saved_kind(module, fmt), str(path), digest, notes=notes)
     loaders = {
         ModelFormat.TORCHSCRIPT: lambda: (torch_formats.load_torchscript(path), None),
         ModelFormat.EXPORTED_PROGRAM: lambda: torch_formats.load_exported(path),
-        ModelFormat.TORCH_SAVE: lambda: (torch_formats.load_torch_save(path, arch, trust_pickle), None),
         ModelFormat.SAFETENSORS: lambda: (torch_formats.load_safetensors(path, arch), None),
         ModelFormat.ONNX: lambda: (_load_onnx(path), None),
     }

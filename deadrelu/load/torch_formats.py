@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
-from deadrelu.errors import ArchitectureError, ModelLoadError, UntrustedPickleError
+from deadrelu.errors import ArchitectureError, ModelLoadError, UntrustedPickleError, UsageError
 from deadrelu.load.arch import build_architecture
 from deadrelu.load.detect import ModelFormat
 
 # Keys under which training scripts commonly nest the weights.
-CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "ema")
+# In this order: the first that holds weights is loaded, unless --weights-key names another.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "ema",
+                   "model_ema", "state_dict_ema", "ema_state_dict")
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -67,8 +69,10 @@ def quiet_torch_logs() -> Iterator[None]:
             logger.removeFilter(_below_error)
 
 
-def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.nn.Module:
-    """A torch.save file: a state_dict/checkpoint (with --arch) or a pickled module."""
+def load_torch_save(path: Path, arch: str | None, trust_pickle: bool,
+                    weights_key: str | None = None) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """A torch.save file: a state_dict/checkpoint (with --arch) or a pickled module; with
+    the notes the report should carry (which of several weights a checkpoint holds was used)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's protocol notices are not the user's concern
@@ -76,8 +80,10 @@ def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.n
     except Exception as exc:
         if not _needs_full_unpickle(exc):
             raise ModelLoadError(f"{path}: cannot read torch.save file: {_first_line(exc)}") from exc
-        return _load_pickled_module(path, trust_pickle)
-    state = find_state_dict(obj)
+        if weights_key is not None:
+            raise UsageError(f"--weights-key {weights_key}: {path} is a pickled module, not a checkpoint dict")
+        return _load_pickled_module(path, trust_pickle), ()
+    state, notes = checkpoint_weights(obj, path, weights_key)
     if state is None:
         raise ModelLoadError(
             f"{path}: holds a {type(obj).__name__}, expected a state_dict, a checkpoint dict with "
@@ -90,7 +96,28 @@ def load_torch_save(path: Path, arch: str | None, trust_pickle: bool) -> torch.n
         )
     model = build_architecture(arch)
     load_weights(model, state, path)
-    return model
+    return model, notes
+
+
+def checkpoint_weights(obj: Any, path: Path, key: str | None) -> tuple[dict[str, torch.Tensor] | None, tuple[str, ...]]:
+    """The state_dict a torch.save file holds, and a note when a checkpoint holds several
+    (`state_dict` and `ema`, say): the first of `CHECKPOINT_KEYS` is used, or `key`."""
+    plain = isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+    holders = [] if plain or not isinstance(obj, Mapping) else \
+        [k for k in obj if isinstance(k, str) and isinstance(obj[k], Mapping) and find_state_dict(obj[k])]
+    if key is not None:
+        if key not in holders:
+            held = f"weights under {', '.join(map(repr, holders))}" if holders else \
+                "a plain state_dict" if plain else "no weights under any key"
+            raise UsageError(f"--weights-key {key}: {path} has no weights under {key!r} (it holds {held})")
+        return find_state_dict(obj[key]), ()
+    state = find_state_dict(obj)
+    known = [k for k in CHECKPOINT_KEYS if k in holders]
+    if state is None or len(holders) < 2 or not known:
+        return state, ()
+    others = ", ".join(repr(k) for k in holders if k != known[0])
+    return state, (f"{path}: the checkpoint holds weights under {known[0]!r} and {others}; scanned {known[0]!r} "
+                   "(choose with --weights-key)",)
 
 
 def load_safetensors(path: Path, arch: str | None) -> torch.nn.Module:
