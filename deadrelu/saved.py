@@ -16,7 +16,7 @@ import numpy as np
 
 from deadrelu.errors import SavedReportError
 from deadrelu.judge import Thresholds
-from deadrelu.report import SCHEMA_VERSION, DataInfo, ModelInfo, ScanReport, site_report
+from deadrelu.report import SCHEMA_VERSION, DataInfo, ModelInfo, ScanReport, SiteReport, site_report
 from deadrelu.stats import UnitSummary
 
 # Keys of a site object that the report itself writes; anything else is backend-specific
@@ -88,8 +88,10 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
             warnings.append(f"{name}: the saved report has no per-unit NaN/Inf counts; "
                             "active rates of units that saw non-finite values may differ slightly")
         extra = {k: v for k, v in site.items() if k not in _SITE_KEYS}
-        reports.append(site_report(name, op, unit_axis, str(site.get("axis_source", "default")), summary,
-                                   judged_with, extra))
+        rebuilt = site_report(name, op, unit_axis, str(site.get("axis_source", "default")), summary, judged_with, extra)
+        if not lacks_nonfinite and isinstance(site.get("per_unit", {}).get("nan"), list):
+            _check_verdicts(site, rebuilt, summary, at, own_thresholds=thresholds is None)
+        reports.append(rebuilt)
     return ScanReport(
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
@@ -163,6 +165,31 @@ def _check_bounds(columns: dict[str, np.ndarray], at: _Where) -> None:
         u = int(unmet[0])
         raise at.error("per_unit.positive", f"unit {u} has {int(columns['positive'][u])} positive values but "
                        f"max {high[u]:g}")
+
+
+def _check_verdicts(site: dict, rebuilt: SiteReport, summary: UnitSummary, at: _Where, own_thresholds: bool) -> None:
+    """The units the file lists as dead (and, judged with its own thresholds, near-dead)
+    are those its per-unit counts give: both are exact functions of whole counts, so a
+    difference means the file was edited or corrupted, and which one to believe is
+    unknown. (Dormant units rest on rounded means and are not compared.)"""
+    listed = [("dead_units", rebuilt.verdict.dead)]
+    if own_thresholds:
+        listed.append(("near_dead_units", rebuilt.verdict.near_dead))
+    for key, computed in listed:
+        stored = site.get(key)
+        if not isinstance(stored, list) or stored == list(computed):
+            continue
+        odd = sorted(set(map(str, stored)) ^ set(map(str, computed)), key=lambda u: (len(u), u))[0]
+        why = ""
+        if odd.isdigit() and int(odd) < rebuilt.units:
+            u = int(odd)
+            why = f" (unit {u} has {int(summary.positive[u])} positive of {int(summary.count[u])} values)"
+        raise at.error(key, f"lists units {_short(stored)}, but the report's per-unit counts give {_short(list(computed))}"
+                            f"{why}: the report contradicts itself (edited or corrupted?)")
+
+
+def _short(units: list, shown: int = 8) -> str:
+    return "[" + ", ".join(map(str, units[:shown])) + (", ..." if len(units) > shown else "") + "]"
 
 
 class _Where:

@@ -569,6 +569,13 @@ _DELETE = object()
     ("sites.0.per_unit.min.0", 1e9, r"sites\[0\]\.per_unit\.min: unit 0 has min 1e\+09 > max 4\.3"),
     ("sites.0.per_unit.max.0", 0.0, r"sites\[0\]\.per_unit\.positive: unit 0 has 122 positive values but max 0"),
     ("sites.0.nonfinite", None, None),  # optional: read only for a hint
+    ("sites.0.dead_units", [0, 3, 40], r"sites\[0\]\.dead_units: lists units \[0, 3, 40\], but the report's per-unit "
+                                       r"counts give \[3, 40\] \(unit 0 has 122 positive of 256 values\): the report "
+                                       r"contradicts itself"),
+    ("sites.1.dead_units", [], r"sites\[1\]\.dead_units: lists units \[\], but .* give \[17\] \(unit 17 has 0 positive"),
+    ("sites.0.near_dead_units", [], r"sites\[0\]\.near_dead_units: lists units \[\], but .* give \[10\]"),
+    ("sites.0.dead_units", _DELETE, None),  # optional: compared only where present
+    ("sites.0.per_unit.nan", _DELETE, None),  # an older report: its verdicts may count non-finite values otherwise
     ("sites.0.units", -1, r"sites\[0\]\.units: expected an integer >= 0"),
     ("sites.0.unit_axis", -2, r"sites\[0\]\.unit_axis: expected an integer >= 0"),
     ("data.samples", -5, r"data\.samples: expected an integer >= 0"),
@@ -586,6 +593,19 @@ def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunne
         return
     message = _error(result)
     assert "bad.json" in message and re.search(pattern, message), message
+
+
+def test_a_report_rejudged_and_saved_again_reads_back(runner: CliRunner, tmp_path: Path) -> None:
+    """Near-dead units are compared only under the file's own thresholds: a report re-judged
+    with others, and the report it saves, both read."""
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", tmp_path / "r.json").exit_code == 0
+    again = runner.invoke(app, ["report", str(tmp_path / "r.json"), "--near-dead", "0.5", "-f", "json", "-o",
+                                str(tmp_path / "s.json")])
+    assert again.exit_code == 0, again.output
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert len(saved["sites"][0]["near_dead_units"]) > 1
+    for args in (["report", str(tmp_path / "s.json")], ["report", str(tmp_path / "s.json"), "--near-dead", "0.01"]):
+        assert runner.invoke(app, args).exit_code == 0, args
 
 
 @pytest.mark.parametrize(("args", "pattern"), [
