@@ -99,6 +99,7 @@ def test_state_dict_loads_into_the_modified_class(tmp_path: Path) -> None:
     modified = fixture_models.MLP()
     modified.layers[1] = torch.nn.PReLU(64, init=0.25)
     modified.layers[3] = torch.nn.PReLU(32, init=0.25)
+    assert result.state_dict == str(tmp_path / "mlp.state_dict.pt")  # as the README names it
     modified.load_state_dict(torch.load(result.state_dict, weights_only=True), strict=True)
     x = torch.from_numpy(np.load(FIX / "mlp.calib.npy"))
     with torch.inference_mode():
