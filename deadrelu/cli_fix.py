@@ -12,8 +12,8 @@ from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
 from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
-from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix, written_paths
-from deadrelu.outputs import check_stdout_open, check_target, read_paths, write_atomic
+from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, fix_inputs, run_fix, written_paths
+from deadrelu.outputs import check_stdout_open, check_target, write_atomic
 from deadrelu.scan import ScanOptions
 
 
@@ -62,7 +62,7 @@ def fix_command(
         if not json_out or json_out == "-":
             check_stdout_open("write it with --json FILE")
         if json_out and json_out != "-":
-            check_target(Path(json_out), "--json", read_paths(model, data, arch, report), written_paths(options))
+            check_target(Path(json_out), "--json", fix_inputs(model, data, arch, report), written_paths(options))
         console = stderr_console()
         result = run_fix(model, data, options, scan_options,
                          notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))

@@ -565,3 +565,90 @@ def test_fixing_torchscript_keeps_torch_export_notices_off_stderr(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "f.json").read_text())["verification"]["sites"][0]["dead_before"] == 1
     assert "specialized" not in proc.stderr and "non_strict_utils" not in proc.stderr, proc.stderr
+
+
+def test_outputs_never_replace_the_data_a_report_names(tmp_path: Path) -> None:
+    """With --report and no --data, the report's data is read to verify: -o and --json
+    onto it are refused before any work, and it is left as it was."""
+    model, data = tmp_path / "mlp.pt2", tmp_path / "mlp.calib.npy"
+    model.write_bytes((FIX / "mlp.pt2").read_bytes())
+    data.write_bytes((FIX / "mlp.calib.npy").read_bytes())
+    saved = tmp_path / "scan.json"
+    scanned = CliRunner().invoke(app, ["scan", str(model), "--data", str(data), "--json", str(saved), "-q"])
+    assert scanned.exit_code == 0, scanned.output
+    onto = cli(model, "--report", saved, "--apply", "-o", data)
+    assert onto.exit_code == 2 and f"-o {data}: that is the input" in onto.stderr, onto.output
+    json_onto = cli(model, "--report", saved, "--json", data)
+    assert json_onto.exit_code == 2 and f"--json {data}: that is the input" in json_onto.stderr, json_onto.output
+    assert data.read_bytes() == (FIX / "mlp.calib.npy").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.calib.npy", "mlp.pt2", "scan.json"]
+
+
+def _onnx_with_weights_in(folder: Path, data_name: str) -> Path:
+    """folder/a.onnx, Gemm -> Relu -> Gemm with one dead unit, its weights in folder/<data_name>."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"W1": rng.normal(size=(8, 6)).astype(np.float32), "W2": rng.normal(size=(4, 8)).astype(np.float32)}
+    arrays["W1"][2] = 0.0  # unit 2 of relu1 is dead
+    blob, initializers = bytearray(), []
+    for name, array in arrays.items():
+        tensor = numpy_helper.from_array(array, name)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(len(blob))), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        blob += array.tobytes()
+        initializers.append(tensor)
+    (folder / data_name).write_bytes(bytes(blob))
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"], name="relu1"),
+         helper.make_node("Gemm", ["r", "W2"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=initializers)
+    model = folder / "a.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.save(folder / "calib.npy", rng.normal(size=(32, 6)).astype(np.float32))
+    return model
+
+
+def test_the_fixed_onnx_weights_never_replace_the_inputs_data_file(tmp_path: Path) -> None:
+    """An ONNX model whose weights live in b.onnx.data, fixed to -o b.onnx (whose weights
+    would go to b.onnx.data), is refused before any work; so is --json OUT.onnx.data, where
+    the fixed model's own weights go."""
+    model = _onnx_with_weights_in(tmp_path, "b.onnx.data")
+    weights = (tmp_path / "b.onnx.data").read_bytes()
+    onto = cli(model, "--data", tmp_path / "calib.npy", "--to", "prelu", "--apply", "-o", tmp_path / "b.onnx")
+    assert onto.exit_code == 2 and "b.onnx.data: that is the input" in onto.stderr, onto.output
+    assert (tmp_path / "b.onnx.data").read_bytes() == weights
+    json_onto = cli(model, "--data", tmp_path / "calib.npy", "--to", "prelu", "--apply", "-o", tmp_path / "c.onnx",
+                    "--json", tmp_path / "c.onnx.data")
+    assert json_onto.exit_code == 2 and "another output of this command goes there" in json_onto.stderr, json_onto.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx.data", "calib.npy"]
+    fixed = cli(model, "--data", tmp_path / "calib.npy", "--to", "prelu", "--apply", "-o", tmp_path / "c.onnx")
+    assert fixed.exit_code == 0, fixed.output
+    assert (tmp_path / "c.onnx").is_file() and (tmp_path / "b.onnx.data").read_bytes() == weights
+
+
+def test_ctrl_c_during_a_fix_writes_nothing(tmp_path: Path) -> None:
+    """A scan stopped by Ctrl-C keeps what it saw; a fix resting on it would not be a fix
+    of the data asked for: exit 130, and neither OUT nor --json is written. (Ctrl-C comes
+    once, in the first scan's second batch; the passes after it would run whole.)"""
+    source, marker = tmp_path / "interrupted.py", tmp_path / "interrupted.once"
+    source.write_text(
+        "import os, signal, time\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "def batches():\n"
+        "    data = np.load(%r)\n"
+        "    yield data[:32]\n"
+        "    if not Path(%r).exists():\n"
+        "        Path(%r).touch()\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(5)\n"
+        "    yield data[32:64]\n" % (str(FIX / "mlp.calib.npy"), str(marker), str(marker)))
+    out, report = tmp_path / "fixed.pt2", tmp_path / "fix.json"
+    result = cli(FIX / "mlp.pt2", "--data", f"{source}:batches", "--apply", "-o", out, "--json", report)
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupted.once", "interrupted.py"]

@@ -28,7 +28,8 @@ from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, read_paths
 from deadrelu.report import ScanReport
-from deadrelu.scan import ScanOptions, model_batches, open_source, scan
+from deadrelu.scan import ScanOptions, model_batches, open_source
+from deadrelu.scan import scan as partial_or_whole_scan
 from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
@@ -140,6 +141,16 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
                      deviation, lines, weights, bn_init=options.rewrite.bn_init)
 
 
+def scan(model: LoadedModel | Path, data: str, options: ScanOptions,
+         notify: Callable[[str], None] | None = None) -> ScanReport:
+    """A scan of all the data, or KeyboardInterrupt: a scan stopped by Ctrl-C returns what it
+    saw so far, which is a report for `scan` but no ground for a fix or its verification."""
+    report = partial_or_whole_scan(model, data, options, notify=notify)
+    if report.partial:
+        raise KeyboardInterrupt
+    return report
+
+
 def _constant_throughout(before: UnitMoments, after: UnitSummary) -> tuple[int, ...]:
     """Units constant before the fix and still constant at the fixed site: BatchNorm maps a
     constant to a constant, of whatever sign rounding gives it. (A unit constant before
@@ -183,11 +194,38 @@ def state_dict_path(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".pt2") + ".state_dict.pt")
 
 
+def onnx_data_path(output: Path) -> Path:
+    """Where `fix --apply` writes the external weights of an ONNX model beside OUT.onnx."""
+    return output.with_name(output.name + ".data")
+
+
 def written_paths(options: FixOptions) -> tuple[Path, ...]:
-    """Every file `run_fix` may write (OUT, and the state_dict beside it)."""
+    """Every file `run_fix` may write: OUT, the state_dict beside it (a PyTorch model's)
+    and the external data beside it (an ONNX model's)."""
     if not options.apply or options.output is None:
         return ()
-    return options.output, state_dict_path(options.output)
+    return options.output, state_dict_path(options.output), onnx_data_path(options.output)
+
+
+def fix_inputs(model: Path, data: str | None, arch: str | None, report: Path | None) -> tuple[Path, ...]:
+    """Every file `fix` reads, which none of its outputs may replace: the model (and its
+    external data), the data, the arch file, the saved report and, when --data is not
+    given, the data that report names (verification reads it)."""
+    return read_paths(model, data, arch, report, _report_data(report) if data is None else None)
+
+
+def _report_data(report: Path | None) -> str | None:
+    """The data source a saved report names, or None where it cannot be read (loading the
+    report later says why)."""
+    import json
+
+    if report is None or not report.is_file():
+        return None
+    try:
+        source = json.loads(report.read_text(encoding="utf-8")).get("data", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
 
 
 def _check_output(model: Path, data: str | None, options: FixOptions, arch: str | None = None) -> Path | None:
@@ -203,7 +241,7 @@ def _check_output(model: Path, data: str | None, options: FixOptions, arch: str 
         return None
     if options.output is None:
         raise UsageError("--apply needs -o OUT: the file to write (the input model is never overwritten)")
-    inputs = read_paths(model, data, arch, options.report)
+    inputs = fix_inputs(model, data, arch, options.report)
     written_as_onnx = model.suffix.lower() == ".onnx" or (model.is_file() and _is_onnx(model))
     if options.output.suffix.lower() == ".onnx" and not written_as_onnx:
         raise UsageError(f"-o {options.output}: a PyTorch model is written as a torch.export program; "
@@ -211,7 +249,10 @@ def _check_output(model: Path, data: str | None, options: FixOptions, arch: str 
     if written_as_onnx and options.output.suffix.lower() in (".pt2", ".pt", ".pth"):
         raise UsageError(f"-o {options.output}: an ONNX model is written as ONNX; name it .onnx")
     check_target(options.output, "-o", inputs)
-    check_target(state_dict_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
+    if written_as_onnx:
+        check_target(onnx_data_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
+    else:
+        check_target(state_dict_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
     return options.output
 
 
