@@ -236,8 +236,31 @@ LAYOUT_PRESERVING = frozenset(
         "layer_norm", "native_layer_norm", "clone", "contiguous", "dropout", "alias", "detach",
         "_to_copy", "to", "neg", "relu", "relu_", "hardtanh", "hardtanh_", "relu6", "leaky_relu",
         "leaky_relu_", "prelu", "_prelu_kernel", "clamp", "clamp_min", "addcmul", "where",
+        # elementwise, as ONNX's ELEMENTWISE_OPS (`deadrelu.onnx_sites.graph`)
+        "masked_fill", "masked_fill_", "pow", "abs", "sqrt", "rsqrt", "exp", "log", "reciprocal", "sigmoid",
+        "hardsigmoid", "hardswish", "tanh", "softplus", "gelu", "silu", "mish", "elu", "selu", "celu", "erf",
+        "maximum", "minimum", "clamp_max",
+        # rank-preserving, as ONNX's RANK_PRESERVING_OPS: the unit axis stays where it was
+        # (a slice or pad along it keeps it the unit axis, with fewer or more units)
+        "slice", "narrow", "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+        "replication_pad1d", "replication_pad2d", "replication_pad3d", "_pad_circular", "repeat", "tile",
+        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+        "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
+        "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
+        "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d",
+        "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
+        "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "cat", "concat",
     }
 )
+# Ops that split a tensor into several of its rank: every piece keeps the unit axis.
+SPLITS = frozenset({"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "chunk", "tensor_split"})
+# Ops that remove or insert dims (`removed_dims`, `inserted_dims`): the units follow, or
+# are lost when their own dim goes.
+DIM_REMOVING = frozenset({"squeeze", "squeeze_", "select", "unbind"})
+DIM_INSERTING = frozenset({"unsqueeze", "unsqueeze_", "stack"})
+# Reductions over some dims (`reduced_dims`): the units follow when their dim is not reduced.
+REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "nansum", "nanmean"})
 # Normalisation ops: a ReLU fed by one (directly or through elementwise ops such as a
 # residual add) has "normalisation upstream", which the fix planner uses.
 NORM_OPS = frozenset(
@@ -302,9 +325,71 @@ class UnitOrigin:
         return None
 
 
+    def without(self, ndim: int, removed: frozenset[int]) -> UnitOrigin | None:
+        """After dims ``removed`` (input dims) of an ``ndim`` tensor are dropped; None when
+        the unit axis is one of them."""
+        axis = self.axis_from_end + ndim
+        if not 0 <= axis < ndim or axis in removed:
+            return None
+        return UnitOrigin(self.kind, self.axis_from_end + sum(1 for d in removed if d > axis))
+
+    def with_inserted(self, ndim_out: int, inserted: frozenset[int]) -> UnitOrigin | None:
+        """After new dims ``inserted`` (output dims) make a tensor of ``ndim_out`` dims."""
+        kept = [d for d in range(ndim_out) if d not in inserted]
+        axis = self.axis_from_end + len(kept)
+        if not 0 <= axis < len(kept):
+            return None
+        return UnitOrigin(self.kind, kept[axis] - ndim_out)
+
+
+def removed_dims(op: str, args: tuple, shape: tuple[int, ...]) -> frozenset[int] | None:
+    """The input dims a squeeze/select/unbind call drops (None when the call cannot be read)."""
+    ndim = len(shape)
+    try:
+        if op in ("squeeze", "squeeze_"):
+            if len(args) < 2:
+                return frozenset(d for d, size in enumerate(shape) if size == 1)
+            dims = args[1] if isinstance(args[1], (list, tuple)) else [args[1]]
+            return frozenset(int(d) % ndim for d in dims if shape[int(d) % ndim] == 1)
+        if op == "select":
+            return frozenset({int(args[1]) % ndim})
+        if op == "unbind":
+            return frozenset({int(args[1]) % ndim if len(args) > 1 else 0})
+    except (IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def reduced_dims(args: tuple, kwargs: dict, shape: tuple[int, ...]) -> tuple[frozenset[int], bool] | None:
+    """The dims a mean/sum/amax/amin call reduces, and whether it keeps them (None when it
+    reduces them all, or the call cannot be read)."""
+    ndim = len(shape)
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+    if dims is None or ndim == 0:
+        return None
+    try:
+        listed = dims if isinstance(dims, (list, tuple)) else [dims]
+        reduced = frozenset(int(d) % ndim for d in listed)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return (reduced, keep) if reduced else None
+
+
+def inserted_dims(op: str, args: tuple, ndim_out: int) -> frozenset[int] | None:
+    """The output dims an unsqueeze/stack call adds."""
+    try:
+        if op in ("unsqueeze", "unsqueeze_", "stack"):
+            return frozenset({int(args[1]) % ndim_out if len(args) > 1 else 0})
+    except (IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
 def choose_axis(ndim: int, origin: UnitOrigin | None) -> AxisChoice:
     """Unit axis from the producing op: dim 1 behind convolutions, last dim behind linear,
-    followed through elementwise ops, permutes and transposes.
+    followed through elementwise and rank-preserving ops (slices, splits, pads, pools,
+    concatenation), permutes, transposes, reshapes that keep it, and squeezes/unsqueezes.
 
     A pre-activation of rank 0 or 1 (one value per sample, say ``fc(x).squeeze(-1)``) is
     one unit: it is reduced as its ``(values, 1)`` view (`scalar_view`), whose axis 1

@@ -229,6 +229,62 @@ def test_unit_axis_follows_permutes_and_reshapes(flavour: str, tmp_path) -> None
         np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)
 
 
+class SlicedFeatures(nn.Module):
+    """A linear layer's (N, T, F) output through slices, splits, pads, reductions, a mask,
+    squeezes, unsqueezes and concatenation before its ReLUs: the units stay its features
+    (a split of the features keeps those it holds). Features 1 and 6 are dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc = nn.Linear(6, 8)
+        with torch.no_grad():
+            self.fc.bias[1] = self.fc.bias[6] = -30.0
+
+    def preacts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.fc(x)  # (N, 4, 8)
+        return [h[:, 1:], h.chunk(2, dim=-1)[0], h.unsqueeze(1), F.pad(h, (0, 0, 1, 1)), h.mean(1, keepdim=True),
+                h.amax(1), h.masked_fill(x[..., :1] > 50, 0.0), h[:, :1].squeeze(1), torch.cat([h, h[:, :2]], dim=1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, *rest = (torch.relu(p) for p in self.preacts(x))
+        gate = self.fc(x).chunk(2, dim=-1)[1]
+        return first.sum() + (rest[0] * gate).sum() + sum(r.sum() for r in rest[1:])
+
+
+@pytest.mark.parametrize("flavour", ["eager", "pt2", "onnx"])
+def test_unit_axis_follows_slices_splits_pads_and_reductions(flavour: str, tmp_path) -> None:
+    """Behind a linear layer the units are its features whatever keeps that dim: the same
+    axes from PyTorch and ONNX, and the brute force's dead units and statistics along them."""
+    from reference import unit_stats
+
+    model = SlicedFeatures().eval()
+    batches = [torch.randn(16, 4, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    target: object = model
+    if flavour == "pt2":
+        target = tmp_path / "sliced.pt2"
+        torch.export.save(torch.export.export(model, (batches[0],), dynamic_shapes=({0: torch.export.Dim("n")},)),
+                          str(target))
+    elif flavour == "onnx":
+        target = tmp_path / "sliced.onnx"
+        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    report = scan(target, batches, ScanOptions(device="cpu"))
+    assert [(s.unit_axis, s.units) for s in report.sites] == [(2, 8), (2, 4), (3, 8), (2, 8), (2, 8), (1, 8), (2, 8),
+                                                               (1, 8), (2, 8)]
+    assert {s.axis_source for s in report.sites} == {"linear"}
+    with torch.no_grad():
+        recorded = [model.preacts(b) for b in batches]
+    for index, site in enumerate(report.sites):
+        values = np.concatenate([r[index].numpy() for r in recorded])
+        ref = unit_stats(values, site.unit_axis)
+        assert tuple(site.verdict.dead) == tuple(int(u) for u in np.flatnonzero(ref["positive"] == 0)), site.name
+        assert tuple(site.verdict.dead) == ((1,) if site.units == 4 else (1, 6)), site.name
+        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-4, err_msg=site.name)
+
+
 class LoopOverModuleLists(nn.Module):
     """Layers kept in ModuleLists and called from the parent's forward: a trace records
     each call by the called module alone ('0(ReLU)', '1(ReLU)'), without the list."""

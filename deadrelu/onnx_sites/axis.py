@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import onnx
 
 from deadrelu.onnx_sites.graph import (CONV_OPS, ELEMENTWISE_OPS, LINEAR_OPS, MAX_TRACE_DEPTH, NORM_OPS,
-                                      RANK_PRESERVING_OPS, RECURRENT_OPS, RESHAPE_OPS, GraphIndex, attribute, node_label)
+                                      RANK_PRESERVING_OPS, RECURRENT_OPS, REDUCE_OPS, RESHAPE_OPS, GraphIndex, attribute, node_label)
 from deadrelu.onnx_sites.records import AxisTrace
 
 _DIM_TEXT = {"conv": "dim 1 (channels)", "linear": "last dim (features)", "recurrent": "last dim (hidden units)"}
@@ -73,7 +73,7 @@ def _data_inputs(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
     op = node.op_type
     if op in ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "Clip", "PRelu",
               "QuantizeLinear", "DequantizeLinear", "Pad", "Resize", "Upsample", "Slice", "Tile", "Expand",
-              "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Dropout", "CastLike", "Pow"):
+              "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Dropout", "CastLike", "Pow", *REDUCE_OPS):
         return [node.input[0]] if node.input and node.input[0] else []
     if op in ELEMENTWISE_OPS or op in RANK_PRESERVING_OPS:
         return [name for name in node.input if name and not index.is_constant(name)]
@@ -97,7 +97,24 @@ def _map_axis(index: GraphIndex, node: onnx.NodeProto, data: str, anchor: int) -
         return None if moved is None else (moved - rank if anchor < 0 else moved)
     if op in ("Squeeze", "Unsqueeze"):
         return _squeeze_axis(index, node, rank, axis, anchor < 0)
+    if op in REDUCE_OPS:
+        return _reduced_axis(index, node, rank, axis, anchor < 0)
     return None
+
+
+def _reduced_axis(index: GraphIndex, node: onnx.NodeProto, rank: int, axis: int, from_end: bool) -> int | None:
+    """The unit axis after a ReduceMean/Sum/Max/Min over other axes (lost when it reduces
+    that axis, or all of them)."""
+    axes = _axes_of(index, node)
+    if not axes:
+        return None
+    reduced = sorted({a % rank for a in axes})
+    if axis in reduced:
+        return None
+    if attribute(node, "keepdims", 1):
+        return axis - rank if from_end else axis
+    moved = axis - sum(1 for a in reduced if a < axis)
+    return moved - (rank - len(reduced)) if from_end else moved
 
 
 def _reshaped_axis(before: tuple[int | None, ...] | None, after: tuple[int | None, ...] | None,

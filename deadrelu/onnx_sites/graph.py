@@ -22,7 +22,7 @@ ELEMENTWISE_OPS = frozenset(
         "Identity", "Cast", "CastLike", "Dropout", "Neg", "Abs", "Sqrt", "Exp", "Log", "Reciprocal",
         "Relu", "LeakyRelu", "PRelu", "Clip", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
         "HardSwish", "Tanh", "Softplus", "Softsign", "Erf", "Gelu", "Mish", "ThresholdedRelu",
-        "QuantizeLinear", "DequantizeLinear",
+        "QuantizeLinear", "DequantizeLinear", "Where",
     }
 )
 # Ops that keep every dimension where it was (sizes may change).
@@ -33,6 +33,8 @@ RANK_PRESERVING_OPS = frozenset(
     }
 )
 RESHAPE_OPS = frozenset({"Reshape", "Flatten"})
+# Reductions over some axes: the units follow when their axis is not reduced.
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"})
 # Ops that fuse an activation into their producer, hiding its pre-activation.
 FUSED_ACTIVATION_OPS = frozenset({"FusedConv", "FusedGemm", "NhwcFusedConv", "FusedMatMulActivation"})
 SUBGRAPH_CONTAINERS = frozenset({"If", "Loop", "Scan"})

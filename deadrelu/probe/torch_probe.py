@@ -221,7 +221,7 @@ class ReluProbe(TorchDispatchMode):
                                             x.numel() // max(tap.stats.units, 1)))
         elif functional is not None and recording:
             self._calls.append(SiteCall(None, 0, 0, 0, 0))
-        self._track_producer(op_name, args, out)
+        self._track_producer(op_name, args, kwargs, out)
         return out
 
     def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch] | None:
@@ -249,12 +249,42 @@ class ReluProbe(TorchDispatchMode):
             tap.shift = site_shift(x, tap.axis.axis)
         return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift, tap.rows_buffer(x))
 
-    def _origin(self, op_name: str, args: tuple, out: torch.Tensor) -> sites.UnitOrigin | None:
+    def _reduced_origin(self, source: torch.Tensor | None, args: tuple, kwargs: dict) -> sites.UnitOrigin | None:
+        origin = self._producers.get(source) if source is not None else None
+        reduced = sites.reduced_dims(args, kwargs, tuple(source.shape)) if origin is not None else None
+        if origin is None or reduced is None:
+            return None
+        dims, keep = reduced
+        if (origin.axis_from_end + source.ndim) in dims:
+            return None
+        return origin if keep else origin.without(source.ndim, dims)
+
+    def _origin(self, op_name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
         kind = sites.producer_kind(op_name)
         if kind is not None:
             return sites.UnitOrigin.of(kind, out.ndim)
         source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if op_name in ("cat", "concat", "stack") and args and isinstance(args[0], (list, tuple)):
+            source = next((t for t in args[0] if isinstance(t, torch.Tensor) and t in self._producers), None)
+            origin = self._producers.get(source) if source is not None else None
+            if origin is None or op_name != "stack":
+                return origin
+            inserted = sites.inserted_dims(op_name, args, out.ndim)
+            return origin.with_inserted(out.ndim, inserted) if inserted is not None else None
+        if op_name in sites.SPLITS:
+            return self._producers.get(source) if source is not None else None
+        if op_name in sites.REDUCTIONS:
+            return self._reduced_origin(source, args, kwargs)
+        if op_name in sites.DIM_REMOVING or op_name in sites.DIM_INSERTING:
+            origin = self._producers.get(source) if source is not None else None
+            if origin is None:
+                return None
+            if op_name in sites.DIM_REMOVING:
+                removed = sites.removed_dims(op_name, args, tuple(source.shape))
+                return origin.without(source.ndim, removed) if removed is not None else None
+            inserted = sites.inserted_dims(op_name, args, out.ndim)
+            return origin.with_inserted(out.ndim, inserted) if inserted is not None else None
         if op_name in sites.PERMUTES:
             origin = self._producers.get(source) if source is not None else None
             order = sites.permutation(op_name, args, source.ndim) if origin is not None else None
@@ -267,13 +297,17 @@ class ReluProbe(TorchDispatchMode):
                          if isinstance(a, torch.Tensor) and a in self._producers), None)
         return None
 
-    def _track_producer(self, op_name: str, args: tuple, out: Any) -> None:
+    def _track_producer(self, op_name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(first, torch.Tensor):
             return
-        origin = self._origin(op_name, args, first)
+        origin = self._origin(op_name, args, kwargs, first)
         if origin is not None:
             self._producers[first] = origin
+            if op_name in sites.SPLITS or op_name == "unbind":  # every piece, not only the first
+                for piece in out if isinstance(out, (tuple, list)) else ():
+                    if isinstance(piece, torch.Tensor):
+                        self._producers[piece] = origin
         if op_name in sites.NORM_OPS or (op_name in sites.ELEMENTWISE and any(
                 isinstance(a, torch.Tensor) and self._normalised.get(a, False) for a in args)):
             self._normalised[first] = True
