@@ -152,12 +152,15 @@ def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
 
 
 def _check_bounds(columns: dict[str, np.ndarray], at: _Where) -> None:
-    """min <= max, and a unit with positive values has a positive max: a report edited or
-    corrupted into contradicting itself would give verdicts of nothing that was measured."""
+    """min <= max, and a unit with more positive values than infinities has a positive max
+    (+Inf counts as positive but is kept out of min/max, so a unit whose only positives
+    are +Inf has a max <= 0, or none): a report edited or corrupted into contradicting
+    itself would give verdicts of nothing that was measured."""
     low, high = columns["min"], columns["max"]
+    infinities = columns["inf"] if "inf" in columns else np.zeros_like(columns["positive"])
     with np.errstate(invalid="ignore"):
         crossed = np.flatnonzero(low > high)
-        unmet = np.flatnonzero((columns["positive"] > 0) & ~(high > 0))
+        unmet = np.flatnonzero((columns["positive"] > infinities) & ~(high > 0))
     if crossed.size:
         u = int(crossed[0])
         raise at.error("per_unit.min", f"unit {u} has min {low[u]:g} > max {high[u]:g}")

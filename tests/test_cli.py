@@ -608,6 +608,34 @@ def test_a_report_rejudged_and_saved_again_reads_back(runner: CliRunner, tmp_pat
         assert runner.invoke(app, args).exit_code == 0, args
 
 
+def test_a_report_whose_only_positives_are_infinities_reads_back(runner: CliRunner, tmp_path: Path) -> None:
+    """+Inf counts as > 0 but stays out of min/max: a unit whose positives all overflowed
+    has a negative max, and the report saying so is no contradiction for report or
+    --baseline. (One more positive than infinities with that max still is.)"""
+    import torch
+
+    class Overflowing(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x * 1e30 * 1e10)  # float32 overflow: x > 0 gives +Inf
+
+    x = np.full((20, 2), -1e-38, np.float32)
+    x[:3, 0] = 1.0  # unit 0: three +Inf, seventeen -100
+    np.save(tmp_path / "x.npy", x)
+    torch.jit.save(torch.jit.script(Overflowing()), str(tmp_path / "m.ts.pt"))
+    saved = tmp_path / "scan.json"
+    assert run(runner, tmp_path / "m.ts.pt", "--data", tmp_path / "x.npy", "--json", saved, "-q").exit_code == 0
+    unit = json.loads(saved.read_text())["sites"][0]["per_unit"]
+    assert (unit["positive"][0], unit["inf"][0], unit["max"][0]) == (3, 3, -100.0)
+    assert runner.invoke(app, ["report", str(saved), "-q"]).exit_code == 0
+    gated = run(runner, tmp_path / "m.ts.pt", "--data", tmp_path / "x.npy", "--baseline", saved, "--fail-on", "dead", "-q")
+    assert gated.exit_code == 0, gated.output
+    edited = json.loads(saved.read_text())
+    edited["sites"][0]["per_unit"]["positive"][0] = 4
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    refused = runner.invoke(app, ["report", str(tmp_path / "edited.json")])
+    assert refused.exit_code == 2 and "unit 0 has 4 positive values but max -100" in refused.stderr, refused.output
+
+
 @pytest.mark.parametrize(("args", "pattern"), [
     (["scan", "m.pt", "--bogus"], r"^deadrelu: error: No such option: --bogus \(see 'deadrelu scan --help'\)$"),
     (["scan", "m.pt", "--batch-size", "abc"], r"^deadrelu: error: Invalid value for '--batch-size' / '-b': .*integer"),
