@@ -87,9 +87,20 @@ class SiteNamer:
         self._seen.clear()
 
     def name(self, base: str) -> str:
+        base = printable(base)
         index = self._seen.get(base, 0)
         self._seen[base] = index + 1
         return base if index == 0 else f"{base}_{index}"
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newline, ESC, ...) written as Python escapes
+    (``\\n``, ``\\x1b``): a site name comes from the model file (an ONNX node name, a
+    module name) and must stay one line, with no terminal escape or CI workflow command
+    (a line ``::error ...``) in any report."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # --- static call contexts from TorchScript and FX graphs -------------------------------

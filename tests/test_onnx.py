@@ -965,3 +965,32 @@ def test_values_a_subgraph_reads_from_the_enclosing_graph_are_kept(tmp_path: Pat
     report = scan(save(model, tmp_path), write_data(tmp_path, {"x": x}), options())
     assert [s.name for s in report.sites] == ["then_relu"]
     assert_stats(report.sites[0], unit_stats(2.0 * x.astype(np.float64), 1))
+
+
+def test_a_node_name_with_control_characters_stays_one_line_in_every_report(tmp_path: Path) -> None:
+    """A node named 'act<newline>::error ...<ESC>[31m' (the model file is the user's, or
+    anyone's): its site name escapes them, so no report line is a GitHub workflow command
+    or a terminal escape, and fix finds the site and keeps the node's own name."""
+    name = "act\n::error file=README.md,line=1::injected\x1b[31m"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["h"], name="add"), helper.make_node("Relu", ["h"], ["y"], name=name)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.array([-50.0, 0.0, 0.0], np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "d.npy", np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32))
+    runner = CliRunner()
+    base = ["scan", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npy"), "--fail-on", "dead"]
+    for fmt in ("table", "github", "markdown", "junit", "sarif"):
+        result = runner.invoke(app, [*base, "-f", fmt])
+        assert result.exit_code == 1, (fmt, result.output)
+        for line in (*result.stdout.splitlines(), *result.stderr.splitlines()):
+            assert not line.lstrip().startswith("::error file=") and "\x1b" not in line, (fmt, line)
+    saved = json.loads(runner.invoke(app, [*base, "--json", "-"]).stdout)
+    assert saved["sites"][0]["name"] == "act\\n::error file=README.md,line=1::injected\\x1b[31m"
+    fixed = runner.invoke(app, ["fix", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "d.npy"), "--to", "leaky",
+                                "--sites", "act*", "--apply", "-o", str(tmp_path / "f.onnx")])
+    assert fixed.exit_code == 0, fixed.output
+    assert [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.name == name] == ["LeakyRelu"]
