@@ -74,6 +74,6 @@ def fix_command(
             return
         from deadrelu.formats.fix_table import render_fix
 
-        render_fix(result, stdout_console())
-        if json_out:
+        if json_out:  # before stdout: a reader gone from it (`| head`) must not lose the file
             write_atomic(Path(json_out), document)
+        render_fix(result, stdout_console())

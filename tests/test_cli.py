@@ -332,16 +332,28 @@ def test_fix_plans_for_the_weights_key_it_is_given(tmp_path: Path) -> None:
     assert [f.to_dict() for f in plans["ema"].plan] == [f.to_dict() for f in alone.plan]
 
 
-def _scan_to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
-
+def _to_closed_pipe(command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`deadrelu COMMAND mlp.pt2 --data mlp.calib.npy ARGS` with a stdout nobody reads."""
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        return subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(FIX / "mlp.pt2"), "--data",
+        return subprocess.run([sys.executable, "-m", "deadrelu", command, str(FIX / "mlp.pt2"), "--data",
                                str(FIX / "mlp.calib.npy"), *args], stdout=write_end, stderr=subprocess.PIPE,
                               text=True, timeout=120)
     finally:
         os.close(write_end)
+
+
+def _scan_to_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    return _to_closed_pipe("scan", *args)
+
+
+def test_a_fix_to_a_closed_stdout_pipe_still_writes_its_json(tmp_path: Path) -> None:
+    """`fix ... --apply -o fixed.pt2 --json fix.json | head`: the model and its JSON both."""
+    proc = _to_closed_pipe("fix", "--apply", "-o", str(tmp_path / "fixed.pt2"), "--json", str(tmp_path / "fix.json"))
+    assert proc.returncode == 141, proc.stderr
+    assert json.loads((tmp_path / "fix.json").read_text())["applied"] is True
+    assert (tmp_path / "fixed.pt2").is_file()
 
 
 @pytest.mark.parametrize("extra", [[], ["--json", "-"], ["--format", "sarif"]])
