@@ -652,3 +652,33 @@ def test_ctrl_c_during_a_fix_writes_nothing(tmp_path: Path) -> None:
     result = cli(FIX / "mlp.pt2", "--data", f"{source}:batches", "--apply", "-o", out, "--json", report)
     assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["interrupted.once", "interrupted.py"]
+
+
+def test_a_report_without_data_verifies_on_what_it_scanned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fix --report and no --data: verification reads the report's data, as many samples as
+    it scanned; a shorter file of that name (run from another folder) is refused, not
+    silently used; a scan of random inputs is made again."""
+    scanned, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    scanned.mkdir()
+    elsewhere.mkdir()
+    calib = np.load(FIX / "mlp.calib.npy")
+    np.save(scanned / "calib.npy", calib)
+    np.save(elsewhere / "calib.npy", calib[:10])
+    monkeypatch.chdir(scanned)
+    scan_cli = ["scan", str(FIX / "mlp.pt2"), "--data", "calib.npy", "--samples", "40", "--json", "scan.json", "-q"]
+    assert CliRunner().invoke(app, scan_cli).exit_code == 0
+    here = cli(FIX / "mlp.pt2", "--report", "scan.json", "--apply", "-o", "fixed.pt2", "--json", "fix.json")
+    assert here.exit_code == 0, here.output
+    assert json.loads(Path("fix.json").read_text())["verification"]["outputs"]["samples"] == 40
+    monkeypatch.chdir(elsewhere)
+    there = cli(FIX / "mlp.pt2", "--report", scanned / "scan.json", "--apply", "-o", "fixed.pt2")
+    assert there.exit_code == 2, there.output
+    assert "it scanned 40 samples of 'calib.npy', which holds 10 here" in there.stderr, there.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["calib.npy"]
+    random_scan = ["scan", str(FIX / "mlp.pt2"), "--data", "random", "--input-shape", "32", "--samples", "24",
+                   "--json", "random.json", "-q"]
+    assert CliRunner().invoke(app, random_scan).exit_code == 0
+    again = cli(FIX / "mlp.pt2", "--report", "random.json", "--to", "leaky", "--apply", "-o", "fixed.pt2",
+                "--json", "fix.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(Path("fix.json").read_text())["verification"]["outputs"]["samples"] == 24

@@ -120,7 +120,9 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
                      nothing_planned=None if plan else nothing_planned(report, options.plan))
     if not plan or not options.apply or output is None:
         return base
-    data = data or _data_of(report)
+    from_report = data is None
+    if from_report:
+        data, scan_options = _verification_data(report, options.report, scan_options)
     moments = {f.index: UnitMoments(report.sites[f.index].stats.mean, report.sites[f.index].stats.std ** 2) for f in plan}
     writer = _write_onnx if loaded.format is ModelFormat.ONNX else _write_torch
     stage = _staging_folder(output)  # OUT and its side files are written and verified here, then moved
@@ -128,6 +130,8 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         staged = stage / output.name
         lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
         after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None}))
+        if from_report:
+            _check_same_samples(report, options.report, after)
         zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
@@ -274,11 +278,37 @@ def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, s
     return scan(loaded, data, scan_options, notify=notify)
 
 
-def _data_of(report: ScanReport) -> str:
+def _verification_data(report: ScanReport, report_path: Path | None, scan_options: ScanOptions) -> tuple[str, ScanOptions]:
+    """The data a saved report was scanned on, to verify a fix of it without --data: the file
+    it names (from here), or its random inputs again (``random[3, 16, 16]``, seeded with
+    --seed as the scan was, 0 unless given), and no more samples than it scanned."""
+    from dataclasses import replace
+
+    from deadrelu.data.files import RANDOM
+
     source = report.data.source
-    if source == "random" or source.startswith("random[") or Path(source).exists():
-        return source
-    raise UsageError(f"--apply verifies on the calibration data; the report's data '{source}' is not here: pass --data")
+    options = replace(scan_options, samples=scan_options.samples or report.data.samples)
+    if source.startswith(f"{RANDOM}[") and source.endswith("]"):
+        try:
+            shape = tuple(int(d) for d in source[len(RANDOM) + 1:-1].split(","))
+        except ValueError:
+            shape = ()
+        if shape and all(d > 0 for d in shape):
+            return RANDOM, replace(options, data=replace(options.data, input_shape=shape,
+                                                          random_samples=report.data.samples))
+    if not Path(source).exists():
+        raise UsageError(f"--report {report_path}: --apply verifies on the data it was scanned on, and its data "
+                         f"'{source}' is not here: pass --data")
+    return source, options
+
+
+def _check_same_samples(report: ScanReport, report_path: Path | None, after: ScanReport) -> None:
+    """Data taken from a report must still hold what the report scanned: a shorter file of
+    the same name (another folder's, or changed since) would verify on other data."""
+    if after.data.samples < report.data.samples:
+        raise UsageError(f"--report {report_path}: it scanned {report.data.samples} samples of '{report.data.source}', "
+                         f"which holds {after.data.samples} here (another file of that name, or changed since): "
+                         "pass --data")
 
 
 def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> ModelInput:
