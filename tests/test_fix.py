@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -682,3 +684,42 @@ def test_a_report_without_data_verifies_on_what_it_scanned(tmp_path: Path, monke
                 "--json", "fix.json")
     assert again.exit_code == 0, again.output
     assert json.loads(Path("fix.json").read_text())["verification"]["outputs"]["samples"] == 24
+
+
+def test_a_model_torch_export_cannot_capture_fails_in_one_line(tmp_path: Path) -> None:
+    """Data-dependent control flow: torch.export fails and prints its partial graph to
+    stderr first. fix --apply: exit 2 and one line; scan --compile on: the one fallback line
+    and the summary."""
+    (tmp_path / "dyn.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Dyn(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc, self.act, self.out = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)\n"
+        "        with torch.no_grad():\n"
+        "            self.fc.bias[0] = -100.0\n"
+        "    def forward(self, x):\n"
+        "        h = self.act(self.fc(x))\n"
+        "        if h.sum() > 0:\n"
+        "            return self.out(h)\n"
+        "        return -self.out(h)\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dyn_arch", tmp_path / "dyn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.Dyn().state_dict(), tmp_path / "dyn.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32))
+    common = [str(tmp_path / "dyn.pt"), "--arch", f"{tmp_path / 'dyn.py'}:Dyn", "--data", str(tmp_path / "x.npy")]
+    fixed = subprocess.run([sys.executable, "-m", "deadrelu", "fix", *common, "--apply", "-o", str(tmp_path / "f.pt2")],
+                           capture_output=True, text=True, timeout=300)
+    assert fixed.returncode == 2, fixed.stderr
+    said = [line for line in fixed.stderr.splitlines() if "statistics kernel" not in line and "cached in" not in line]
+    assert len(said) == 1 and "cannot export the model with torch.export" in said[0], fixed.stderr
+    scanned = subprocess.run([sys.executable, "-m", "deadrelu", "scan", *common, "--compile", "on"],
+                             capture_output=True, text=True, timeout=300)
+    assert scanned.returncode == 0, scanned.stderr
+    said = [line for line in scanned.stderr.splitlines() if line.startswith("deadrelu: ") and "kernel" not in line]
+    assert len(said) == 2 and "the scan stays on the eager path" in scanned.stderr, scanned.stderr
+    assert "def forward" not in scanned.stderr and "symbolic_shapes" not in scanned.stderr, scanned.stderr

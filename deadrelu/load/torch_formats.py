@@ -3,6 +3,7 @@ and full pickles (only when trusted)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import pickletools
@@ -45,7 +46,7 @@ def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
 
 
 _TORCH_EXPORT_LOGGERS = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch._export",
-                         "torch.export", "torch._export.non_strict_utils")
+                         "torch.export", "torch._export.non_strict_utils", "torch.fx.experimental.symbolic_shapes")
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -56,12 +57,14 @@ def _below_error(record: logging.LogRecord) -> bool:
 def quiet_torch_logs() -> Iterator[None]:
     """torch.export's (de)serialiser and tracer log notices (unused symbols, archive names,
     a dim specialised to the example's size) that are not the user's concern; keep them
-    off stderr. A filter, not a level: torch resets its loggers' levels while it exports."""
+    off stderr. A filter, not a level: torch resets its loggers' levels while it exports.
+    A failed export also prints its partial graph to stderr (dozens of lines) before it
+    raises: what it prints goes nowhere, the error still reaches the caller."""
     loggers = [logging.getLogger(name) for name in _TORCH_EXPORT_LOGGERS]
     for logger in loggers:
         logger.addFilter(_below_error)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -38,6 +38,7 @@ import torch
 
 from deadrelu import sites
 from deadrelu.data import ModelInput
+from deadrelu.load.torch_formats import quiet_torch_logs
 from deadrelu.reductions import (BatchMoments, chan_merge, count_dtype, fast_reductions, fused_reductions,
                                  moments_from_rows, reduce_dims, rows_finite)
 from deadrelu.stats import UnitStats
@@ -289,7 +290,8 @@ def _graph_of(module: Any, example: ModelInput) -> torch.fx.GraphModule:
         args = tuple(a.clone() for a in example.args)  # export rejects inference-mode tensors
         kwargs = {k: v.clone() for k, v in sorted(example.kwargs.items())}
         try:
-            return torch.export.export(module, args, kwargs, strict=False).module()
+            with quiet_torch_logs():  # a failed export prints its partial graph to stderr
+                return torch.export.export(module, args, kwargs, strict=False).module()
         except Exception as exc:  # export's failures are many and varied; none may end the scan
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise CaptureError(f"torch.export failed ({first})") from exc
