@@ -56,13 +56,15 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
 
 
 def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> None:
-    """The same scan given twice (one file twice, or a copy) would count its samples twice."""
+    """The same scan given twice (one file twice, a copy, or a scan of the same data under
+    another file name) would count its samples twice. Same samples and bit-identical
+    per-unit counts and means at every site mean the same data, whatever it was called."""
     seen: dict[tuple, str] = {}
     for report, name in zip(reports, names):
-        key = (report.data.source, report.data.samples,
+        key = (report.data.samples,
                tuple(bytes(memoryview(s.stats.positive)) + bytes(memoryview(s.stats.mean)) for s in report.sites))
         if key in seen:
-            what = "given twice" if seen[key] == name else f"the same scan as {seen[key]} (same data, same statistics)"
+            what = "given twice" if seen[key] == name else f"the same scan as {seen[key]} (same samples, same statistics)"
             raise UsageError(f"{name}: {what}; merging it again would count its samples twice")
         seen[key] = name
 

@@ -84,8 +84,12 @@ def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_p
     a = scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
     scan_json(tmp_path, "convnet.pt2", shards[1], "b.json", "--near-dead", "0.5")
     (tmp_path / "copy.json").write_text(json.dumps(a))
+    renamed = tmp_path / "renamed.npy"
+    renamed.write_bytes(Path(shards[0]).read_bytes())
+    scan_json(tmp_path, "convnet.pt2", renamed, "renamed.json")  # the same data under another name
     for twice, why in ((["a.json", "a.json"], "a.json: given twice;"),
-                       (["a.json", "b.json", "copy.json"], "copy.json: the same scan as " + str(tmp_path / "a.json"))):
+                       (["a.json", "b.json", "copy.json"], "copy.json: the same scan as " + str(tmp_path / "a.json")),
+                       (["a.json", "renamed.json"], "renamed.json: the same scan as " + str(tmp_path / "a.json"))):
         result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in twice]])
         assert result.exit_code == 2 and "would count its samples twice" in result.stderr, result.output
         assert why in result.stderr, result.stderr
