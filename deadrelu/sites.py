@@ -270,8 +270,6 @@ SPLITS = frozenset({"split", "split_with_sizes", "unsafe_split", "unsafe_split_w
 # are lost when their own dim goes.
 DIM_REMOVING = frozenset({"squeeze", "squeeze_", "select", "unbind"})
 DIM_INSERTING = frozenset({"unsqueeze", "unsqueeze_", "stack"})
-# Reductions over some dims (`reduced_dims`): the units follow when their dim is not reduced.
-REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "nansum", "nanmean"})
 # Normalisation ops: a ReLU fed by one (directly or through elementwise ops such as a
 # residual add) has "normalisation upstream", which the fix planner uses.
 NORM_OPS = frozenset(
@@ -289,6 +287,10 @@ ELEMENTWISE = frozenset(
 RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "expand"})
 # Ops that reorder dims; the units follow (see `permutation`).
 PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "mT"})
+# Reductions over some dims (`reduced_dims`): the units follow when their dim is not reduced.
+REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "nansum", "nanmean"})
+# Every op whose output's unit axis follows its input's (see `UnitOrigin`).
+AXIS_FOLLOWING = LAYOUT_PRESERVING | SPLITS | DIM_REMOVING | DIM_INSERTING | REDUCTIONS | RESHAPES | PERMUTES
 
 
 @dataclass(frozen=True)

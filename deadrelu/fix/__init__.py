@@ -28,8 +28,7 @@ from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, read_paths
 from deadrelu.report import ScanReport
-from deadrelu.scan import ScanOptions, model_batches, open_source
-from deadrelu.scan import scan as partial_or_whole_scan
+from deadrelu.scan import ScanOptions, model_batches, open_source, scan
 from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
@@ -129,7 +128,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     try:
         staged = stage / output.name
         lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
-        after = scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None}))
+        after = whole_scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None}))
         if from_report:
             _check_same_samples(report, options.report, after)
         zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
@@ -145,11 +144,11 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
                      deviation, lines, weights, bn_init=options.rewrite.bn_init)
 
 
-def scan(model: LoadedModel | Path, data: str, options: ScanOptions,
-         notify: Callable[[str], None] | None = None) -> ScanReport:
+def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,
+               notify: Callable[[str], None] | None = None) -> ScanReport:
     """A scan of all the data, or KeyboardInterrupt: a scan stopped by Ctrl-C returns what it
     saw so far, which is a report for `scan` but no ground for a fix or its verification."""
-    report = partial_or_whole_scan(model, data, options, notify=notify)
+    report = scan(model, data, options, notify=notify)
     if report.partial:
         raise KeyboardInterrupt
     return report
@@ -275,7 +274,7 @@ def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, s
         return report
     if data is None:
         raise UsageError("fix needs --data (to scan the model) or --report (a saved scan of it)")
-    return scan(loaded, data, scan_options, notify=notify)
+    return whole_scan(loaded, data, scan_options, notify=notify)
 
 
 def _verification_data(report: ScanReport, report_path: Path | None, scan_options: ScanOptions) -> tuple[str, ScanOptions]:
@@ -371,7 +370,7 @@ def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMo
     altered = False
     for position, fix in enumerate(plan):
         if fix.change == "bn" and altered:
-            site = scan(partial(plan[:position], moments), data, scan_options).sites[fix.index]
+            site = whole_scan(partial(plan[:position], moments), data, scan_options).sites[fix.index]
             moments[fix.index] = UnitMoments(site.stats.mean, site.stats.std ** 2)
         altered = altered or changes_outputs(fix, options)
     return moments

@@ -249,53 +249,39 @@ class ReluProbe(TorchDispatchMode):
             tap.shift = site_shift(x, tap.axis.axis)
         return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift, tap.rows_buffer(x))
 
-    def _reduced_origin(self, source: torch.Tensor | None, args: tuple, kwargs: dict) -> sites.UnitOrigin | None:
-        origin = self._producers.get(source) if source is not None else None
-        reduced = sites.reduced_dims(args, kwargs, tuple(source.shape)) if origin is not None else None
-        if origin is None or reduced is None:
-            return None
-        dims, keep = reduced
-        if (origin.axis_from_end + source.ndim) in dims:
-            return None
-        return origin if keep else origin.without(source.ndim, dims)
-
     def _origin(self, op_name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
         kind = sites.producer_kind(op_name)
         if kind is not None:
             return sites.UnitOrigin.of(kind, out.ndim)
-        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if op_name in ("cat", "concat", "stack") and args and isinstance(args[0], (list, tuple)):
-            source = next((t for t in args[0] if isinstance(t, torch.Tensor) and t in self._producers), None)
-            origin = self._producers.get(source) if source is not None else None
-            if origin is None or op_name != "stack":
-                return origin
-            inserted = sites.inserted_dims(op_name, args, out.ndim)
-            return origin.with_inserted(out.ndim, inserted) if inserted is not None else None
-        if op_name in sites.SPLITS:
-            return self._producers.get(source) if source is not None else None
-        if op_name in sites.REDUCTIONS:
-            return self._reduced_origin(source, args, kwargs)
-        if op_name in sites.DIM_REMOVING or op_name in sites.DIM_INSERTING:
-            origin = self._producers.get(source) if source is not None else None
-            if origin is None:
-                return None
-            if op_name in sites.DIM_REMOVING:
-                removed = sites.removed_dims(op_name, args, tuple(source.shape))
-                return origin.without(source.ndim, removed) if removed is not None else None
-            inserted = sites.inserted_dims(op_name, args, out.ndim)
-            return origin.with_inserted(out.ndim, inserted) if inserted is not None else None
+        if op_name not in sites.AXIS_FOLLOWING:
+            return None
+        source = self._tracked_input(args)
+        upstream = self._producers.get(source) if source is not None else None
+        if upstream is None:
+            return None
         if op_name in sites.PERMUTES:
-            origin = self._producers.get(source) if source is not None else None
-            order = sites.permutation(op_name, args, source.ndim) if origin is not None else None
-            return origin.permuted(source.ndim, order) if order is not None else None
+            order = sites.permutation(op_name, args, source.ndim)
+            return upstream.permuted(source.ndim, order) if order is not None else None
         if op_name in sites.RESHAPES:
-            origin = self._producers.get(source) if source is not None else None
-            return origin.reshaped(tuple(source.shape), tuple(out.shape)) if origin is not None else None
-        if op_name in sites.LAYOUT_PRESERVING:
-            return next((self._producers.get(a) for a in args
-                         if isinstance(a, torch.Tensor) and a in self._producers), None)
-        return None
+            return upstream.reshaped(tuple(source.shape), tuple(out.shape))
+        if op_name in sites.REDUCTIONS:
+            reduced = sites.reduced_dims(args, kwargs, tuple(source.shape))
+            if reduced is None or (upstream.axis_from_end + source.ndim) in reduced[0]:
+                return None
+            return upstream if reduced[1] else upstream.without(source.ndim, reduced[0])
+        if op_name in sites.DIM_REMOVING:
+            removed = sites.removed_dims(op_name, args, tuple(source.shape))
+            return upstream.without(source.ndim, removed) if removed is not None else None
+        if op_name in sites.DIM_INSERTING:
+            inserted = sites.inserted_dims(op_name, args, out.ndim)
+            return upstream.with_inserted(out.ndim, inserted) if inserted is not None else None
+        return upstream  # layout-preserving ops and splits
+
+    def _tracked_input(self, args: tuple) -> torch.Tensor | None:
+        """The first input whose units are known (a list's, for cat and stack)."""
+        tensors = args[0] if args and isinstance(args[0], (list, tuple)) else args
+        return next((a for a in tensors if isinstance(a, torch.Tensor) and a in self._producers), None)
 
     def _track_producer(self, op_name: str, args: tuple, kwargs: dict, out: Any) -> None:
         first = out[0] if isinstance(out, (tuple, list)) and out else out
