@@ -15,7 +15,7 @@ three times is three sites. Names follow torchvision's feature-extraction node n
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -309,18 +309,23 @@ class UnitOrigin:
 
     kind: str  # "conv" or "linear"
     axis_from_end: int  # negative: -1 is the last dim
+    permuted: bool = False  # a permute/transpose moved the units (not a dropped batch dim)
 
     @staticmethod
-    def of(kind: str, ndim: int) -> UnitOrigin:
-        """The units of a producer's output: dim 1 of a convolution, the last dim of a linear op."""
+    def of(kind: str, ndim: int, weight_ndim: int | None = None) -> UnitOrigin:
+        """The units of a producer's output: dim 1 of a convolution, the last dim of a linear
+        op. A convolution whose output has one dim fewer than its weight ran on an
+        unbatched sample (``conv2d`` of a ``(C, H, W)`` image): its units are dim 0."""
+        if kind == "conv" and weight_ndim == ndim + 1:
+            return UnitOrigin(kind, -ndim)
         return UnitOrigin(kind, 1 - ndim if kind == "conv" and ndim >= 2 else -1)
 
-    def permuted(self, ndim: int, order: list[int]) -> UnitOrigin | None:
+    def after_permute(self, ndim: int, order: list[int]) -> UnitOrigin | None:
         """After a permute whose output dim i is input dim ``order[i]``."""
         axis = self.axis_from_end + ndim
         if sorted(order) != list(range(ndim)) or not 0 <= axis < ndim:
             return None
-        return UnitOrigin(self.kind, order.index(axis) - ndim)
+        return UnitOrigin(self.kind, order.index(axis) - ndim, permuted=True)
 
 
     def reshaped(self, before: tuple[int, ...], after: tuple[int, ...]) -> UnitOrigin | None:
@@ -331,7 +336,7 @@ class UnitOrigin:
         if not 0 <= axis < len(before):
             return None
         if before[:axis + 1] == after[:axis + 1]:
-            return UnitOrigin(self.kind, axis - len(after))
+            return replace(self, axis_from_end=axis - len(after))
         tail = len(before) - axis
         if len(after) >= tail and before[axis:] == after[len(after) - tail:]:
             return self
@@ -344,7 +349,7 @@ class UnitOrigin:
         axis = self.axis_from_end + ndim
         if not 0 <= axis < ndim or axis in removed:
             return None
-        return UnitOrigin(self.kind, self.axis_from_end + sum(1 for d in removed if d > axis))
+        return replace(self, axis_from_end=self.axis_from_end + sum(1 for d in removed if d > axis))
 
     def with_inserted(self, ndim_out: int, inserted: frozenset[int]) -> UnitOrigin | None:
         """After new dims ``inserted`` (output dims) make a tensor of ``ndim_out`` dims."""
@@ -352,7 +357,18 @@ class UnitOrigin:
         axis = self.axis_from_end + len(kept)
         if not 0 <= axis < len(kept):
             return None
-        return UnitOrigin(self.kind, kept[axis] - ndim_out)
+        return replace(self, axis_from_end=kept[axis] - ndim_out)
+
+    def lost_samples(self, ndim: int) -> bool:
+        """Whether a tensor of ``ndim`` dims with these units has no sample axis left: a
+        linear op's output of rank 1, or a convolution's with its units at dim 0 and no
+        permute that put them there. PyTorch runs a `Linear` on a vector, or a `Conv2d` on
+        a ``(C, H, W)`` image, as one unbatched sample, adding and then dropping a batch
+        dim of 1 around the op; statistics of such a site would count one sample where
+        the batch held many."""
+        if self.kind == "linear":
+            return ndim == 1
+        return ndim >= 2 and self.axis_from_end + ndim == 0 and not self.permuted
 
 
 def removed_dims(op: str, args: tuple, shape: tuple[int, ...]) -> frozenset[int] | None:

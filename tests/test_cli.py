@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from deadrelu.cli import app
@@ -728,3 +729,49 @@ def test_a_closed_stdout_is_refused_before_the_scan(tmp_path: Path, command: str
     else:
         assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
         assert any(tmp_path.iterdir()) == bool(extra[1:])  # -o / --json wrote their file
+
+
+def test_data_without_a_sample_axis_is_refused(runner: CliRunner, tmp_path: Path) -> None:
+    """One sample's worth of data (a (32,) vector for a Linear(32, .), a (3, 16, 16) image
+    for a Conv2d) runs in PyTorch as one unbatched sample; its 32 (or 3) "samples" must
+    not become a report of one unit, or of the image's rows as channels."""
+    vector = tmp_path / "vector.npy"
+    np.save(vector, np.load(FIX / "mlp.calib.npy")[0])
+    image = tmp_path / "image.npy"
+    np.save(image, np.load(FIX / "convnet.calib.npy")[0])
+    (tmp_path / "arch.py").write_text("import torch\n\ndef conv():\n"
+                                      "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())\n")
+    torch.manual_seed(0)
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).state_dict(), tmp_path / "conv.pt")
+    for args in ([FIX / "mlp.ts.pt", "--data", vector, "-b", "64"],
+                 [FIX / "mlp.state_dict.pt", "--arch", "fixtures/fixture_models.py:MLP", "--data", vector, "-b", "64"],
+                 [tmp_path / "conv.pt", "--arch", f"{tmp_path / 'arch.py'}:conv", "--data", image]):
+        message = _error(run(runner, *args))
+        assert "ran on one unbatched sample" in message and "the data's first axis is taken as the samples" in message
+
+
+def test_units_a_permute_moves_to_dim_0_are_still_scanned() -> None:
+    """A convolution's channels moved to dim 0 on purpose (``transpose(0, 1)``) are units,
+    not a lost sample axis: the dead channel is found, positives match a brute force."""
+    from deadrelu import ScanOptions, scan
+
+    class ChannelsFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            with torch.no_grad():
+                self.conv.weight[2].zero_()
+                self.conv.bias[2] = -1.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x).transpose(0, 1))
+
+    torch.manual_seed(0)
+    model, x = ChannelsFirst().eval(), torch.randn(6, 3, 8, 8)
+    report = scan(model, [x[:4], x[4:]], ScanOptions(device="cpu"))
+    with torch.no_grad():
+        pre = model.conv(x)
+    (site,) = report.sites
+    assert site.stats.units == 4
+    assert site.stats.positive.tolist() == (pre > 0).sum(dim=(0, 2, 3)).tolist()
+    assert [u for u in range(4) if site.stats.positive[u] == 0] == [2]

@@ -34,6 +34,11 @@ class SiteShapeError(ModelRunError):
     """A site's unit count changed between batches (the model is not shape-stable)."""
 
 
+class UnbatchedSampleError(ModelRunError):
+    """A site ran on one unbatched sample while the batch held several: the data's first
+    axis (the samples) became the model's channels or features."""
+
+
 class ContextSource(Protocol):
     """Says in which module a candidate op is running."""
 
@@ -165,9 +170,12 @@ class ReluProbe(TorchDispatchMode):
         # The error an op raised in this pass: TorchScript's interpreter re-raises an error
         # from a dispatch mode with its message blanked, so the forward's error names this one.
         self.op_error: Exception | None = None
+        self._samples = 0  # in this pass's batch, 0 when not known
 
-    def begin_pass(self) -> None:
-        """Call before each forward pass: names and graph cursors restart."""
+    def begin_pass(self, samples: int = 0) -> None:
+        """Call before each forward pass of ``samples`` samples (0: not known): names and
+        graph cursors restart."""
+        self._samples = samples
         self._namer.reset()
         self.contexts.reset()
         self._staged.clear()
@@ -237,7 +245,14 @@ class ReluProbe(TorchDispatchMode):
         tap = self.taps.get(name)
         ndim, x = x.ndim, sites.scalar_view(x)
         if tap is None:
-            axis = sites.choose_axis(ndim, self._producers.get(args[0]))
+            origin = self._producers.get(args[0])
+            if origin is not None and self._samples > 1 and origin.lost_samples(ndim):
+                raise UnbatchedSampleError(
+                    f"site '{name}' ran on one unbatched sample (pre-activation shape {tuple(args[0].shape)}) "
+                    f"while the batch held {self._samples}: the data's first axis is taken as the samples, "
+                    "so each sample needs the model's full input shape (a batch of vectors is (N, features), "
+                    "of images (N, C, H, W))")
+            axis = sites.choose_axis(ndim, origin)
             units = x.shape[axis.axis]
             tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps),
                           normalised=bool(self._normalised.get(args[0], False)), ndim=ndim)
@@ -253,7 +268,8 @@ class ReluProbe(TorchDispatchMode):
         """Where the units of an op's output are, if it made them or passed them on."""
         kind = sites.producer_kind(op_name)
         if kind is not None:
-            return sites.UnitOrigin.of(kind, out.ndim)
+            weight = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+            return sites.UnitOrigin.of(kind, out.ndim, weight.ndim if weight is not None else None)
         if op_name not in sites.AXIS_FOLLOWING:
             return None
         source = self._tracked_input(args)
@@ -262,7 +278,7 @@ class ReluProbe(TorchDispatchMode):
             return None
         if op_name in sites.PERMUTES:
             order = sites.permutation(op_name, args, source.ndim)
-            return upstream.permuted(source.ndim, order) if order is not None else None
+            return upstream.after_permute(source.ndim, order) if order is not None else None
         if op_name in sites.RESHAPES:
             return upstream.reshaped(tuple(source.shape), tuple(out.shape))
         if op_name in sites.REDUCTIONS:

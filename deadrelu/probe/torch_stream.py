@@ -262,7 +262,7 @@ class _Runner:
             self.settings.notify(message)
 
     def _forward(self, module: Any, probe: ReluProbe, stack: ModuleStack | None, inputs: ModelInput) -> None:
-        probe.begin_pass()
+        probe.begin_pass(inputs.size)
         try:
             with probe:
                 module(*inputs.args, **inputs.kwargs)
