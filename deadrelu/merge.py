@@ -8,7 +8,10 @@ lists are refused: their units are not the same units.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+
+import numpy as np
 
 from deadrelu.errors import UsageError
 from deadrelu.judge import Thresholds
@@ -45,7 +48,7 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
     return ScanReport(
         model=first.model,
         data=DataInfo("merged: " + ", ".join(f"{n} ({r.data.source})" for n, r in zip(names, reports)), samples,
-                      all(r.data.random for r in reports)),
+                      all(r.data.random for r in reports), tuple(p for r in reports for p in constituents(r))),
         sites=tuple(sites),
         thresholds=judged_with,
         device=first.device,
@@ -55,18 +58,40 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
     )
 
 
+def fingerprint(report: ScanReport) -> str:
+    """What identifies a scan's data, whatever its file was called: its sample count and
+    its bit-identical per-unit positive counts and means at every site."""
+    digest = hashlib.sha256(str(report.data.samples).encode())
+    for site in report.sites:
+        digest.update(bytes(memoryview(np.ascontiguousarray(site.stats.positive))))
+        digest.update(bytes(memoryview(np.ascontiguousarray(site.stats.mean))))
+    return digest.hexdigest()[:32]
+
+
+def constituents(report: ScanReport) -> tuple[str, ...]:
+    """The scans a report holds: a merge's parts, or the scan itself."""
+    return report.data.parts or (fingerprint(report),)
+
+
 def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> None:
-    """The same scan given twice (one file twice, a copy, or a scan of the same data under
-    another file name) would count its samples twice. Same samples and bit-identical
-    per-unit counts and means at every site mean the same data, whatever it was called."""
-    seen: dict[tuple, str] = {}
+    """The same scan given twice (one file twice, a copy, a scan of the same data under
+    another file name, or a merged report beside one of its own parts) would count its
+    samples twice."""
+    seen: dict[str, tuple[str, bool]] = {}  # part -> the report holding it, whether a merge
     for report, name in zip(reports, names):
-        key = (report.data.samples,
-               tuple(bytes(memoryview(s.stats.positive)) + bytes(memoryview(s.stats.mean)) for s in report.sites))
-        if key in seen:
-            what = "given twice" if seen[key] == name else f"the same scan as {seen[key]} (same samples, same statistics)"
+        merged = bool(report.data.parts)
+        for part in constituents(report):
+            if part not in seen:
+                continue
+            other, other_merged = seen[part]
+            if other == name:
+                what = "given twice"
+            elif merged or other_merged:
+                what = f"it and {other} hold the same scan (one is a merge that includes it)"
+            else:
+                what = f"the same scan as {other} (same samples, same statistics)"
             raise UsageError(f"{name}: {what}; merging it again would count its samples twice")
-        seen[key] = name
+        seen.update(dict.fromkeys(constituents(report), (name, merged)))
 
 
 def _check_same_model(first: ScanReport, other: ScanReport, first_name: str, name: str) -> None:

@@ -106,6 +106,15 @@ class DataInfo:
     source: str
     samples: int
     random: bool = False
+    # A merge's: the fingerprints of the scans it combines (`deadrelu.merge.fingerprint`),
+    # so a later merge can refuse one of them given again. Empty for a scan.
+    parts: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"source": self.source, "samples": self.samples, "random": self.random}
+        if self.parts:
+            doc["parts"] = list(self.parts)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -157,7 +166,7 @@ class ScanReport:
             "deadrelu_version": __version__,
             "partial": self.partial,
             "model": vars(self.model).copy(),
-            "data": vars(self.data).copy(),
+            "data": self.data.to_dict(),
             "device": self.device,
             "engine": self.engine,
             "thresholds": vars(self.thresholds).copy(),

@@ -96,7 +96,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
         data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data.", minimum=0),
-                      where.flag(data, "random", "data.")),
+                      where.flag(data, "random", "data."), tuple(where.texts(data, "parts", "data."))),
         sites=tuple(reports),
         thresholds=judged_with,
         device=str(doc.get("device", "")),
@@ -252,11 +252,11 @@ class _Where:
             raise self.error(prefix + key, f"expected a number from {low:g} to {high:g}, got {value!r}")
         return float(value)
 
-    def texts(self, doc: dict, key: str) -> list[str]:
+    def texts(self, doc: dict, key: str, prefix: str = "") -> list[str]:
         """An optional list of strings (absent: empty)."""
         value = doc.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self.error(key, "expected a list of strings")
+            raise self.error(prefix + key, "expected a list of strings")
         return list(value)
 
 

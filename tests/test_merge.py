@@ -98,6 +98,17 @@ def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_p
     merged = json.loads(result.stdout)
     assert merged["thresholds"]["near_dead"] == 0.01  # the first report's
     assert any("judged with different thresholds (near-dead 0.5" in w for w in merged["warnings"])
+    (tmp_path / "ab.json").write_text(result.stdout)
+    for again in (["ab.json", "a.json"], ["b.json", "ab.json"], ["ab.json", "renamed.json"]):
+        result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in again]])
+        assert result.exit_code == 2 and "(one is a merge that includes it); merging it again" in result.stderr, \
+            (again, result.output)
+    only_a = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json")])
+    (tmp_path / "only_a.json").write_text(only_a.stdout)
+    nested = CliRunner().invoke(app, ["merge", str(tmp_path / "only_a.json"), str(tmp_path / "b.json")])
+    assert nested.exit_code == 0, nested.output  # a merge beside a scan it does not hold
+    assert json.loads(nested.stdout)["data"]["parts"] == merged["data"]["parts"]
+    assert json.loads(nested.stdout)["sites"] == merged["sites"]
 
 
 def test_merge_report_and_diff_refuse_a_closed_stdout(tmp_path: Path, shards: tuple[Path, Path]) -> None:
