@@ -34,6 +34,25 @@ _HELP_ON_NO_ARGS = tuple(getattr(_PARSER_ERRORS, n) for n in ("NoArgsIsHelpError
                          if hasattr(_PARSER_ERRORS, n))
 
 
+def _hide_flag_types() -> None:
+    """typer 0.29's Rich help shows a type column for flags too (``--quiet <bool>``, even
+    ``--help <bool>``), as if they took a value; its plain help and earlier typers show
+    none. Flags get no type there again; options that take a value keep theirs."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "hides_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.hides_flags = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
+
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors (an unknown option, a bad value, a missing argument) as one line on
     stderr, exit 2, like every other error, instead of Rich's multi-line box."""

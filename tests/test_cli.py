@@ -775,3 +775,12 @@ def test_units_a_permute_moves_to_dim_0_are_still_scanned() -> None:
     assert site.stats.units == 4
     assert site.stats.positive.tolist() == (pre > 0).sum(dim=(0, 2, 3)).tolist()
     assert [u for u in range(4) if site.stats.positive[u] == 0] == [2]
+
+
+@pytest.mark.parametrize("command", ["scan", "fix", "merge", "report", "diff"])
+def test_help_shows_no_type_for_flags(runner: CliRunner, command: str) -> None:
+    """A flag takes no value: `--quiet <bool>` in the help would say it does."""
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.stdout
+    assert "--help" in result.stdout
