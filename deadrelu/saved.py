@@ -92,7 +92,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         if not lacks_nonfinite and isinstance(site.get("per_unit", {}).get("nan"), list):
             _check_verdicts(site, rebuilt, summary, at, own_thresholds=thresholds is None)
         reports.append(rebuilt)
-    return ScanReport(
+    report = ScanReport(
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
         data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data.", minimum=0),
@@ -104,6 +104,22 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         partial=where.flag(doc, "partial"),
         warnings=tuple(warnings),
     )
+    _check_summary(doc.get("summary"), report, where, own_thresholds=thresholds is None)
+    return report
+
+
+def _check_summary(stored: Any, report: ScanReport, where: _Where, own_thresholds: bool) -> None:
+    """The summary block's whole counts are those of the sites (a CI job may read it
+    rather than the sites): a difference means the file was edited or corrupted."""
+    if not isinstance(stored, dict):
+        return
+    computed = report.summary()
+    keys = ("sites", "units", "dead") + (("near_dead",) if own_thresholds else ())
+    for key in keys:
+        value = stored.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value != computed[key]:
+            raise where.error(f"summary.{key}", f"says {value}, but the report's sites give {computed[key]}: "
+                                                "the report contradicts itself (edited or corrupted?)")
 
 
 _COUNT_COLUMNS = ("count", "positive", "nan", "inf")  # non-negative integers, never null
@@ -179,6 +195,10 @@ def _check_verdicts(site: dict, rebuilt: SiteReport, summary: UnitSummary, at: _
     if own_thresholds:
         listed.append(("near_dead_units", rebuilt.verdict.near_dead))
     for key, computed in listed:
+        count = site.get(key.removesuffix("_units"))
+        if isinstance(count, int) and not isinstance(count, bool) and count != len(computed):
+            raise at.error(key.removesuffix("_units"), f"says {count}, but the report's per-unit counts give "
+                                                      f"{len(computed)}: the report contradicts itself (edited or corrupted?)")
         stored = site.get(key)
         if not isinstance(stored, list) or stored == list(computed):
             continue

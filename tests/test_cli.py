@@ -592,6 +592,13 @@ _DELETE = object()
     ("sites.0.units", -1, r"sites\[0\]\.units: expected an integer >= 0"),
     ("sites.0.unit_axis", -2, r"sites\[0\]\.unit_axis: expected an integer >= 0"),
     ("data.samples", -5, r"data\.samples: expected an integer >= 0"),
+    ("data.parts", "ab", r"data\.parts: expected a list of strings"),
+    ("sites.0.dead", 0, r"sites\[0\]\.dead: says 0, but the report's per-unit counts give 2: the report contradicts"),
+    ("sites.0.near_dead", 7, r"sites\[0\]\.near_dead: says 7, but .* give 1"),
+    ("summary.dead", 0, r"summary\.dead: says 0, but the report's sites give 3: the report contradicts itself"),
+    ("summary.units", 95, r"summary\.units: says 95, but the report's sites give 96"),
+    ("summary.sites", 1, r"summary\.sites: says 1, but the report's sites give 2"),
+    ("summary", _DELETE, None),  # optional: compared only where present
 ])
 def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunner, tmp_path: Path, path: str,
                                                                  value: object, pattern: str | None) -> None:
