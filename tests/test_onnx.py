@@ -994,3 +994,23 @@ def test_a_node_name_with_control_characters_stays_one_line_in_every_report(tmp_
                                 "--sites", "act*", "--apply", "-o", str(tmp_path / "f.onnx")])
     assert fixed.exit_code == 0, fixed.output
     assert [n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.name == name] == ["LeakyRelu"]
+
+
+def test_an_onnx_runtime_failure_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """ORT logs a failing kernel itself, in colour, beside deadrelu's own line; only
+    deadrelu's line reaches stderr (token ids out of an embedding's vocabulary here)."""
+    import subprocess
+    import sys
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6, 8])], [table])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "emb.onnx")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 40, (12, 6)))
+    proc = subprocess.run([sys.executable, "-m", "deadrelu", "scan", str(tmp_path / "emb.onnx"), "--data",
+                           str(tmp_path / "ids.npy"), "-q"], capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Gather" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "\x1b[" not in proc.stderr, proc.stderr
+    assert errors[0].startswith("deadrelu: error: ") and "emb.onnx" in errors[0] and "Gather" in errors[0]

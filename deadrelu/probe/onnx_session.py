@@ -36,7 +36,7 @@ class SessionFactory:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: deadrelu reports ORT's errors itself, in one line
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimise
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         # The memory pattern pre-plans one block for every tensor of a run; with the taps'
