@@ -9,7 +9,10 @@ three times is three sites. Names follow torchvision's feature-extraction node n
   ``F.hardtanh``, ...) inside the forward of the module at path ``P``: ``P.<op>``
   (just ``<op>`` at the root), with ``<op>`` the functional's name;
 * a base name that repeats within one forward pass gets ``_1``, ``_2``, ... from its
-  second call on, in call order.
+  second call on, in call order;
+* a call from other code than the calls before it (the other arm of a data-dependent
+  ``if``: other Python lines, or in TorchScript a layer fed by other parameters) is
+  another site, and takes the next suffix free.
 """
 
 from __future__ import annotations
@@ -78,19 +81,41 @@ def base_name(ctx: CallContext, functional: str) -> str:
 
 
 class SiteNamer:
-    """Hands out repeat-suffixed names within one forward pass; `reset()` between passes."""
+    """Hands out repeat-suffixed names within one forward pass; `reset()` between passes.
+
+    A base name that repeats within a pass gets ``_1``, ``_2``, ... in call order. A call
+    may also say `where` it comes from (the Python lines that made it): the k-th call from
+    one place keeps the name it first took, and a call from a place no earlier pass reached
+    (the other arm of a data-dependent ``if``) takes the next name no other place holds,
+    rather than the name of the call it stands in for.
+    """
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
+        self._seen: dict[str, int] = {}  # this pass: base name -> calls so far
+        self._repeats: dict[tuple[str, Any], int] = {}  # this pass: (base, where) -> calls so far
+        self._names: dict[tuple[str, Any, int], str] = {}  # every pass: (base, where, k) -> name
+        self._taken: set[str] = set()
 
     def reset(self) -> None:
         self._seen.clear()
+        self._repeats.clear()
 
-    def name(self, base: str) -> str:
+    def name(self, base: str, where: Any = None) -> str:
         base = printable(base)
         index = self._seen.get(base, 0)
         self._seen[base] = index + 1
-        return base if index == 0 else f"{base}_{index}"
+        nth = self._repeats.get((base, where), 0)
+        self._repeats[(base, where)] = nth + 1
+        known = self._names.get((base, where, nth))
+        if known is not None:
+            return known
+        name = base if index == 0 else f"{base}_{index}"
+        while name in self._taken:
+            index += 1
+            name = f"{base}_{index}"
+        self._names[(base, where, nth)] = name
+        self._taken.add(name)
+        return name
 
 
 def printable(text: str) -> str:

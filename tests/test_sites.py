@@ -313,3 +313,71 @@ def test_traced_relus_called_from_module_lists_keep_their_own_module_paths(tmp_p
     for source in (model, tmp_path / "loop.ts.pt"):
         report = scan(source, [x], ScanOptions(device="cpu"))
         assert [(s.name, s.units) for s in report.sites] == expected, source
+
+
+class Routed(nn.Module):
+    """A data-dependent branch: each batch runs one arm. Both arms call the shared `act`
+    module and `F.relu` on layers of the same widths, so merging the arms' calls by call
+    order would go unnoticed but for the statistics (and fc_b's dead unit 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_a, self.bn_a = nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.conv_b = nn.Conv2d(4, 5, 1)
+        self.act = nn.ReLU()
+        self.fc_a, self.fc_b = nn.Linear(5, 3), nn.Linear(5, 3)
+        with torch.no_grad():
+            self.conv_a.weight[1] = 0.0
+            self.conv_a.bias[1] = -1.0
+            self.fc_b.weight[0] = 0.0
+            self.fc_b.bias[0] = -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if bool(x.mean() > 0):
+            y = self.act(self.bn_a(self.conv_a(x)))
+            return F.relu(self.fc_a(y.mean((2, 3))))
+        y = self.act(self.conv_b(x))
+        return F.relu(self.fc_b(y.mean((2, 3))))
+
+    def preactivations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Brute force: each arm's pre-activations, under the names the scan gives them."""
+        x = self.stem(x)
+        if bool(x.mean() > 0):
+            pre = self.bn_a(self.conv_a(x))
+            return {"act": pre, "relu": self.fc_a(pre.relu().mean((2, 3)))}
+        pre = self.conv_b(x)
+        return {"act_1": pre, "relu_1": self.fc_b(pre.relu().mean((2, 3)))}
+
+
+@pytest.mark.parametrize("flavour", ["eager", "script"])
+def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tmp_path) -> None:
+    from reference import unit_stats
+    model = Routed().eval()
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
+    source: object = model
+    if flavour == "script":
+        torch.jit.save(torch.jit.script(model), tmp_path / "routed.ts.pt")
+        source = tmp_path / "routed.ts.pt"
+    with torch.no_grad():
+        seen: dict[str, list[np.ndarray]] = {}
+        for batch in batches:
+            for name, pre in model.preactivations(batch).items():
+                seen.setdefault(name, []).append(pre.numpy())
+    assert sorted(seen) == ["act", "act_1", "relu", "relu_1"]  # both arms ran
+    report = scan(source, batches, ScanOptions(device="cpu"))
+    assert [s.name for s in report.sites] == ["act", "relu", "act_1", "relu_1"]
+    for site in report.sites:
+        ref = unit_stats(np.concatenate(seen[site.name]), 1)
+        np.testing.assert_array_equal(site.stats.count, ref["count"], err_msg=site.name)
+        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
+        np.testing.assert_allclose(site.stats.minimum, ref["min"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.maximum, ref["max"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)
+        assert list(site.verdict.dead) == list(np.flatnonzero(ref["positive"] == 0)), site.name
+    dead = {s.name: list(s.verdict.dead) for s in report.sites}
+    assert 1 in dead["act"] and 0 in dead["relu_1"] and not dead["act_1"]  # the planted units, one arm each

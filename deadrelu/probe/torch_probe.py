@@ -9,6 +9,8 @@ hierarchy recorded in the graph for TorchScript archives and exported programs.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,10 +20,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+import deadrelu
 from deadrelu import sites
 from deadrelu.errors import ModelRunError
 from deadrelu.probe.kernel import STAT_ROWS
 from deadrelu.probe.torch_graph import SiteCall
+from deadrelu.probe.torch_sources import RuntimeSources, branch_candidate_sources
 from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, RowsKernel, kernel_moments, site_shift
 from deadrelu.stats import UnitStats
 
@@ -44,30 +48,54 @@ class ContextSource(Protocol):
 
     def reset(self) -> None: ...
 
-    def next(self, functional: str) -> sites.CallContext: ...
+    def next(self, functional: str, source: str | None = None) -> sites.CallContext: ...
+
+    def where(self) -> Any:
+        """What tells the last call apart from other calls of its context (`SiteNamer`)."""
+        ...
 
 
 class StaticContexts:
     """Contexts read from a graph (TorchScript, FX), matched to calls in graph order.
 
     Each call takes the next graph entry of the same functional; entries skipped by
-    control flow are passed over. A call with no entry left is placed at the root.
+    control flow are passed over. Where the graph branches, entries also carry their
+    `torch_sources` source, and a call takes the next entry whose source is its own (the
+    arm that ran), the next of its functional when none is. A call with no entry left is
+    placed at the root.
     """
 
-    def __init__(self, entries: list[tuple[str, sites.CallContext]]) -> None:
+    def __init__(self, entries: list[tuple[str, sites.CallContext]], sources: list[str | None] | None = None) -> None:
         self._entries = entries
+        self._sources = sources if sources is not None and len(sources) == len(entries) else None
         self._cursor = 0
+        self._last: int | None = None
+
+    @property
+    def needs_sources(self) -> bool:
+        return self._sources is not None
 
     def reset(self) -> None:
         self._cursor = 0
 
-    def next(self, functional: str) -> sites.CallContext:
+    def next(self, functional: str, source: str | None = None) -> sites.CallContext:
+        chosen = None
         for index in range(self._cursor, len(self._entries)):
-            entry_functional, ctx = self._entries[index]
-            if entry_functional == functional:
-                self._cursor = index + 1
-                return ctx
-        return sites.CallContext("", "")
+            if self._entries[index][0] != functional:
+                continue
+            if chosen is None:
+                chosen = index
+            if self._sources is None or source is None or self._sources[index] == source:
+                chosen = index
+                break
+        self._last = chosen
+        if chosen is None:
+            return sites.CallContext("", "")
+        self._cursor = chosen + 1
+        return self._entries[chosen][1]
+
+    def where(self) -> int | None:
+        return self._last  # the graph entry: the arms of a branch calling one module differ
 
 
 class ModuleStack:
@@ -94,8 +122,11 @@ class ModuleStack:
     def reset(self) -> None:
         self._stack.clear()
 
-    def next(self, functional: str) -> sites.CallContext:
+    def next(self, functional: str, source: str | None = None) -> sites.CallContext:
         return self._stack[-1] if self._stack else sites.CallContext("", "")
+
+    def where(self) -> tuple[tuple[str, int], ...]:
+        return _python_call_site()
 
     def failing_module(self) -> str | None:
         """After a forward raised: the innermost module that did not return."""
@@ -155,9 +186,11 @@ class SiteTap:
 class ReluProbe(TorchDispatchMode):
     """Accumulates per-unit statistics of every ReLU site while active."""
 
-    def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None) -> None:
+    def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None,
+                 sources: RuntimeSources | None = None) -> None:
         super().__init__()
         self.contexts = contexts
+        self._sources = sources  # which arm of a TorchScript branch a call is in
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
         self._producers: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -217,6 +250,8 @@ class ReluProbe(TorchDispatchMode):
         except Exception as exc:
             self.op_error = exc
             raise
+        if self._sources is not None:
+            self._sources.track(args, kwargs, out)
         recording = self.first_pass_calls is None  # the calls are kept for the first pass only
         if observed is not None:
             tap, pending = observed
@@ -234,14 +269,15 @@ class ReluProbe(TorchDispatchMode):
 
     def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch] | None:
         """Reduce the input of a candidate call (before it runs); None if it is no site."""
-        ctx = self.contexts.next(functional)
+        x = args[0]
+        ctx = self.contexts.next(functional, self._sources.of(x) if self._sources is not None
+                                 and isinstance(x, torch.Tensor) else None)
         call_args = (args[0], kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
                      kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)) if functional == "hardtanh" else args
         op = sites.site_op(functional, call_args)
-        x = args[0]
         if op is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
             return None
-        name = self._namer.name(sites.base_name(ctx, functional))
+        name = self._namer.name(sites.base_name(ctx, functional), self.contexts.where())
         tap = self.taps.get(name)
         ndim, x = x.ndim, sites.scalar_view(x)
         if tap is None:
@@ -319,15 +355,19 @@ class ReluProbe(TorchDispatchMode):
 def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
     """A probe for a model of any PyTorch flavour; hooks are removed on exit."""
     stack: ModuleStack | None = None
+    sources: RuntimeSources | None = None
     if isinstance(model, torch.jit.ScriptModule):
-        contexts: ContextSource = StaticContexts(sites.torchscript_candidate_contexts(model))
+        static = StaticContexts(sites.torchscript_candidate_contexts(model),
+                                branch_candidate_sources(model, sites.CANDIDATE_OPS))
+        sources = RuntimeSources(model) if static.needs_sources else None
+        contexts: ContextSource = static
     elif isinstance(model, torch.fx.GraphModule) and _is_exported(model):
         contexts = StaticContexts(sites.fx_candidate_contexts(model))
     else:
         stack = ModuleStack(model)
         contexts = stack
     try:
-        yield ReluProbe(contexts, reducer), stack
+        yield ReluProbe(contexts, reducer, sources), stack
     finally:
         if stack is not None:
             stack.remove()
@@ -335,3 +375,22 @@ def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[R
 
 def _is_exported(model: torch.fx.GraphModule) -> bool:
     return any("nn_module_stack" in node.meta for node in model.graph.nodes)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(deadrelu.__file__) + os.sep
+
+
+def _python_call_site() -> tuple[tuple[str, int], ...]:
+    """The lines of the model's own Python code running a call, innermost first: the frames
+    between the probe and the loop feeding the model, less torch's own (``F.relu``,
+    ``Module.__call__``). Two arms of an ``if`` calling the same ``F.relu`` differ here."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        frame = frame.f_back  # the probe itself
+    lines: list[tuple[str, int]] = []
+    while frame is not None and not frame.f_code.co_filename.startswith(_OWN_DIR):
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            lines.append((frame.f_code.co_filename, frame.f_lineno))
+        frame = frame.f_back
+    return tuple(lines)
