@@ -358,7 +358,7 @@ def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[R
     sources: RuntimeSources | None = None
     if isinstance(model, torch.jit.ScriptModule):
         static = StaticContexts(sites.torchscript_candidate_contexts(model),
-                                branch_candidate_sources(model, sites.CANDIDATE_OPS))
+                                branch_candidate_sources(model))
         sources = RuntimeSources(model) if static.needs_sources else None
         contexts: ContextSource = static
     elif isinstance(model, torch.fx.GraphModule) and _is_exported(model):

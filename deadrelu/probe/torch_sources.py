@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from deadrelu import sites
+
 Source = tuple[str | None, bool]  # (owning module path or None, parameter-derived)
 
 
 # --- the graph side -----------------------------------------------------------------------
 
-def branch_candidate_sources(module: torch.jit.ScriptModule, candidate_ops: dict[str, str]) -> list[str | None] | None:
+def branch_candidate_sources(module: torch.jit.ScriptModule) -> list[str | None] | None:
     """The source of each candidate op's input, in the order of
     `sites.torchscript_candidate_contexts`; None when no candidate sits inside a control
     flow block (the graph order alone is then exact)."""
@@ -45,7 +47,7 @@ def branch_candidate_sources(module: torch.jit.ScriptModule, candidate_ops: dict
         nonlocal nested
         for node in block.nodes():
             kind = node.kind()
-            if kind.startswith("aten::") and candidate_ops.get(kind.split("::")[-1].split(".")[0]):
+            if kind.startswith("aten::") and sites.CANDIDATE_OPS.get(sites.packet_name(kind)):
                 first = next(iter(node.inputs()), None)
                 found.append(known.get(first.unique(), (None, False))[0] if first is not None else None)
                 nested = nested or depth > 0
