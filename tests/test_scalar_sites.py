@@ -107,3 +107,54 @@ def test_fix_rewrites_a_scalar_site(saved: dict[str, Path], fmt: str, to: str, t
     assert rescanned.sites[-1].op == ("prelu" if to == "prelu" else "relu")
     assert rescanned.sites[-1].dead == 1  # slope 0 and the identity BatchNorm keep the outputs, so the unit
 
+
+
+class Squeezing(nn.Module):
+    """`.squeeze()` with no dims, a common idiom, also takes the batch axis of a one-sample
+    batch: ``lin`` gets ``(6,)`` for ``(1, 6)``, ``conv`` gets ``(4, 5)`` for ``(1, 4, 5)``.
+    Unit 2 of ``lin`` and channel 1 of ``conv`` are planted dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l = nn.Linear(10, 6)
+        self.c = nn.Conv2d(1, 4, (1, 3))
+        with torch.no_grad():
+            self.l.weight[2] = 0
+            self.l.bias[2] = -1.0
+            self.c.weight[1] = 0
+            self.c.bias[1] = -0.5
+
+    def preacts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.l(x.unsqueeze(1)).squeeze(), self.c(x[:, None, None, :7]).squeeze()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lin, conv = self.preacts(x)
+        return torch.relu(lin).sum(-1) + torch.relu(conv).sum((-2, -1))
+
+
+@pytest.mark.parametrize("fmt", ["eager", "script"])
+@pytest.mark.parametrize("batch_size", [1, 32])  # 33 samples: -b 32 leaves a last batch of one
+def test_a_squeeze_that_takes_a_one_sample_batch_axis_keeps_the_units(tmp_path: Path, fmt: str,
+                                                                       batch_size: int) -> None:
+    model = Squeezing().eval()
+    data = np.random.default_rng(3).standard_normal((33, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    if fmt == "script":
+        path = tmp_path / "m.ts.pt"
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        path = tmp_path / "m.pt"
+        torch.save(model, path)
+    report = scan(path, tmp_path / "x.npy", ScanOptions(device="cpu", batch_size=batch_size, trust_pickle=True))
+    lin, conv = (p.detach().numpy() for p in model.preacts(torch.from_numpy(data)))
+    expected = {"lin": (unit_stats(lin, 1), [2]), "conv": (unit_stats(conv, 1), [1])}
+    assert [(s.units, s.unit_axis) for s in report.sites] == [(6, 1), (4, 1)], report.sites
+    for site, (ref, dead) in zip(report.sites, expected.values()):
+        assert list(site.verdict.dead) == dead, site.name
+        np.testing.assert_array_equal(site.stats.count, ref["count"], err_msg=site.name)
+        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
+        np.testing.assert_allclose(site.stats.minimum, ref["min"], rtol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.maximum, ref["max"], rtol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-5, atol=1e-6, err_msg=site.name)
+        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-5, atol=1e-6, err_msg=site.name)

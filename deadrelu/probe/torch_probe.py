@@ -254,10 +254,11 @@ class ReluProbe(TorchDispatchMode):
             self._sources.track(args, kwargs, out)
         recording = self.first_pass_calls is None  # the calls are kept for the first pass only
         if observed is not None:
-            tap, pending = observed
+            tap, pending, restored = observed
             x = args[0]
             # a kernel batch stays rows until it is folded (its moments' views cost ~14 us a site)
-            moments = None if pending.rows is not None else pending.complete(sites.scalar_view(out))
+            moments = None if pending.rows is not None else pending.complete(
+                out.unsqueeze(0) if restored else sites.scalar_view(out))
             self._staged.append((tap, moments, pending.rows))
             if recording:
                 self._calls.append(SiteCall(tap.name, x.ndim, tap.stats.units, tap.axis.axis,
@@ -267,8 +268,11 @@ class ReluProbe(TorchDispatchMode):
         self._track_producer(op_name, args, kwargs, out)
         return out
 
-    def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch] | None:
-        """Reduce the input of a candidate call (before it runs); None if it is no site."""
+    def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch, bool] | None:
+        """Reduce the input of a candidate call (before it runs); None if it is no site.
+        The flag says the pre-activation was given back the sample axis a squeeze took
+        from a one-sample batch: a linear op's `(H,)` is read as `(1, H)`, a convolution's
+        `(C, H, W)` as `(1, C, H, W)`, as the batch's other sizes are read."""
         x = args[0]
         ctx = self.contexts.next(functional, self._sources.of(x) if self._sources is not None
                                  and isinstance(x, torch.Tensor) else None)
@@ -279,9 +283,10 @@ class ReluProbe(TorchDispatchMode):
             return None
         name = self._namer.name(sites.base_name(ctx, functional), self.contexts.where())
         tap = self.taps.get(name)
-        ndim, x = x.ndim, sites.scalar_view(x)
+        origin = self._producers.get(x)
+        restored = self._samples == 1 and origin is not None and origin.lost_samples(x.ndim)
+        ndim, x = (x.ndim + 1, x.unsqueeze(0)) if restored else (x.ndim, sites.scalar_view(x))
         if tap is None:
-            origin = self._producers.get(args[0])
             if origin is not None and self._samples > 1 and origin.lost_samples(ndim):
                 raise UnbatchedSampleError(
                     f"site '{name}' ran on one unbatched sample (pre-activation shape {tuple(args[0].shape)}) "
@@ -298,7 +303,7 @@ class ReluProbe(TorchDispatchMode):
                                  f"now its pre-activation has shape {tuple(args[0].shape)}")
         if tap.shift is None:
             tap.shift = site_shift(x, tap.axis.axis)
-        return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift, tap.rows_buffer(x))
+        return tap, self.reducer.begin(x, tap.axis.axis, op in OUTPUT_IS_RELU, tap.shift, tap.rows_buffer(x)), restored
 
     def _origin(self, op_name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
