@@ -73,7 +73,9 @@ def to_program(loaded: LoadedModel, example: ModelInput, site_contexts: Sequence
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if loaded.format is ModelFormat.EXPORTED_PROGRAM and loaded.exported_program is not None:
-            program = loaded.exported_program
+            # a program saved in training mode: its module, flags turned off by the loader, exported again
+            program = (_export(loaded.module, example, dynamic=True) if loaded.training_flags_off
+                       else loaded.exported_program)
         elif loaded.format is ModelFormat.TORCHSCRIPT:
             program = _from_torchscript(loaded, example, site_contexts)
         else:

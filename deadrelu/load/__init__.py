@@ -27,6 +27,7 @@ class LoadedModel:
     exported_program: Any = None  # torch.export.ExportedProgram when format is exported_program
     owned: bool = True  # False for the caller's in-memory module: it must come back unchanged
     notes: tuple[str, ...] = ()  # for the report's warnings (which weights of a checkpoint were used)
+    training_flags_off: tuple[str, ...] = ()  # layers the graph ran as in training, now in eval (`train_mode`)
 
 
 def file_sha256(path: Path) -> str:
@@ -66,7 +67,23 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         raise ModelLoadError(f"{path}: {fmt.value} models are not supported yet")
     module, program = loaders[fmt]()
     actual = torch_formats.saved_kind(module, fmt)
-    return LoadedModel(module=module, format=actual, path=str(path), sha256=digest, exported_program=program)
+    layers, notes = _in_inference_mode(module, fmt, path)
+    return LoadedModel(module=module, format=actual, path=str(path), sha256=digest, exported_program=program,
+                       notes=notes, training_flags_off=layers)
+
+
+def _in_inference_mode(module: Any, fmt: ModelFormat, path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Turn off the training flags a graph saved in training mode recorded (`train_mode`):
+    the kinds of layer changed, and the warning that says so."""
+    from deadrelu.load import train_mode
+
+    if fmt is ModelFormat.EXPORTED_PROGRAM:
+        layers, how = train_mode.exported_to_inference(module), "exported"
+    elif fmt is ModelFormat.TORCHSCRIPT:
+        layers, how = train_mode.traced_to_inference(module), "traced"
+    else:
+        return (), ()
+    return layers, (train_mode.inference_note(str(path), how, layers),) if layers else ()
 
 
 def _load_onnx(path: Path) -> Any:
