@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         raise UsageError("--dtype applies to PyTorch models; an ONNX graph runs in the dtypes it declares")
     device, joined = start(ranks, resolve_device(options.device, loaded.format))
     try:
-        source = _open(data, options)
+        source = _open(data, options, loaded)
         total = _expected_samples(source, options.samples)
         if on_start:
             on_start(total)
@@ -202,12 +202,15 @@ def _forward_parameters(module: Any) -> list[tuple[str, bool]] | None:
 
 # --- data ----------------------------------------------------------------------------------
 
-def _open(data: Any, options: ScanOptions) -> CalibrationSource:
+def _open(data: Any, options: ScanOptions, loaded: LoadedModel | None = None) -> CalibrationSource:
     if isinstance(data, (str, Path)):
         data_options = options.data
         if options.samples and data_options.random_samples == DataOptions().random_samples:
-            data_options = DataOptions(data_options.input_shape, options.samples, data_options.seed,
-                                       data_options.workers, data_options.image)
+            data_options = replace(data_options, random_samples=options.samples)
+        if loaded is not None:
+            keys = InputSelector.parse(options.inputs, None).keys
+            data_options = replace(data_options, wanted=keys or _named_inputs(loaded, options),
+                                   wanted_by_user=keys is not None)
         return open_data(str(data), data_options)
     return source_from_object(data, f"<{type(data).__name__}>", options.data.workers)
 
@@ -260,9 +263,15 @@ def _finite(batches: Iterator[ModelInput], description: str) -> Iterator[ModelIn
         yield batch
 
 
-def open_source(data: Any, options: ScanOptions) -> CalibrationSource:
-    """`data` as a `CalibrationSource` (a --data spec, a source, a tensor or any iterable)."""
-    return _open(data, options)
+def open_source(data: Any, options: ScanOptions, loaded: LoadedModel | None = None) -> CalibrationSource:
+    """`data` as a `CalibrationSource` (a --data spec, a source, a tensor or any iterable);
+    with `loaded`, named entries of a file that the model does not take are left unread."""
+    return _open(data, options, loaded)
+
+
+def _named_inputs(loaded: LoadedModel, options: ScanOptions) -> tuple[str, ...] | None:
+    """The model's input names, for a data file's entries (None with --inputs positions)."""
+    return None if options.inputs else model_input_names(loaded)
 
 
 def _capped(batches: Iterator[ModelInput], cap: int | None) -> Iterator[ModelInput]:

@@ -353,6 +353,42 @@ def test_inputs_choose_among_the_arrays_of_a_file(tmp_path: Path, reference) -> 
         scan(FIX / "mlp.ts.pt", str(tmp_path / "yx.npz"), ScanOptions(device="cpu", inputs="2"))
 
 
+def test_positions_do_not_pick_named_entries(tmp_path: Path) -> None:
+    """A named batch's entries are chosen by name: `--inputs 0` on an .npz of x and mask used to
+    be ignored, feeding both (the mask then planted a dead unit that is not there)."""
+    np.savez(tmp_path / "xm.npz", x=CALIB, mask=np.zeros_like(CALIB))
+    for inputs in ("0", "1", "7"):
+        with pytest.raises(DataError, match=rf"--inputs {inputs}: the data's inputs are named \(x, mask\), not "
+                                            r"positional; choose them by name \(--inputs x\)"):
+            scan(FIX / "mlp.ts.pt", str(tmp_path / "xm.npz"), ScanOptions(device="cpu", inputs=inputs))
+    x = torch.ones(2, 3)
+    with pytest.raises(DataError, match="named"):
+        InputSelector.parse("0", 1).select({"x": x})
+    picked = InputSelector.parse("0", 1, ("x",)).select(({"x": x}, torch.arange(2)))  # a position picks the dict
+    assert picked.args == (x,)
+
+
+def test_entries_the_model_does_not_take_are_left_unread(tmp_path: Path, reference) -> None:
+    """Class names, a 0-d temperature: entries of a data file that are no model input and
+    hold no samples are neither read nor checked once --inputs (or the model's input names)
+    say which entries are inputs; without that they are refused with the way out."""
+    x = torch.from_numpy(CALIB)
+    np.savez(tmp_path / "classes.npz", x=CALIB, class_idx=np.arange(7))
+    np.savez(tmp_path / "meta.npz", x=CALIB, temperature=np.float32(2.0))
+    torch.save({"x": x, "classes": torch.arange(7)}, tmp_path / "classes.pt")
+    for name in ("classes.npz", "meta.npz", "classes.pt"):
+        report = scan(FIX / "mlp.ts.pt", str(tmp_path / name), ScanOptions(device="cpu", inputs="x"))
+        assert positives(report) == positives(reference), name
+        assert report.data.samples == len(CALIB)
+        by_name = scan(mlp(), str(tmp_path / name), ScanOptions(device="cpu"))  # forward(x): x is the input
+        assert positives(by_name) == positives(reference), name
+    np.savez(tmp_path / "unnamed.npz", pixels=CALIB, temperature=np.float32(2.0))
+    with pytest.raises(DataError, match="temperature is a scalar.*name the model's inputs with --inputs"):
+        scan(FIX / "mlp.ts.pt", str(tmp_path / "unnamed.npz"), ScanOptions(device="cpu"))
+    with pytest.raises(DataError, match=r"--inputs y: the file has no entry 'y' \(it has x, class_idx\)"):
+        scan(FIX / "mlp.ts.pt", str(tmp_path / "classes.npz"), ScanOptions(device="cpu", inputs="y"))
+
+
 def test_a_failing_user_dataset_or_generator_is_a_data_error_naming_the_batch() -> None:
     def generator():
         yield torch.ones(4, 32)

@@ -9,6 +9,7 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ class DataOptions:
     seed: int = 0
     workers: int = 2
     image: ImageOptions = field(default_factory=ImageOptions)
+    # the named entries of a file the model takes (--inputs, or its input names): the others
+    # (class names, a temperature) are left unread and unchecked; None: every entry
+    wanted: tuple[str, ...] | None = None
+    wanted_by_user: bool = False  # named by --inputs: a file without one of them is an error
 
 
 RANDOM = "random"  # the --data spec of seeded Gaussian inputs
@@ -57,7 +62,7 @@ def open_data(spec: str, options: DataOptions | None = None) -> CalibrationSourc
     if opener is None:
         raise DataError(f"{path}: unknown data format '{path.suffix}', expected .npy, .npz, .pt, .safetensors, "
                         "a folder of images or .npy shards, or module:function")
-    source = opener(path)
+    source = opener(path, _Wanted(options.wanted, options.wanted_by_user) if options.wanted else None)
     if source.total() == 0:
         raise DataError(f"{path}: holds no samples")
     return source
@@ -110,13 +115,13 @@ def _check_shards(path: Path, shards: list[NpyRows]) -> None:
         raise DataError(f"{path}: the .npy shards hold no samples")
 
 
-def _open_npy(path: Path) -> ArraySource:
+def _open_npy(path: Path, wanted: _Wanted | None = None) -> ArraySource:
     rows = NpyRows(path)
     _check_array(path, "array", rows)
     return ArraySource(str(path), [rows], {})
 
 
-def _open_npz(path: Path) -> ArraySource:
+def _open_npz(path: Path, wanted: _Wanted | None = None) -> ArraySource:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz archive (np.savez writes a zip file of .npy arrays; this is no zip file)")
     try:
@@ -125,12 +130,31 @@ def _open_npz(path: Path) -> ArraySource:
             starts = {key: _member_start(path, info) for key, info in stored.items()}
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: NpyRows(path, starts[key], stored[key].file_size, label=f"{path} ({key})") if key in stored
-                      else archive[key] for key in archive.files}
+                      else archive[key] for key in _taken(path, archive.files, wanted)}
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz archive ({error_line(exc)})") from exc
     return _named_arrays(path, arrays)
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    names: tuple[str, ...]
+    by_user: bool
+
+
+def _taken(path: Path, keys: Iterable[str], wanted: _Wanted | None) -> list[str]:
+    """The entries to read: the wanted ones when the file holds them all; else, for names
+    the model's inputs gave, every one (the batch then picks its entries itself)."""
+    keys = list(keys)
+    if wanted is None:
+        return keys
+    missing = [name for name in wanted.names if name not in keys]
+    if missing and wanted.by_user:
+        raise DataError(f"{path}: --inputs {','.join(wanted.names)}: the file has no entry {missing[0]!r} "
+                        f"(it has {', '.join(keys)})")
+    return keys if missing else [k for k in keys if k in wanted.names]
 
 
 def _streamable(info: zipfile.ZipInfo) -> bool:
@@ -158,7 +182,7 @@ _SAFETENSORS_DTYPES = {"BF16": "<u2", "F64": "<f8", "F32": "<f4", "F16": "<f2", 
                        "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def _open_safetensors(path: Path) -> ArraySource:
+def _open_safetensors(path: Path, wanted: _Wanted | None = None) -> ArraySource:
     """Each tensor read by rows in place, memory flat. The format is an 8-byte header
     length, a JSON header (dtype, shape, byte range of every tensor) and the raw bytes;
     the safetensors library reads rows lazily only through a memory map, whose touched
@@ -174,8 +198,8 @@ def _open_safetensors(path: Path) -> ArraySource:
         raise DataError(f"{path}: not a readable .safetensors file ({error_line(exc)})") from exc
     if not isinstance(header, dict):
         raise DataError(f"{path}: not a readable .safetensors file (its header is no JSON object)")
-    arrays = {name: _safetensors_rows(path, name, entry, 8 + length, size)
-              for name, entry in header.items() if name != "__metadata__"}
+    names = _taken(path, (name for name in header if name != "__metadata__"), wanted)
+    arrays = {name: _safetensors_rows(path, name, header[name], 8 + length, size) for name in names}
     return _named_arrays(path, arrays)
 
 
@@ -205,7 +229,7 @@ def _named_arrays(path: Path, arrays: dict[str, Any]) -> ArraySource:
     return ArraySource(str(path), [], arrays)
 
 
-def _open_pt(path: Path) -> ArraySource:
+def _open_pt(path: Path, wanted: _Wanted | None = None) -> ArraySource:
     if not _written_by_torch_save(path):
         raise DataError(f"{path}: not a file written by torch.save (expected a tensor, a tuple of tensors or a "
                         "dict of tensors saved with torch.save)")
@@ -231,6 +255,7 @@ def _open_pt(path: Path) -> ArraySource:
         _check_same_length(path, named)
         return ArraySource(str(path), list(obj), {})
     if isinstance(obj, dict) and obj and all(isinstance(t, torch.Tensor) for t in obj.values()):
+        obj = {k: obj[k] for k in _taken(path, obj, wanted)}
         for name, tensor in obj.items():
             _check_array(path, f"tensor {name!r}", tensor)
         _check_same_length(path, obj)
@@ -248,7 +273,8 @@ def _written_by_torch_save(path: Path) -> bool:
 def _check_array(path: Path, name: str, array: Any) -> None:
     """A numpy array (or `NpyRows`) or a tensor: samples along axis 0, real numbers."""
     if array.ndim == 0:
-        raise DataError(f"{path}: {name} is a scalar, expected samples along the first axis")
+        raise DataError(f"{path}: {name} is a scalar, expected samples along the first axis"
+                        f"{'' if _UNNAMED.fullmatch(name) else _NAME_THE_INPUTS}")
     if isinstance(array, (torch.Tensor, BFloat16Rows)):
         real = not (array.dtype.is_complex or getattr(array, "is_quantized", False) or array.dtype in _UNREADABLE_TORCH)
     else:
@@ -265,4 +291,10 @@ _UNREADABLE_TORCH = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "floa
 def _check_same_length(path: Path, arrays: dict[str, Any]) -> None:
     lengths = {k: int(a.shape[0]) for k, a in arrays.items()}
     if len(set(lengths.values())) > 1:
-        raise DataError(f"{path}: arrays differ in sample count: {lengths}")
+        raise DataError(f"{path}: arrays differ in sample count: {lengths}"
+                        f"{_NAME_THE_INPUTS if not all(k.startswith('tensor ') for k in lengths) else ''}")
+
+
+_UNNAMED = re.compile(r"array|tensor( \d+)?")  # what an .npy, a lone tensor, a tuple's elements are called
+# how to leave out entries of a file that are no model inputs (metadata, class names)
+_NAME_THE_INPUTS = "; name the model's inputs with --inputs (e.g. --inputs x) and the other entries are left unread"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -146,7 +146,8 @@ class InputSelector:
         if isinstance(batch, ModelInput):  # arrays from a file (.npz, tuple .pt): the same choice applies
             if batch.args and not batch.kwargs:
                 return self._from_sequence(batch.args)
-            if batch.kwargs and not batch.args and (self.keys is not None or self.names is not None):
+            if batch.kwargs and not batch.args and (self.keys is not None or self.names is not None
+                                                    or self.positions is not None):
                 return self._from_dict(batch.kwargs)
             return batch
         if isinstance(batch, torch.Tensor):
@@ -169,14 +170,19 @@ class InputSelector:
             chosen = list(batch[: self.count])  # (inputs, labels): the labels are not model inputs
         else:
             chosen = list(batch)
-        if len(chosen) == 1 and isinstance(chosen[0], dict):
-            return self._from_dict(chosen[0])
+        if len(chosen) == 1 and isinstance(chosen[0], dict):  # (a position picked the dict itself)
+            return replace(self, positions=None)._from_dict(chosen[0])
         return ModelInput(tuple(_as_tensor(x, f"batch element {i}") for i, x in enumerate(chosen)))
 
     def _from_dict(self, batch: dict[str, Any]) -> ModelInput:
         """Named inputs go to the forward's parameters of those names, as positional
         arguments (a torch.export program takes no keywords); without --inputs, entries the
-        forward does not take (labels) are left out."""
+        forward does not take (labels) are left out. Positions do not pick named entries:
+        which entry is "0" would hang on the order a file happened to store them in."""
+        if self.positions is not None:
+            names = ", ".join(map(str, batch))
+            raise DataError(f"--inputs {','.join(map(str, self.positions))}: the data's inputs are named ({names}), "
+                            f"not positional; choose them by name (--inputs {next(iter(batch), 'NAME')})")
         keys = self.keys if self.keys is not None else self._default_keys(batch)
         missing = [k for k in keys if k not in batch]
         if missing:

@@ -315,7 +315,7 @@ def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> Model
     (`model_batches` cuts batches to it)."""
     size = min(scan_options.batch_size, 8)
     options = ScanOptions(**{**vars(scan_options), "batch_size": size, "samples": None})
-    for batch in model_batches(loaded, open_source(data, options), options):
+    for batch in model_batches(loaded, open_source(data, options, loaded), options):
         return batch
     raise UsageError(f"--data {data}: no samples")
 
@@ -392,4 +392,4 @@ def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanO
     original = output_function(loaded)
     rewritten = output_function(load_model(output))
     options = ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None})
-    return output_deviation(model_batches(loaded, open_source(data, options), options), original, rewritten)
+    return output_deviation(model_batches(loaded, open_source(data, options, loaded), options), original, rewritten)
