@@ -218,8 +218,6 @@ def _pickle_protocol_4(path: Path) -> None:
     ("text.npz", lambda p: p.write_text("hello"), r"text\.npz: not an \.npz archive \(np\.savez writes a zip file"),
     ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)),
      r"objects\.npy: array has dtype object \(Python objects\), expected real numbers"),
-    ("fortran.npy", lambda p: np.save(p, np.asfortranarray(np.ones((4, 32), np.float32))),
-     r"fortran\.npy: Fortran-ordered arrays are not supported"),
 ])
 def test_data_files_of_the_wrong_kind_say_what_they_are(runner: CliRunner, tmp_path: Path, name: str, write,
                                                         expected: str) -> None:

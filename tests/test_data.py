@@ -353,6 +353,24 @@ def test_inputs_choose_among_the_arrays_of_a_file(tmp_path: Path, reference) -> 
         scan(FIX / "mlp.ts.pt", str(tmp_path / "yx.npz"), ScanOptions(device="cpu", inputs="2"))
 
 
+def test_fortran_ordered_arrays_read_as_their_values(tmp_path: Path, reference) -> None:
+    """np.save of a transposed array writes it Fortran-ordered: valid, and once refused."""
+    for shape in [(40, 10), (7, 3, 4, 5)]:
+        array = np.asfortranarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        np.save(tmp_path / "f.npy", array)
+        rows = NpyRows(tmp_path / "f.npy")
+        for part in (slice(0, 3), slice(2, 7), slice(0, None)):
+            np.testing.assert_array_equal(rows[part], array[part])
+    np.save(tmp_path / "x.npy", np.asfortranarray(CALIB))
+    np.savez(tmp_path / "x.npz", x=np.asfortranarray(CALIB))
+    for name in ("x.npy", "x.npz"):
+        report = scan(FIX / "mlp.ts.pt", str(tmp_path / name), ScanOptions(device="cpu"))
+        assert positives(report) == positives(reference), name
+        for site, ref in zip(report.sites, reference.sites):
+            np.testing.assert_array_equal(site.stats.maximum, ref.stats.maximum)
+            np.testing.assert_allclose(site.stats.mean, ref.stats.mean, rtol=1e-12)
+
+
 def test_positions_do_not_pick_named_entries(tmp_path: Path) -> None:
     """A named batch's entries are chosen by name: `--inputs 0` on an .npz of x and mask used to
     be ignored, feeding both (the mask then planted a dead unit that is not there)."""

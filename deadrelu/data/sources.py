@@ -60,9 +60,8 @@ class NpyRows:
             raise DataError(f"{label}: not a readable .npy array ({error_line(exc)})") from exc
         if dtype.hasobject:
             raise DataError(f"{label}: array has dtype object (Python objects), expected real numbers")
-        if fortran:
-            raise DataError(f"{label}: Fortran-ordered arrays are not supported; save with np.save(np.ascontiguousarray(a))")
         self._place(tuple(shape), dtype)
+        self.fortran = bool(fortran) and self.ndim > 1
         available = path.stat().st_size if size is None else start + size
         if available < self.end:
             raise DataError(f"{label}: truncated .npy {'file' if size is None else 'member'} "
@@ -73,7 +72,7 @@ class NpyRows:
         """C-ordered rows at `offset` whose shape and dtype another header gave (a
         .safetensors file's); the caller checks they lie inside the file."""
         rows = cls.__new__(cls)
-        rows.path, rows.offset = path, offset
+        rows.path, rows.offset, rows.fortran = path, offset, False
         rows._place(shape, dtype)
         return rows
 
@@ -90,10 +89,27 @@ class NpyRows:
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.shape[0])
         count = max(stop - start, 0)
+        if self.fortran:
+            return self._fortran_rows(start, count)
         with self.path.open("rb") as handle:
             handle.seek(self.offset + start * self._row_bytes)
             flat = np.fromfile(handle, dtype=self.dtype, count=count * (self._row_bytes // max(self.dtype.itemsize, 1)))
         return flat.reshape((count, *self.shape[1:]))
+
+
+    def _fortran_rows(self, start: int, count: int) -> np.ndarray:
+        """Rows of a Fortran-ordered array (what `np.save` writes for a transposed one):
+        each of its ``prod(shape[1:])`` columns holds the samples contiguously, so a batch
+        is one read per column, and memory stays that of the batch."""
+        columns = int(np.prod(self.shape[1:], dtype=np.int64))
+        out = np.empty((columns, count), dtype=self.dtype)
+        item = self.dtype.itemsize
+        with self.path.open("rb") as handle:
+            for column in range(columns):
+                handle.seek(self.offset + (column * self.shape[0] + start) * item)
+                handle.readinto(memoryview(out[column]).cast("B"))
+        # column index c runs over shape[1:] first axis fastest: reversed dims, then the transpose
+        return np.ascontiguousarray(out.reshape(*self.shape[1:][::-1], count).T)
 
 
 class BFloat16Rows:
