@@ -250,9 +250,11 @@ def _selected(source: CalibrationSource, selector: InputSelector, batch_size: in
     """The model inputs of each batch; a batch that has none names the data it came from."""
     for batch in source.batches(batch_size):
         try:
-            yield selector.select(batch)
+            chosen = selector.select(batch)
+            chosen.check_usable()
         except DataError as exc:
             raise led_by(exc, source.description) from exc
+        yield chosen
 
 
 def _finite(batches: Iterator[ModelInput], description: str) -> Iterator[ModelInput]:

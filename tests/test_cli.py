@@ -204,6 +204,13 @@ def _pickle_of_a_module(path: Path) -> None:
     torch.save(torch.nn.Linear(2, 2), path)
 
 
+def _torch_save(path: Path, how: str) -> None:
+    import torch
+
+    x = torch.ones(4, 32)
+    torch.save(x.to_sparse() if how == "to_sparse" else x.to(how), path)
+
+
 def _pickle_protocol_4(path: Path) -> None:
     import pickle
 
@@ -216,6 +223,9 @@ def _pickle_protocol_4(path: Path) -> None:
                                       r"torch\.nn\.modules\.linear\.Linear\).*a model goes in the MODEL argument"),
     ("plain.pt", _pickle_protocol_4, r"plain\.pt: holds Python objects other than tensors; .*weights_only=True"),
     ("text.npz", lambda p: p.write_text("hello"), r"text\.npz: not an \.npz archive \(np\.savez writes a zip file"),
+    ("sparse.pt", lambda p: _torch_save(p, "to_sparse"), r"sparse\.pt: tensor is a sparse_coo tensor, expected a "
+                                                         r"dense one \(save tensor\.to_dense\(\)\)"),
+    ("meta.pt", lambda p: _torch_save(p, "meta"), r"meta\.pt: tensor is on the meta device \(a shape, no data\)"),
     ("objects.npy", lambda p: np.save(p, np.array([{"a": 1}, None], dtype=object)),
      r"objects\.npy: array has dtype object \(Python objects\), expected real numbers"),
 ])

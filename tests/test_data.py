@@ -371,6 +371,31 @@ def test_fortran_ordered_arrays_read_as_their_values(tmp_path: Path, reference) 
             np.testing.assert_allclose(site.stats.mean, ref.stats.mean, rtol=1e-12)
 
 
+def test_batches_without_samples_or_data_are_data_errors(tmp_path: Path) -> None:
+    """0-d batches, a sparse or meta batch from user code, a random shape no machine holds:
+    one-line data errors, not "internal error: <torch exception>"."""
+    (tmp_path / "batches.py").write_text(textwrap.dedent("""
+        import torch
+        def scalars():
+            return [torch.tensor(1.0), torch.tensor(2.0)]
+        def sparse():
+            return [torch.ones(4, 32).to_sparse()]
+        def meta():
+            return [torch.ones(4, 32, device="meta")]
+        def scalar():
+            return torch.tensor(3.0)
+    """))
+    cases = {"scalars": "input 0 is a 0-d tensor \\(a scalar\\), expected samples along the first axis",
+             "sparse": "input 0 is a sparse_coo tensor, expected a dense one",
+             "meta": "input 0 is on the meta device", "scalar": "a 0-d array \\(a scalar\\)"}
+    for function, message in cases.items():
+        with pytest.raises(DataError, match=rf"batches\.py:{function}: {message}"):
+            scan(FIX / "mlp.ts.pt", f"{tmp_path / 'batches.py'}:{function}", ScanOptions(device="cpu"))
+    huge = ScanOptions(device="cpu", data=DataOptions(input_shape=(10**11,)))
+    with pytest.raises(DataError, match=r"--input-shape 100000000000: a batch of 32 such samples takes 11,920\.9 GiB"):
+        scan(FIX / "mlp.ts.pt", "random", huge)
+
+
 def test_positions_do_not_pick_named_entries(tmp_path: Path) -> None:
     """A named batch's entries are chosen by name: `--inputs 0` on an .npz of x and mask used to
     be ignored, feeding both (the mask then planted a dead unit that is not there)."""

@@ -272,6 +272,10 @@ def _written_by_torch_save(path: Path) -> bool:
 
 def _check_array(path: Path, name: str, array: Any) -> None:
     """A numpy array (or `NpyRows`) or a tensor: samples along axis 0, real numbers."""
+    if isinstance(array, torch.Tensor) and (array.layout is not torch.strided or array.is_meta):
+        what = "on the meta device (a shape, no data)" if array.is_meta else \
+            f"a {str(array.layout).removeprefix('torch.')} tensor, expected a dense one (save tensor.to_dense())"
+        raise DataError(f"{path}: {name} is {what}")
     if array.ndim == 0:
         raise DataError(f"{path}: {name} is a scalar, expected samples along the first axis"
                         f"{'' if _UNNAMED.fullmatch(name) else _NAME_THE_INPUTS}")

@@ -35,6 +35,21 @@ class ModelInput:
         """(name, tensor) pairs: positional inputs are named 'input 0', 'input 1', ..."""
         return [(f"input {i}", a) for i, a in enumerate(self.args)] + [(f"input '{k}'", v) for k, v in self.kwargs.items()]
 
+    def check_usable(self) -> None:
+        """Each input a dense tensor of real numbers, with data, with samples along dim 0."""
+        if not self.args and not self.kwargs:
+            raise DataError("a batch holds no model inputs")
+        for name, tensor in self.named():
+            if tensor.layout is not torch.strided:
+                raise DataError(f"{name} is a {str(tensor.layout).removeprefix('torch.')} tensor, expected a dense one "
+                                "(save tensor.to_dense())")
+            if tensor.is_meta:
+                raise DataError(f"{name} is on the meta device: it has a shape but no data")
+            if tensor.ndim == 0:
+                raise DataError(f"{name} is a 0-d tensor (a scalar), expected samples along the first axis")
+            if tensor.is_complex() or tensor.is_quantized:
+                raise DataError(f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected real numbers")
+
     def check_finite(self, first_sample: int, description: str) -> None:
         """Non-finite calibration data is a data error naming the data, the sample (counted
         over the whole stream from 0) and the input. CPU tensors only: a check of data

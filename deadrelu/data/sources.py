@@ -199,7 +199,14 @@ class RandomSource:
         generator = torch.Generator().manual_seed(self.seed)
         for start in range(0, self.samples, batch_size):
             size = min(batch_size, self.samples - start)
-            yield ModelInput((torch.randn((size, *self.shape), generator=generator),))
+            try:
+                batch = torch.randn((size, *self.shape), generator=generator)
+            except RuntimeError as exc:  # torch's allocator: "can't allocate memory"
+                gib = size * math.prod(self.shape) * 4 / 2**30
+                raise DataError(f"--input-shape {','.join(map(str, self.shape))}: a batch of {size} such samples "
+                                f"takes {gib:,.1f} GiB, more than this machine can allocate; check the shape, "
+                                "or lower --batch-size") from exc
+            yield ModelInput((batch,))
 
 
 # --- user code and loaders ---------------------------------------------------------------
@@ -266,7 +273,7 @@ def _is_dataset(obj: Any) -> bool:
 
 def _batch_size(batch: Any) -> int:
     if isinstance(batch, (torch.Tensor, np.ndarray)):
-        return int(batch.shape[0])
+        return int(batch.shape[0]) if batch.ndim else 1  # (a 0-d batch is refused as it is read)
     if isinstance(batch, (tuple, list)) and batch:
         return _batch_size(batch[0])
     if isinstance(batch, dict) and batch:
@@ -278,9 +285,9 @@ def source_from_object(obj: Any, description: str, workers: int = 0) -> Calibrat
     """Wrap what a user function returned, or what the API was given."""
     if hasattr(obj, "batches") and hasattr(obj, "total"):
         return obj
-    if isinstance(obj, torch.Tensor):
-        return ArraySource(description, [obj], {})
-    if isinstance(obj, np.ndarray):
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        if obj.ndim == 0:
+            raise DataError(f"{description}: a 0-d array (a scalar), expected samples along the first axis")
         return ArraySource(description, [obj], {})
     if isinstance(obj, (str, bytes)) or not (isinstance(obj, Iterable) or _is_dataset(obj)):
         raise DataError(f"{description} gave a {type(obj).__name__}: expected a DataLoader, a Dataset or an iterable of batches")
