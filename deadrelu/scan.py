@@ -97,8 +97,9 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
     if result.samples == 0 and not result.partial and ranks.is_main:  # another rank may just have had no batch
         if inputs.left_out:
             held = f"{inputs.left_out} sample{'s' if inputs.left_out > 1 else ''}"
-            raise DataError(f"{source.description}: {held}, fewer than one batch of the "
-                            f"{inputs.size} the model was exported to take")
+            least = "" if inputs.size is not None else " at least"
+            raise DataError(f"{source.description}: {held}, fewer than one batch of the{least} "
+                            f"{inputs.size or inputs.low} the model was exported to take")
         raise DataError(f"{source.description}: no samples to scan (the data is empty)")
     sites = tuple(site_report(o.name, o.op, o.axis, o.axis_source, o.stats, options.thresholds, o.extra)
                   for o in result.sites)
@@ -221,9 +222,37 @@ def model_batches(loaded: LoadedModel, source: CalibrationSource, options: ScanO
     up to `--batch-size`, so that cutting takes no copy where the source keeps to it)."""
     selector = InputSelector.parse(options.inputs, count_model_inputs(loaded), model_input_names(loaded))
     fixed = fixed_batch_size(loaded)
-    read = options.batch_size if fixed is None else fixed * max(1, options.batch_size // fixed)
+    low, high = (1, None) if fixed is not None else dynamic_batch_range(loaded)
+    if fixed is not None:
+        read = fixed * max(1, options.batch_size // fixed)
+    else:
+        read = max(low, min(options.batch_size, high or options.batch_size))  # --batch-size kept to the range
     batches = _capped(_selected(source, selector, read), options.samples)
-    return ExactBatches(_finite(batches, source.description), fixed)
+    return ExactBatches(_finite(batches, source.description), fixed, low, high)
+
+
+def dynamic_batch_range(loaded: LoadedModel) -> tuple[int, int | None]:
+    """The batch sizes a `torch.export` program's dynamic batch dimension admits (its
+    range constraints: `Dim("b", min=4, max=64)` gives (4, 64)); (1, None) when it is
+    unbounded, or the model is no exported program. A program's own lower bound of 2
+    (`Dim.AUTO`) runs a batch of 1 all the same, so it is kept only above 2."""
+    program = loaded.exported_program
+    if program is None:
+        return 1, None
+    user_inputs = set(program.graph_signature.user_inputs)
+    lows, highs = [1], []
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in user_inputs else None
+        if not isinstance(value, torch.Tensor) or not value.ndim or not isinstance(value.shape[0], torch.SymInt):
+            continue
+        bounds = program.range_constraints.get(value.shape[0].node.expr)
+        if bounds is None:
+            continue
+        if bounds.lower.is_finite and int(bounds.lower) > 2:
+            lows.append(int(bounds.lower))
+        if bounds.upper.is_finite:
+            highs.append(int(bounds.upper))
+    return max(lows), (min(highs) if highs else None)
 
 
 def fixed_batch_size(loaded: LoadedModel) -> int | None:
@@ -316,7 +345,7 @@ def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None,
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
     if inputs.left_out:
         were = "sample was" if inputs.left_out == 1 else "samples were"
-        warnings.append(f"{inputs.left_out} {were} left out: the model takes batches of exactly {inputs.size}")
+        warnings.append(f"{inputs.left_out} {were} left out: the model takes batches {inputs.takes}")
     held = result.samples + inputs.left_out
     if cap is not None and held < cap and not result.partial:
         warnings.append(f"asked for {cap} samples, the data held {held}: used {result.samples}")

@@ -272,6 +272,45 @@ def test_data_shorter_than_a_fixed_batch_is_a_data_error(tmp_path: Path) -> None
         scan(path, tmp_path / "d.npy", ScanOptions(device="cpu"))
 
 
+@pytest.mark.parametrize(("samples", "batch_size"), [(34, 32), (100, 100), (7, 5), (66, 64)])
+def test_a_program_with_a_bounded_dynamic_batch_gets_batches_in_its_range(
+        tmp_path: Path, samples: int, batch_size: int) -> None:
+    """Dim("b", min=4, max=64): a last batch under 4 joins the one before, a --batch-size
+    over 64 is kept to 64 (the program's guard failed on either before); every sample is
+    scanned and the statistics are those of the whole data."""
+    path = tmp_path / "bounded.pt2"
+    batch = torch.export.Dim("b", min=4, max=64)
+    torch.export.save(torch.export.export(mlp().eval(), (torch.from_numpy(CALIB[:8]),), dynamic_shapes=({0: batch},)),
+                      str(path))
+    np.save(tmp_path / "d.npy", CALIB[:samples])
+    report = scan(path, tmp_path / "d.npy", ScanOptions(device="cpu", batch_size=batch_size))
+    assert report.data.samples == samples and not any("left out" in w for w in report.warnings)
+    whole = scan(mlp(), [torch.from_numpy(CALIB[:samples])], ScanOptions(device="cpu"))
+    assert positives(report) == positives(whole)
+    for got, want in zip(report.sites, whole.sites):
+        np.testing.assert_array_equal(got.stats.count, want.stats.count)
+        np.testing.assert_allclose(got.stats.maximum, want.stats.maximum, rtol=1e-6)
+        np.testing.assert_allclose(got.stats.mean, want.stats.mean, rtol=1e-5, atol=1e-6)
+    np.save(tmp_path / "short.npy", CALIB[:3])
+    with pytest.raises(DataError, match="3 samples, fewer than one batch of the at least 4 the model was exported"):
+        scan(path, tmp_path / "short.npy", ScanOptions(device="cpu"))
+
+
+@pytest.mark.parametrize(("sizes", "low", "high", "want", "left"), [
+    ([32, 2], 4, 64, [34], 0), ([64, 2], 4, 64, [62, 4], 0), ([4, 4, 3], 4, 5, [4, 5], 2),
+    ([1, 1, 1, 5], 4, None, [8], 0), ([2], 4, 8, [], 2), ([5, 2, 5], 4, 6, [6, 6], 0),
+])
+def test_bounded_batches_join_short_ones_and_cut_long_joins(sizes: list[int], low: int, high: int | None,
+                                                             want: list[int], left: int) -> None:
+    stream = [ModelInput((torch.arange(n, dtype=torch.float32) + 100 * i,)) for i, n in enumerate(sizes)]
+    cut = ExactBatches(iter(stream), None, low, high)
+    got = list(cut)
+    assert [b.size for b in got] == want and cut.left_out == left
+    assert all(low <= b.size and (high is None or b.size <= high) for b in got)
+    kept = torch.cat([b.args[0] for b in got]) if got else torch.empty(0)
+    assert torch.equal(kept, torch.cat([b.args[0] for b in stream])[:kept.numel()])  # in order, none twice
+
+
 @pytest.mark.parametrize("make", [
     lambda p: np.save(p / "e.npy", np.zeros((0, 32), np.float32)) or p / "e.npy",
     lambda p: (p / "empty").mkdir() or p / "empty",

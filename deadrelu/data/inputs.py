@@ -89,12 +89,25 @@ class ExactBatches:
     """The stream cut into batches of exactly `size` samples, across the ends of its own
     batches: a model exported with a fixed batch size takes no other. The samples at the
     end that make no whole batch are left out; `left_out` counts them once the stream is
-    exhausted. With `size` None, the stream as it comes."""
+    exhausted. With `size` None, the stream as it comes, except that a program exported
+    with a bounded dynamic batch (`torch.export.Dim("b", min=4, max=64)`) gets batches of
+    `low` to `high` samples (`_at_least`: the caller reads at most `high` at a time)."""
 
-    def __init__(self, batches: Iterator[ModelInput], size: int | None) -> None:
+    def __init__(self, batches: Iterator[ModelInput], size: int | None, low: int = 1, high: int | None = None) -> None:
         self.size = size
+        self.low, self.high = low, high
         self.left_out = 0
-        self._batches = batches if size is None else self._cut(batches, size)
+        if size is not None:
+            self._batches = self._cut(batches, size)
+        else:
+            self._batches = self._at_least(batches, low, high) if low > 1 else batches
+
+    @property
+    def takes(self) -> str:
+        """The batch sizes the model takes, for messages ("of exactly 8", "of 4 to 64")."""
+        if self.size is not None:
+            return f"of exactly {self.size}"
+        return f"of {self.low} to {self.high}" if self.high is not None else f"of at least {self.low}"
 
     def __iter__(self) -> ExactBatches:
         return self
@@ -121,6 +134,32 @@ class ExactBatches:
                 pending.append(batch.rows(start, batch.size))
                 held += batch.size - start
         self.left_out = held
+
+    def _at_least(self, batches: Iterator[ModelInput], low: int, high: int | None) -> Iterator[ModelInput]:
+        """Batches of `low` to `high` samples (inputs of at most `high`): a batch shorter
+        than `low` (the last, or one a user's loader made) joins its neighbour, and a join
+        longer than `high` is cut so that both parts fit. Only an end that no cut can make
+        long enough is left out."""
+        held: ModelInput | None = None
+        for batch in batches:
+            if held is None:
+                held = batch
+                continue
+            if held.size >= low and batch.size >= low:
+                yield held
+                held = batch
+                continue
+            joined = ModelInput.concat([held, batch])
+            if high is None or joined.size <= high:
+                held = joined
+                continue
+            cut = joined.size - low if joined.size - low >= low else high
+            yield joined.rows(0, cut)
+            held = joined.rows(cut, joined.size)
+        if held is not None and held.size >= low:
+            yield held
+        elif held is not None:
+            self.left_out = held.size
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
