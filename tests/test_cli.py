@@ -310,6 +310,38 @@ def test_a_checkpoint_with_several_weights_says_which_it_scanned(runner: CliRunn
     assert [s["dead_units"] for s in chosen["sites"]] != [s["dead_units"] for s in plain["sites"]]
 
 
+def test_a_pickled_checkpoint_dict_scans_the_module_it_holds(runner: CliRunner, tmp_path: Path) -> None:
+    """{'model': module, 'ema': module, 'optimizer': ...} as trainers save it: with
+    --trust-pickle, the module under the first checkpoint key (or --weights-key), the same
+    statistics as the state_dict with --arch; it used to be refused as "a dict"."""
+    import torch
+
+    import fixture_models
+
+    model = fixture_models.MLP()
+    model.load_state_dict(torch.load(FIX / "mlp.state_dict.pt", weights_only=True))
+    revived = fixture_models.MLP()
+    revived.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        revived.layers[0].bias += 100.0
+    torch.save({"epoch": 3, "model": model, "ema": revived, "optimizer": {"lr": 0.1}}, tmp_path / "ckpt.pt")
+    torch.save({"detector": revived}, tmp_path / "own_key.pt")
+    data = ["--data", FIX / "mlp.calib.npy", "--json", "-"]
+    plain = json.loads(run(runner, FIX / "mlp.state_dict.pt", "--arch", "fixtures/fixture_models.py:MLP", *data).stdout)
+    default = json.loads(run(runner, tmp_path / "ckpt.pt", "--trust-pickle", *data).stdout)
+    assert [s["per_unit"]["positive"] for s in default["sites"]] == [s["per_unit"]["positive"] for s in plain["sites"]]
+    assert default["warnings"] == [f"{tmp_path / 'ckpt.pt'}: the checkpoint holds modules under 'model' and 'ema'; "
+                                   "scanned 'model' (choose with --weights-key)"]
+    ema = json.loads(run(runner, tmp_path / "ckpt.pt", "--trust-pickle", "--weights-key", "ema", *data).stdout)
+    alone = json.loads(run(runner, tmp_path / "own_key.pt", "--trust-pickle", *data).stdout)
+    assert ema["warnings"] == [] and ema["sites"] == alone["sites"] and ema["sites"] != plain["sites"]
+    wrong = runner.invoke(app, ["scan", str(tmp_path / "ckpt.pt"), "--trust-pickle", "--weights-key", "epoch",
+                                "--data", str(FIX / "mlp.calib.npy")])
+    assert wrong.exit_code == 2 and "holds no nn.Module under 'epoch' (modules under: model, ema)" in wrong.output
+    refused = runner.invoke(app, ["scan", str(tmp_path / "ckpt.pt"), "--data", str(FIX / "mlp.calib.npy")])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+
+
 @pytest.mark.parametrize("model, key, message", [
     ("ckpt.pt", "epoch", r"--weights-key epoch: .*ckpt\.pt has no weights under 'epoch' \(it holds weights under "
                          r"'state_dict', 'ema'\)"),

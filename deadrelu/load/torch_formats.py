@@ -83,9 +83,7 @@ def load_torch_save(path: Path, arch: str | None, trust_pickle: bool,
     except Exception as exc:
         if not _needs_full_unpickle(exc):
             raise ModelLoadError(f"{path}: cannot read torch.save file: {_first_line(exc)}") from exc
-        if weights_key is not None:
-            raise UsageError(f"--weights-key {weights_key}: {path} is a pickled module, not a checkpoint dict")
-        return _load_pickled_module(path, trust_pickle), ()
+        return _load_pickled_module(path, trust_pickle, weights_key)
     state, notes = checkpoint_weights(obj, path, weights_key)
     if state is None:
         raise ModelLoadError(
@@ -201,7 +199,11 @@ def _needs_full_unpickle(exc: Exception) -> bool:
     return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
 
 
-def _load_pickled_module(path: Path, trust_pickle: bool) -> torch.nn.Module:
+def _load_pickled_module(path: Path, trust_pickle: bool,
+                         weights_key: str | None) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """A pickled nn.Module, or one inside a pickled checkpoint dict (``{'model': module,
+    'optimizer': ...}``, as YOLO-style trainers save): the module under `weights_key`, else
+    under the first of `CHECKPOINT_KEYS` that holds one; a note says which when several do."""
     classes = pickled_globals(path)
     shown = ", ".join(sorted(classes)[:4]) or "Python objects"
     if not trust_pickle:
@@ -216,10 +218,34 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> torch.nn.Module:
         raise ModelLoadError(f"{path}: cannot unpickle: {_first_line(exc)}") from exc
     finally:
         del sys.path[:2]
-    if not isinstance(obj, torch.nn.Module):
+    module, notes = _pickled_module(obj, path, weights_key)
+    module._deadrelu_from_pickle = True  # type: ignore[attr-defined]
+    return module, notes
+
+
+def _pickled_module(obj: Any, path: Path, key: str | None) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    if isinstance(obj, torch.nn.Module) and key is None:
+        return obj, ()
+    if not isinstance(obj, dict):
+        if key is not None:
+            raise UsageError(f"--weights-key {key}: {path} is a pickled {type(obj).__name__}, not a checkpoint dict")
         raise ModelLoadError(f"{path}: the pickle holds a {type(obj).__name__}, expected an nn.Module")
-    obj._deadrelu_from_pickle = True  # type: ignore[attr-defined]
-    return obj
+    if key is not None:
+        if not isinstance(obj.get(key), torch.nn.Module):
+            held = ", ".join(k for k, v in obj.items() if isinstance(v, torch.nn.Module)) or "none"
+            raise UsageError(f"--weights-key {key}: {path} holds no nn.Module under {key!r} (modules under: {held})")
+        return obj[key], ()
+    found = [k for k in CHECKPOINT_KEYS if isinstance(obj.get(k), torch.nn.Module)]
+    if not found:  # one module under a key of its own ('detector')
+        found = [k for k, v in obj.items() if isinstance(v, torch.nn.Module)][:2]
+        found = found if len(found) == 1 else []
+    if not found:
+        raise ModelLoadError(f"{path}: the pickle holds a dict with no nn.Module under any of the keys "
+                             f"{', '.join(CHECKPOINT_KEYS)}, nor one alone (it has {', '.join(map(str, obj))}); "
+                             "name its key with --weights-key")
+    notes = (f"{path}: the checkpoint holds modules under {' and '.join(map(repr, found))}; scanned {found[0]!r} "
+             "(choose with --weights-key)",) if len(found) > 1 else ()
+    return obj[found[0]], notes
 
 
 def pickled_globals(path: Path) -> set[str]:
