@@ -52,6 +52,17 @@ def test_folder_of_npy_shards(tmp_path: Path, reference) -> None:
     assert positives(report) == positives(reference)
 
 
+def test_a_folder_of_images_and_npy_shards_is_refused(tmp_path: Path) -> None:
+    """Which of the two the user meant cannot be told; the images were taken silently before."""
+    from PIL import Image
+
+    np.save(tmp_path / "shard00.npy", CALIB[:10])
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "a.png")
+    with pytest.raises(DataError, match=r"folder holds both images \(1\) and \.npy shards \(1\); point --data"):
+        scan(FIX / "mlp.ts.pt", tmp_path, ScanOptions(device="cpu"))
+
+
 def test_npz_by_input_name_and_safetensors(tmp_path: Path, reference) -> None:
     from safetensors.numpy import save_file
 
@@ -145,7 +156,8 @@ def test_image_folder_scan_end_to_end(tmp_path: Path) -> None:
     ("0.5,0.5", None, r"--mean '0.5,0.5': 2 values, expected 3 \(one per RGB channel"),
     ("imagenet", "0.2,0.2,0.2,0.2", r"--std '0.2,0.2,0.2,0.2': 4 values, expected 3"),
     ("nan", "1", r"--mean 'nan': expected a preset .* all finite"),
-    ("0.5", "0,1,1", r"--std: values must not be 0"),
+    ("0.5", "0,1,1", r"--std '0,1,1': values must be positive \(standard deviations\)"),
+    ("0.5", "-1", r"--std '-1': values must be positive"),
 ])
 def test_normalisation_needs_one_value_or_one_per_rgb_channel(mean: str, std: str | None, message: str) -> None:
     from deadrelu.data import parse_normalisation

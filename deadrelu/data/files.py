@@ -94,6 +94,9 @@ def _open_folder(path: Path, options: DataOptions) -> CalibrationSource:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     shards = [p for p in files if p.suffix.lower() == ".npy" and p.parent == path]
+    if images and shards:
+        raise DataError(f"{path}: folder holds both images ({len(images)}) and .npy shards ({len(shards)}); "
+                        "point --data at a folder of one kind")
     if images:
         dataset = ImageFiles(images, options.image.size, options.image.mean, options.image.std)
         return IterableSource(dataset, f"{path}/ ({len(images)} images)", options.workers)

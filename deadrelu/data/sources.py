@@ -355,8 +355,8 @@ def parse_normalisation(mean: str | None, std: str | None) -> tuple[tuple[float,
 
     mean_v = parse(mean or "imagenet", 0, "--mean")
     std_v = parse(std or (mean if mean in NORMALISATIONS else "imagenet"), 1, "--std")
-    if any(s == 0 for s in std_v):
-        raise DataError("--std: values must not be 0")
+    if any(s <= 0 for s in std_v):
+        raise DataError(f"--std '{std}': values must be positive (standard deviations)")
     return mean_v, std_v
 
 
