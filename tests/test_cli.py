@@ -169,6 +169,10 @@ def test_bad_model_files(runner: CliRunner, tmp_path: Path) -> None:
         "truncated.pt": ((FIX / "mlp.ts.pt").read_bytes()[:2000], "truncated or damaged zip archive"),
         "truncated.pt2": ((FIX / "mlp.pt2").read_bytes()[:5000], "truncated or damaged zip archive"),
         "notes.zip": (_zip_bytes(tmp_path), "not a PyTorch archive"),
+        # the layout aoti_compile_and_package writes (its names, as torch 2.13 writes them)
+        "aoti.pt2": (_zip_bytes(tmp_path, ("m/data/aotinductor/model/c1.wrapper.so", "m/archive_format",
+                                           "m/archive_version")),
+                     "an AOTInductor package (compiled kernels, no graph to probe); scan the torch.export program"),
     }
     for name, (content, says) in cases.items():
         path = tmp_path / name
@@ -177,12 +181,13 @@ def test_bad_model_files(runner: CliRunner, tmp_path: Path) -> None:
         assert name in message and says in message, message
 
 
-def _zip_bytes(tmp_path: Path) -> bytes:
+def _zip_bytes(tmp_path: Path, names: tuple[str, ...] = ("readme.txt",)) -> bytes:
     import zipfile
 
     path = tmp_path / "x.zip"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("readme.txt", "not a model")
+        for name in names:
+            archive.writestr(name, "not a model")
     return path.read_bytes()
 
 

@@ -59,6 +59,11 @@ def _zip_format(path: Path) -> ModelFormat:
         raise ModelLoadError(f"{path}: corrupt zip archive ({exc})") from exc
     if any("/code/" in n or n.endswith("constants.pkl") for n in names):
         return ModelFormat.TORCHSCRIPT
+    if any("/data/aotinductor/" in n for n in names) and not any(n.endswith(".json") and "/models/" in n
+                                                                  for n in names):
+        raise ModelLoadError(f"{path}: an AOTInductor package (compiled kernels, no graph to probe); scan the "
+                             "torch.export program it was compiled from (torch.export.save the program before "
+                             "aoti_compile_and_package)")
     if any(n.endswith(("archive_format", "/models/model.json", "serialized_exported_program.json")) for n in names):
         return ModelFormat.EXPORTED_PROGRAM
     if any(n.endswith("data.pkl") for n in names):
