@@ -481,6 +481,17 @@ def test_entries_the_model_does_not_take_are_left_unread(tmp_path: Path, referen
         scan(FIX / "mlp.ts.pt", str(tmp_path / "unnamed.npz"), ScanOptions(device="cpu"))
     with pytest.raises(DataError, match=r"--inputs y: the file has no entry 'y' \(it has x, class_idx\)"):
         scan(FIX / "mlp.ts.pt", str(tmp_path / "classes.npz"), ScanOptions(device="cpu", inputs="y"))
+    masked = scan(_OptionalMask(mlp()), str(tmp_path / "meta.npz"), ScanOptions(device="cpu"))  # mask not in it
+    assert positives(masked) == positives(reference)
+
+
+class _OptionalMask(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner(x if mask is None else x * mask)
 
 
 def test_a_failing_user_dataset_or_generator_is_a_data_error_naming_the_batch() -> None:

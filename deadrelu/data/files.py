@@ -148,8 +148,9 @@ class _Wanted:
 
 
 def _taken(path: Path, keys: Iterable[str], wanted: _Wanted | None) -> list[str]:
-    """The entries to read: the wanted ones when the file holds them all; else, for names
-    the model's inputs gave, every one (the batch then picks its entries itself)."""
+    """The entries to read: those wanted that the file holds (--inputs names must all be
+    there); every one when it holds none of the model's input names (the batch then picks
+    its entries itself: one array for a one-input model, whatever its name)."""
     keys = list(keys)
     if wanted is None:
         return keys
@@ -157,7 +158,7 @@ def _taken(path: Path, keys: Iterable[str], wanted: _Wanted | None) -> list[str]
     if missing and wanted.by_user:
         raise DataError(f"{path}: --inputs {','.join(wanted.names)}: the file has no entry {missing[0]!r} "
                         f"(it has {', '.join(keys)})")
-    return keys if missing else [k for k in keys if k in wanted.names]
+    return [k for k in keys if k in wanted.names] or keys
 
 
 def _streamable(info: zipfile.ZipInfo) -> bool:
