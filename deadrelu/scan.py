@@ -248,11 +248,20 @@ def dynamic_batch_range(loaded: LoadedModel) -> tuple[int, int | None]:
         bounds = program.range_constraints.get(value.shape[0].node.expr)
         if bounds is None:
             continue
-        if bounds.lower.is_finite and int(bounds.lower) > 2:
-            lows.append(int(bounds.lower))
-        if bounds.upper.is_finite:
-            highs.append(int(bounds.upper))
+        low, high = _finite_int(bounds.lower), _finite_int(bounds.upper)
+        if low is not None and low > 2:
+            lows.append(low)
+        if high is not None:
+            highs.append(high)
     return max(lows), (min(highs) if highs else None)
+
+
+def _finite_int(bound: Any) -> int | None:
+    """A range bound as an int; None for torch's `int_oo` or sympy's `oo` (sympy's own
+    `is_finite` and `int()` fail on `int_oo` in ways that vary, so the type says it)."""
+    import sympy
+
+    return int(bound) if isinstance(bound, (int, sympy.Integer)) and not isinstance(bound, bool) else None
 
 
 def fixed_batch_size(loaded: LoadedModel) -> int | None:

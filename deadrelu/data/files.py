@@ -134,11 +134,12 @@ def _open_npz(path: Path, wanted: _Wanted | None = None) -> ArraySource:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: NpyRows(path, starts[key], stored[key].file_size, label=f"{path} ({key})") if key in stored
                       else archive[key] for key in _taken(path, archive.files, wanted)}
+            names = list(archive.files)
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"{path}: not a readable .npz archive ({error_line(exc)})") from exc
-    return _named_arrays(path, arrays)
+    return _named_arrays(path, arrays, names)
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,10 @@ def _open_safetensors(path: Path, wanted: _Wanted | None = None) -> ArraySource:
         raise DataError(f"{path}: not a readable .safetensors file ({error_line(exc)})") from exc
     if not isinstance(header, dict):
         raise DataError(f"{path}: not a readable .safetensors file (its header is no JSON object)")
-    names = _taken(path, (name for name in header if name != "__metadata__"), wanted)
-    arrays = {name: _safetensors_rows(path, name, header[name], 8 + length, size) for name in names}
-    return _named_arrays(path, arrays)
+    stored = [name for name in header if name != "__metadata__"]
+    arrays = {name: _safetensors_rows(path, name, header[name], 8 + length, size)
+              for name in _taken(path, stored, wanted)}
+    return _named_arrays(path, arrays, stored)
 
 
 def _safetensors_rows(path: Path, name: str, entry: Any, base: int, size: int) -> NpyRows | BFloat16Rows:
@@ -222,13 +224,15 @@ def _safetensors_rows(path: Path, name: str, entry: Any, base: int, size: int) -
     return BFloat16Rows(rows) if kind == "BF16" else rows
 
 
-def _named_arrays(path: Path, arrays: dict[str, Any]) -> ArraySource:
+def _named_arrays(path: Path, arrays: dict[str, Any], stored: list[str]) -> ArraySource:
+    """The arrays read (`_taken` of the `stored` names): positional when the file holds one
+    array, or only the unnamed ``arr_0, arr_1, ...`` of `np.savez(f, a, b)`; else by name."""
     if not arrays:
         raise DataError(f"{path}: holds no arrays")
     for key, array in arrays.items():
         _check_array(path, key, array)
     _check_same_length(path, arrays)
-    if len(arrays) == 1 or all(k.startswith("arr_") for k in arrays):
+    if len(stored) == 1 or all(k.startswith("arr_") for k in stored):
         return ArraySource(str(path), list(arrays.values()), {})
     return ArraySource(str(path), [], arrays)
 
