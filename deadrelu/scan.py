@@ -236,6 +236,8 @@ def dynamic_batch_range(loaded: LoadedModel) -> tuple[int, int | None]:
     range constraints: `Dim("b", min=4, max=64)` gives (4, 64)); (1, None) when it is
     unbounded, or the model is no exported program. A program's own lower bound of 2
     (`Dim.AUTO`) runs a batch of 1 all the same, so it is kept only above 2."""
+    if loaded.format is ModelFormat.ONNX:
+        return (2, None) if _squeezes_any_unit_dim(loaded.module.proto) else (1, None)
     program = loaded.exported_program
     if program is None:
         return 1, None
@@ -254,6 +256,22 @@ def dynamic_batch_range(loaded: LoadedModel) -> tuple[int, int | None]:
         if high is not None:
             highs.append(high)
     return max(lows), (min(highs) if highs else None)
+
+
+def _squeezes_any_unit_dim(proto: Any) -> bool:
+    """Whether an ONNX graph holds a Squeeze with no axes (what `x.squeeze()` exports as),
+    anywhere, subgraphs included. Run on a batch of one sample, it takes the batch axis
+    too, and a pre-activation behind it loses the axis its units were read from (a linear
+    site's `(1, H)` becomes `(H,)`); such a model gets batches of at least 2 samples (a
+    last batch of one joins the one before it), which read as every other batch does."""
+    def axis_less(node: Any) -> bool:
+        return node.op_type == "Squeeze" and len([i for i in node.input if i]) < 2 and \
+            not any(a.name == "axes" for a in node.attribute)
+
+    def walk(graph: Any) -> bool:
+        return any(axis_less(node) or any(walk(a.g) for a in node.attribute if a.g.node) for node in graph.node)
+
+    return walk(proto.graph)
 
 
 def _finite_int(bound: Any) -> int | None:

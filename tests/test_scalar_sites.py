@@ -4,6 +4,7 @@ one unit on every path: eager, compiled, ONNX; fix rewrites them; batch size doe
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ class Squeezing(nn.Module):
         return torch.relu(lin).sum(-1) + torch.relu(conv).sum((-2, -1))
 
 
-@pytest.mark.parametrize("fmt", ["eager", "script"])
+@pytest.mark.parametrize("fmt", ["eager", "script", "onnx"])
 @pytest.mark.parametrize("batch_size", [1, 32])  # 33 samples: -b 32 leaves a last batch of one
 def test_a_squeeze_that_takes_a_one_sample_batch_axis_keeps_the_units(tmp_path: Path, fmt: str,
                                                                        batch_size: int) -> None:
@@ -143,6 +144,12 @@ def test_a_squeeze_that_takes_a_one_sample_batch_axis_keeps_the_units(tmp_path: 
     if fmt == "script":
         path = tmp_path / "m.ts.pt"
         torch.jit.save(torch.jit.script(model), str(path))
+    elif fmt == "onnx":  # an axis-less Squeeze: batches of at least 2 (a last one of one joins its neighbour)
+        path = tmp_path / "m.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notice that squeeze() on a dynamic dim is ambiguous
+            torch.onnx.export(model, (torch.from_numpy(data[:4]),), str(path), dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "n"}})
     else:
         path = tmp_path / "m.pt"
         torch.save(model, path)
