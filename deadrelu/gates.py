@@ -65,6 +65,8 @@ class GatePolicy:
     max_site_dead_fraction: float | None = None
     ignore: tuple[str, ...] = ()
     site_rules: tuple[SiteRule, ...] = ()
+    # the count limit of a site no rule matches: 0 when `fail_on` comes with site rules alone
+    unruled_site_max_dead: int | None = None
 
     @property
     def kind(self) -> FailOn:
@@ -81,9 +83,16 @@ class GatePolicy:
         return self.fail_on is not None or self.has_limits
 
     def effective(self) -> GatePolicy:
-        """`fail_on` alone means zero tolerance for the counted kind."""
-        if self.fail_on is not None and self.fail_on is not FailOn.COLLAPSED and not self.has_limits:
+        """`fail_on` alone means zero tolerance for the counted kind. With per-site rules and
+        no limit over the whole model, the rules relax (or tighten) the sites they match and
+        every other site keeps zero tolerance: a leniency for `layer4.*` un-gates nothing else."""
+        if self.fail_on is None or self.fail_on is FailOn.COLLAPSED:
+            return self
+        if not self.has_limits:
             return replace(self, max_dead=0)
+        global_limits = (self.max_dead, self.max_dead_fraction, self.max_site_dead_fraction)
+        if self.site_rules and all(limit is None for limit in global_limits):
+            return replace(self, unruled_site_max_dead=0)
         return self
 
     def ignores(self, name: str) -> bool:
@@ -93,12 +102,16 @@ class GatePolicy:
         """(max dead units, max dead fraction, the rule pattern that set them) for one site;
         matching rules apply in order, a later one overriding an earlier one key by key."""
         count, fraction, source = None, self.max_site_dead_fraction, None
+        matched = False
         for rule in self.site_rules:
             if rule.matches(name):
+                matched = True
                 if rule.max_dead is not None:
                     count, source = rule.max_dead, rule.pattern
                 if rule.max_dead_fraction is not None:
                     fraction, source = rule.max_dead_fraction, rule.pattern
+        if not matched and self.unruled_site_max_dead is not None:
+            count = self.unruled_site_max_dead
         return count, fraction, source
 
     def to_dict(self) -> dict[str, Any]:

@@ -103,6 +103,20 @@ def test_site_rules_override_the_site_fraction_and_cap_counts() -> None:
     assert message == 'layer4.1: 1 dead unit > max-dead 0 (sites."layer4.1")'
 
 
+def test_fail_on_with_site_rules_alone_keeps_zero_tolerance_elsewhere() -> None:
+    """A rule that relaxes layer4.* un-gated every other site before: fail_on's implied
+    zero tolerance was dropped as soon as any rule set a limit."""
+    report = make_report([Site("layer4.0", 10, dead=(1, 2, 3)), Site("stem", 10, dead=(4, 5)), Site("x", 10)])
+    relaxed = GatePolicy(fail_on=FailOn.DEAD, site_rules=(SiteRule("layer4.*", max_dead=5),))
+    assert failed(relaxed, report) == [("site-max-dead", "stem")]
+    assert evaluate(report, relaxed).failures[0].message == "stem: 2 dead units > max-dead 0"
+    fraction = GatePolicy(fail_on=FailOn.DEAD, site_rules=(SiteRule("layer4.*", max_dead_fraction=0.5),))
+    assert failed(fraction, report) == [("site-max-dead", "stem")]  # the matched site: its fraction rule alone
+    whole = GatePolicy(fail_on=FailOn.DEAD, max_dead=10, site_rules=(SiteRule("layer4.*", max_dead=5),))
+    assert failed(whole, report) == []  # a model-wide limit given: rules only add to it
+    assert failed(GatePolicy(site_rules=(SiteRule("layer4.*", max_dead=5),)), report) == []  # no fail_on
+
+
 def test_baseline_counts_only_new_findings() -> None:
     old = make_report([Site("a", 10, dead=(1, 2)), Site("c", 2, dead=(0, 1))])
     new = make_report([Site("a", 10, dead=(1, 2, 7)), Site("b", 4, dead=(0,)), Site("c", 2, dead=(0, 1))])
