@@ -21,6 +21,8 @@ def merge_command(
     with reported_errors():
         from deadrelu.saved import load_report
 
+        if output is not None and str(output) == "-":  # `-o -`: stdout, as the default
+            output = None
         if output is not None:
             check_target(output, "-o", tuple(reports))
         else:

@@ -113,5 +113,7 @@ def settings_from_flags(*, fail_on: FailOn | None = None, max_dead: int | None =
 
 def output_options(fmt: Any, output: Path | None, quiet: bool, exit_zero: bool,
                    json_out: str | None = None) -> OutputOptions:
+    if output is not None and str(output) == "-":  # `-o -`: stdout, as `--json -` is
+        output = None
     return OutputOptions(format=getattr(fmt, "value", fmt), output=output, json_out=json_out, quiet=quiet,
                          exit_zero=exit_zero)

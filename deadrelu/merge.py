@@ -48,7 +48,7 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
     return ScanReport(
         model=first.model,
         data=DataInfo("merged: " + ", ".join(f"{n} ({r.data.source})" for n, r in zip(names, reports)), samples,
-                      all(r.data.random for r in reports), tuple(p for r in reports for p in constituents(r))),
+                      any(r.data.random for r in reports), tuple(p for r in reports for p in constituents(r))),
         sites=tuple(sites),
         thresholds=judged_with,
         device=first.device,

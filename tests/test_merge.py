@@ -54,6 +54,20 @@ def test_merge_equals_one_scan(tmp_path: Path, shards: tuple[Path, Path]) -> Non
     assert merged["summary"]["dead"] == 14
 
 
+def test_a_merge_with_a_random_data_part_is_random_and_dash_o_is_stdout(tmp_path: Path,
+                                                                         shards: tuple[Path, Path]) -> None:
+    """Any random part makes the merge random (it read "random": false when one part was
+    real); `-o -` is stdout for merge and report, as `--json -` is (a file named '-' before)."""
+    scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
+    scan_json(tmp_path, "convnet.pt2", Path("random"), "r.json", "--input-shape", "3,16,16", "--samples", "8")
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json"), str(tmp_path / "r.json"), "-o", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["data"]["random"] is True
+    shown = CliRunner().invoke(app, ["report", str(tmp_path / "a.json"), "-f", "json", "-o", "-"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["data"]["samples"] == 32
+    assert not (Path.cwd() / "-").exists()
+
+
 def test_merge_refuses_other_models_and_sites(tmp_path: Path, shards: tuple[Path, Path]) -> None:
     scan_json(tmp_path, "convnet.pt2", shards[0], "a.json")
     scan_json(tmp_path, "convnet.ts.pt", shards[1], "ts.json")
