@@ -96,7 +96,6 @@ class NpyRows:
             flat = np.fromfile(handle, dtype=self.dtype, count=count * (self._row_bytes // max(self.dtype.itemsize, 1)))
         return flat.reshape((count, *self.shape[1:]))
 
-
     def _fortran_rows(self, start: int, count: int) -> np.ndarray:
         """Rows of a Fortran-ordered array (what `np.save` writes for a transposed one):
         each of its ``prod(shape[1:])`` columns holds the samples contiguously, so a batch
