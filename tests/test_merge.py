@@ -102,7 +102,11 @@ def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_p
     renamed = tmp_path / "renamed.npy"
     renamed.write_bytes(Path(shards[0]).read_bytes())
     scan_json(tmp_path, "convnet.pt2", renamed, "renamed.json")  # the same data under another name
+    rebatched = scan_json(tmp_path, "convnet.pt2", shards[0], "b7.json", "-b", "7")  # the kernels round otherwise
+    assert any(x["per_unit"]["max"] != y["per_unit"]["max"] for x, y in zip(rebatched["sites"], a["sites"]))
     for twice, why in ((["a.json", "a.json"], "a.json: given twice;"),
+                       (["a.json", "b7.json"], "b7.json: the same data as " + str(tmp_path / "a.json") +
+                        ", scanned again"),
                        (["a.json", "b.json", "copy.json"], "copy.json: the same scan as " + str(tmp_path / "a.json")),
                        (["a.json", "renamed.json"], "renamed.json: the same scan as " + str(tmp_path / "a.json"))):
         result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in twice]])
