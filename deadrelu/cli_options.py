@@ -7,6 +7,7 @@ so that the configuration file's value applies) and a `ci.OutputOptions`.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -106,6 +107,8 @@ def settings_from_flags(*, fail_on: FailOn | None = None, max_dead: int | None =
                         max_new_dead: int | None = None) -> Settings:
     if ignore and not all(glob.strip() for glob in ignore):
         raise UsageError("--ignore '': expected a site-name glob (e.g. 'head.*'); an empty one matches no site")
+    if tau is not None and not math.isfinite(tau):
+        raise UsageError(f"--tau {tau}: expected a finite number >= 0 (every unit would be dormant)")
     return Settings(fail_on=fail_on, max_dead=max_dead, max_dead_fraction=max_dead_fraction,
                     max_site_dead_fraction=max_site_dead_fraction, ignore=tuple(ignore) if ignore else None,
                     baseline=baseline, near_dead=near_dead, tau=tau, max_new_dead=max_new_dead)

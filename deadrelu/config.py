@@ -148,8 +148,8 @@ def _fraction(value: Any, name: str, _path: Path) -> float:
 
 
 def _non_negative(value: Any, name: str, _path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigError(f"{name}: expected a number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"{name}: expected a finite number >= 0, got {value!r}")
     return float(value)
 
 

@@ -154,6 +154,8 @@ def _error(result) -> str:
         ([FIX / "mlp.state_dict.pt", "--data", FIX / "mlp.calib.npy", "--arch", "no_such_pkg.mod:f"], r"cannot import no_such_pkg"),
         ([FIX / "mlp.pickle.pt", "--data", FIX / "mlp.calib.npy"], r"full pickle \(.*MLP.*\).*--trust-pickle"),
         ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--device", "tpu"], r"--device 'tpu'"),
+        ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--tau", "inf"], r"--tau inf: expected a finite number"),
+        ([FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--inputs", ","], r"--inputs ',': names no input"),
     ],
 )
 def test_errors_are_one_line_exit_2(runner: CliRunner, args: list, pattern: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deadrelu.errors import DataError
+from deadrelu.errors import DataError, UsageError
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,9 @@ class InputSelector:
         if not spec:
             return InputSelector(count=count, names=names)
         parts = tuple(p.strip() for p in spec.split(",") if p.strip())
-        if parts and all(p.isdigit() for p in parts):
+        if not parts:
+            raise UsageError(f"--inputs '{spec}': names no input; expected positions (0 or 0,1) or names (image,mask)")
+        if all(p.isdigit() for p in parts):
             return InputSelector(positions=tuple(int(p) for p in parts), count=count, names=names)
         return InputSelector(keys=parts, count=count, names=names)
 
