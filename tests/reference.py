@@ -23,6 +23,19 @@ def unit_stats(preact: np.ndarray, axis: int) -> dict[str, np.ndarray]:
     }
 
 
+def assert_site_stats(site, ref: dict[str, np.ndarray], rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """One scanned site against `unit_stats` of its pre-activations: counts and positives
+    exactly, extremes and moments to `rtol`/`atol` (std to ten times `rtol`: it is a
+    difference of sums in float32 models)."""
+    s = site.stats
+    np.testing.assert_array_equal(s.count, ref["count"], err_msg=site.name)
+    np.testing.assert_array_equal(s.positive, ref["positive"], err_msg=site.name)
+    np.testing.assert_allclose(s.minimum, ref["min"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.maximum, ref["max"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.mean, ref["mean"], rtol=rtol, atol=atol, err_msg=site.name)
+    np.testing.assert_allclose(s.std, ref["std"], rtol=10 * rtol, atol=atol, err_msg=site.name)
+
+
 def assert_unit_stats_match(report, want) -> None:
     """A scan's per-unit statistics against a brute force (`fixtures/bruteforce.py`): dead
     sets, counts and positives exactly, extremes and moments to float32 rounding."""

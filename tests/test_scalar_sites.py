@@ -14,7 +14,7 @@ from torch import nn
 
 from deadrelu import ScanOptions, scan
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
-from reference import unit_stats
+from reference import assert_site_stats, unit_stats
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                                     reason="torch.compile on CPU needs a C++ compiler")
@@ -159,9 +159,4 @@ def test_a_squeeze_that_takes_a_one_sample_batch_axis_keeps_the_units(tmp_path: 
     assert [(s.units, s.unit_axis) for s in report.sites] == [(6, 1), (4, 1)], report.sites
     for site, (ref, dead) in zip(report.sites, expected.values()):
         assert list(site.verdict.dead) == dead, site.name
-        np.testing.assert_array_equal(site.stats.count, ref["count"], err_msg=site.name)
-        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
-        np.testing.assert_allclose(site.stats.minimum, ref["min"], rtol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.maximum, ref["max"], rtol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-5, atol=1e-6, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-5, atol=1e-6, err_msg=site.name)
+        assert_site_stats(site, ref, rtol=1e-6, atol=1e-6)

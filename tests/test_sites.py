@@ -354,7 +354,7 @@ class Routed(nn.Module):
 
 @pytest.mark.parametrize("flavour", ["eager", "script"])
 def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tmp_path) -> None:
-    from reference import unit_stats
+    from reference import assert_site_stats, unit_stats
     model = Routed().eval()
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
@@ -372,12 +372,7 @@ def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tm
     assert [s.name for s in report.sites] == ["act", "relu", "act_1", "relu_1"]
     for site in report.sites:
         ref = unit_stats(np.concatenate(seen[site.name]), 1)
-        np.testing.assert_array_equal(site.stats.count, ref["count"], err_msg=site.name)
-        np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
-        np.testing.assert_allclose(site.stats.minimum, ref["min"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.maximum, ref["max"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-        np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)
+        assert_site_stats(site, ref)
         assert list(site.verdict.dead) == list(np.flatnonzero(ref["positive"] == 0)), site.name
     dead = {s.name: list(s.verdict.dead) for s in report.sites}
     assert 1 in dead["act"] and 0 in dead["relu_1"] and not dead["act_1"]  # the planted units, one arm each

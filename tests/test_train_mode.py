@@ -16,7 +16,7 @@ from torch import nn
 from deadrelu import ScanOptions, scan
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, run_fix
 from deadrelu.load import load_model
-from reference import unit_stats
+from reference import assert_site_stats, unit_stats
 
 
 class TrainedNet(nn.Module):
@@ -99,12 +99,7 @@ def test_a_graph_saved_in_training_mode_is_scanned_as_in_eval_mode(saved: dict[s
     for report in reports:
         assert [list(s.verdict.dead) for s in report.sites] == dead
         for site, ref in zip(report.sites, truth):
-            np.testing.assert_array_equal(site.stats.count, ref["count"], err_msg=site.name)
-            np.testing.assert_array_equal(site.stats.positive, ref["positive"], err_msg=site.name)
-            np.testing.assert_allclose(site.stats.minimum, ref["min"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-            np.testing.assert_allclose(site.stats.maximum, ref["max"], rtol=1e-5, atol=1e-5, err_msg=site.name)
-            np.testing.assert_allclose(site.stats.mean, ref["mean"], rtol=1e-4, atol=1e-5, err_msg=site.name)
-            np.testing.assert_allclose(site.stats.std, ref["std"], rtol=1e-4, atol=1e-5, err_msg=site.name)
+            assert_site_stats(site, ref)
         said = [w for w in report.warnings if "training mode" in w]
         assert len(said) == 1 and name in said[0] and "BatchNorm and Dropout" in said[0], report.warnings
     np.testing.assert_array_equal(reports[0].sites[1].stats.m2, reports[1].sites[1].stats.m2)  # no live dropout

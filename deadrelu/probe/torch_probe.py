@@ -283,7 +283,8 @@ class ReluProbe(TorchDispatchMode):
             return None
         name = self._namer.name(sites.base_name(ctx, functional), self.contexts.where())
         tap = self.taps.get(name)
-        origin = self._producers.get(x)
+        # (the producer is looked up only when it can matter: a new site, or a one-sample batch)
+        origin = self._producers.get(x) if tap is None or self._samples == 1 else None
         restored = self._samples == 1 and origin is not None and origin.lost_samples(x.ndim)
         ndim, x = (x.ndim + 1, x.unsqueeze(0)) if restored else (x.ndim, sites.scalar_view(x))
         if tap is None:
