@@ -723,3 +723,44 @@ def test_a_model_torch_export_cannot_capture_fails_in_one_line(tmp_path: Path) -
     said = [line for line in scanned.stderr.splitlines() if line.startswith("deadrelu: ") and "kernel" not in line]
     assert len(said) == 2 and "the scan stays on the eager path" in scanned.stderr, scanned.stderr
     assert "def forward" not in scanned.stderr and "symbolic_shapes" not in scanned.stderr, scanned.stderr
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.act, self.out = (torch.nn.Linear(4, 6), torch.nn.Linear(3, 6), torch.nn.ReLU(),
+                                              torch.nn.Linear(6, 2))
+        with torch.no_grad():
+            for layer, bias in ((self.a, -3.0), (self.b, -1.0)):
+                layer.weight[1], layer.bias[1] = 0.0, bias  # unit 1 dead
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.a(x) + self.b(mask)))
+
+
+@pytest.mark.parametrize("save", ["script", "trace"])
+def test_a_fixed_torchscript_model_takes_its_inputs_by_their_names(tmp_path: Path, save: str) -> None:
+    """The TorchScript converter names a graph's inputs `x_1, mask_1`: the written program
+    must take `x, mask` as the original did, so the same .npz verifies and scans it."""
+    torch.manual_seed(4)
+    model = _TwoInputs().eval()
+    rng = np.random.default_rng(5)
+    x, mask = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(40, 3)).astype(np.float32)
+    saved = torch.jit.script(model) if save == "script" else torch.jit.trace(
+        model, (torch.from_numpy(x[:2]), torch.from_numpy(mask[:2])))
+    saved.save(str(tmp_path / "two.ts.pt"))
+    np.savez(tmp_path / "two.npz", x=x, mask=mask)
+    out = tmp_path / "fixed.pt2"
+    fixed = CliRunner().invoke(app, ["fix", str(tmp_path / "two.ts.pt"), "-d", str(tmp_path / "two.npz"), "--to", "prelu",
+                                     "--apply", "-o", str(out), "--json", str(tmp_path / "f.json")])
+    assert fixed.exit_code == 0, fixed.output
+    verification = json.loads((tmp_path / "f.json").read_text())["verification"]
+    assert verification["sites"][0]["dead_before"] == 1
+    program = torch.export.load(str(out))
+    assert list(program.graph_signature.user_inputs) == ["x", "mask"]
+    with torch.no_grad():
+        got = program.module()(torch.from_numpy(x), torch.from_numpy(mask))
+        want = model(torch.from_numpy(x), torch.from_numpy(mask))
+    assert float((got - want).abs().max()) == pytest.approx(verification["outputs"]["max_abs"], rel=1e-5, abs=1e-7)
+    scanned = CliRunner().invoke(app, ["scan", str(out), "-d", str(tmp_path / "two.npz"), "-q"])
+    assert scanned.exit_code == 0, scanned.output

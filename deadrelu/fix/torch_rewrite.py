@@ -94,6 +94,7 @@ def _from_torchscript(loaded: LoadedModel, example: ModelInput, site_contexts: S
                            f"({_line(exc)}); save the eager model's state_dict and use --arch instead") from exc
     graph_module = program.module()
     _name_nodes(graph_module, site_contexts)
+    _restore_input_names(graph_module, loaded.module)
     try:
         return _export(graph_module, example, dynamic=True)
     except RewriteError:
@@ -107,6 +108,28 @@ def _name_nodes(graph_module: torch.fx.GraphModule, contexts: Sequence[tuple[str
         return
     for node, (path, kind) in zip(nodes, contexts):
         node.meta["nn_module_stack"] = {"deadrelu": (path, kind)} if path else {}
+
+
+def _restore_input_names(graph_module: torch.fx.GraphModule, script_module: Any) -> None:
+    """Name the converted graph's inputs after the TorchScript forward's parameters.
+
+    The converter names them after TorchScript's value names (`x.1` becomes `x_1`), so the
+    written program would take `x_1, mask_1` and refuse the data its original took by name.
+    """
+    try:
+        names = [argument.name for argument in script_module.forward.schema.arguments[1:]]
+    except (AttributeError, RuntimeError):
+        return
+    inputs = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+    taken = {node.name for node in graph_module.graph.nodes} - {node.name for node in inputs}
+    if len(inputs) != len(names) or len(set(names)) != len(names) or taken & set(names):
+        return
+    for node, name in zip(inputs, names):
+        node.target = node.name = name
+    codegen = graph_module.graph._codegen
+    if isinstance(codegen, torch.fx.graph._PyTreeCodeGen):
+        codegen.pytree_info = codegen.pytree_info._replace(orig_args=list(names))
+    graph_module.recompile()
 
 
 def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
