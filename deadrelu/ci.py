@@ -166,6 +166,9 @@ def compare(old: Path, new: Path, flags: Settings, config: Path | None, out: Out
                                       ignore=prepared.settings.ignore or (),
                                       max_new_dead=prepared.settings.max_new_dead)
     deliver_diff(prepared.fmt, result, out.output, quiet=out.quiet, stdout=stdout)
+    notes_on_stdout = out.format in ("table", "markdown") and out.output is None
+    for note in () if out.quiet or notes_on_stdout else result.notes:
+        stderr.print(f"deadrelu: note: {note}", highlight=False, markup=False, soft_wrap=True)
     line, style = diff_summary(result)
     stderr.print(line, style=style or None, highlight=False, markup=False)
     return ExitCode.FINDINGS if result.failures and not out.exit_zero else ExitCode.CLEAN

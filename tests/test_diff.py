@@ -197,3 +197,24 @@ def test_not_a_report(tmp_path: Path) -> None:
     other = tmp_path / "y.json"
     other.write_text('{"hello": 1}')
     assert "(is this a deadrelu report?)" in run("report", other).stderr
+
+
+@pytest.mark.parametrize(("fmt", "output", "on_stderr"), [
+    ("json", False, True), ("github", False, True), ("markdown", True, True),
+    ("table", False, False), ("markdown", False, False),
+])
+def test_diff_notes_reach_stderr_unless_stdout_shows_them(tmp_path: Path, fmt: str, output: bool,
+                                                          on_stderr: bool) -> None:
+    old = make_report([Site("x", 4, dead=(1,))])
+    new = make_report([Site("a", 4, dead=(1,))])
+    (tmp_path / "old.json").write_text(old.to_json())
+    (tmp_path / "new.json").write_text(new.to_json())
+    extra = ["-o", tmp_path / "out"] if output else []
+    result = run("diff", tmp_path / "old.json", tmp_path / "new.json", "-f", fmt, *extra)
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "share no site name" in line]
+    assert len(said) == (1 if on_stderr else 0), result.stderr
+    if on_stderr:
+        assert said[0].startswith("deadrelu: note: ")
+    if not on_stderr:
+        assert result.stdout.count("share no site name") == 1  # the rendered diff shows it

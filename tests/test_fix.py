@@ -54,6 +54,9 @@ def test_slope_zero_swap_reproduces_outputs_exactly(fmt: str, to: str, tmp_path:
     assert ops.count(swapped) == 10 + (1 if swapped == "leaky_relu" else 0) + (1 if swapped == "prelu" else 0)
     assert ops.count("relu6") == 1
     assert [c.site for c in result.changes] == [f.site for f in result.plan]
+    # a zero-slope LeakyReLU is a ReLU: said, since the "fix" revives nothing; a zero-init PReLU can learn
+    said = [n for n in result.notes if "--slope 0 computes exactly what ReLU does" in n]
+    assert len(said) == (1 if to == "leaky" else 0), result.notes
 
 
 @pytest.mark.parametrize("fmt", ["exported_program", "state_dict"])

@@ -62,12 +62,17 @@ class FixReport:
     state_dict: str | None = None
     nothing_planned: str | None = None  # why the plan is empty, when it is
     bn_init: str = "identity"  # how inserted BatchNorms were initialised (RewriteOptions.bn_init)
+    leaky_slope: float = 0.01  # the negative slope of the LeakyReLU swaps (RewriteOptions.leaky_slope())
 
     @property
     def notes(self) -> tuple[str, ...]:
         """What the verification means where its counts alone would mislead: printed under
         it and carried in the JSON."""
         notes = []
+        unchanged = [c.site for c in self.changes if c.change == "leaky"]
+        if unchanged and self.leaky_slope == 0.0:
+            notes.append(f"{', '.join(unchanged)}: LeakyReLU with --slope 0 computes exactly what ReLU does, outputs "
+                         "and gradients alike, so fine-tuning cannot revive the dead units there; give a slope > 0")
         still_dead = [c.site for c in self.changes if c.change == "bn" and c.dead_after and c.dead_after >= c.dead_before]
         if still_dead and self.bn_init == "identity":
             notes.append(f"{', '.join(still_dead)}: the inserted BatchNorm keeps the outputs as they were "
@@ -141,7 +146,8 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         shutil.rmtree(stage, ignore_errors=True)
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
-                     deviation, lines, weights, bn_init=options.rewrite.bn_init)
+                     deviation, lines, weights, bn_init=options.rewrite.bn_init,
+                     leaky_slope=options.rewrite.leaky_slope())
 
 
 def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,
