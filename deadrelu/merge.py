@@ -9,13 +9,14 @@ lists are refused: their units are not the same units.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from deadrelu.errors import UsageError
 from deadrelu.judge import Thresholds
-from deadrelu.report import DataInfo, ScanReport, site_report
+from deadrelu.report import DataInfo, PartSummary, ScanReport, site_report
 from deadrelu.stats import UnitStats
 
 
@@ -48,7 +49,8 @@ def merge_reports(reports: Sequence[ScanReport], names: Sequence[str], threshold
     return ScanReport(
         model=first.model,
         data=DataInfo("merged: " + ", ".join(f"{n} ({r.data.source})" for n, r in zip(names, reports)), samples,
-                      any(r.data.random for r in reports), tuple(p for r in reports for p in constituents(r))),
+                      any(r.data.random for r in reports), tuple(p for r in reports for p in constituents(r)),
+                      _kept_summaries(reports)),
         sites=tuple(sites),
         thresholds=judged_with,
         device=first.device,
@@ -73,6 +75,48 @@ def constituents(report: ScanReport) -> tuple[str, ...]:
     return report.data.parts or (fingerprint(report),)
 
 
+def part_summary(report: ScanReport) -> PartSummary:
+    """What a merge keeps of a scan to know it again at another batch size."""
+    digest = hashlib.sha256(str(report.data.samples).encode())
+    sites = []
+    for site in report.sites:
+        digest.update(bytes(memoryview(np.ascontiguousarray(site.stats.count, dtype=np.int64))))
+        digest.update(bytes(memoryview(np.ascontiguousarray(site.stats.positive, dtype=np.int64))))
+        sites.append((_finite(site.stats.minimum, np.min), _finite(site.stats.maximum, np.max),
+                      _finite(site.stats.mean, np.mean)))
+    return PartSummary(report.data.samples, digest.hexdigest()[:32], tuple(sites))
+
+
+def _finite(values: np.ndarray, reduce: Callable[[np.ndarray], Any]) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(reduce(finite)) if finite.size else None
+
+
+def summaries(report: ScanReport) -> tuple[PartSummary, ...]:
+    """The summaries of the scans a report holds (none for a merge written without them)."""
+    return report.data.part_summaries if report.data.parts else (part_summary(report),)
+
+
+def _kept_summaries(reports: Sequence[ScanReport]) -> tuple[PartSummary, ...]:
+    held = [summaries(r) for r in reports]
+    return () if any(len(h) != len(constituents(r)) for h, r in zip(held, reports)) else tuple(
+        p for h in held for p in h)
+
+
+def _same_part(a: PartSummary, b: PartSummary) -> bool:
+    """Whether two summaries are of one data, whatever the batch size (see `_rescanned`)."""
+    if (a.samples, a.counts, len(a.sites)) != (b.samples, b.counts, len(b.sites)):
+        return False
+    for x, y in zip(a.sites, b.sites):
+        if any((u is None) != (v is None) for u, v in zip(x, y)):
+            return False
+        scale = max([abs(v) for v in x[:2] if v is not None] + [1e-30])
+        if not all(u is None or abs(u - v) <= RESCAN_RTOL * max(abs(u), abs(v)) + RESCAN_RTOL * scale
+                   for u, v in zip(x, y)):
+            return False
+    return True
+
+
 def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> None:
     """The same scan given twice (one file twice, a copy, a scan of the same data under
     another file name, or a merged report beside one of its own parts) would count its
@@ -92,6 +136,13 @@ def _check_no_repeats(reports: Sequence[ScanReport], names: Sequence[str]) -> No
                 what = f"the same scan as {other} (same samples, same statistics)"
             raise UsageError(f"{name}: {what}; merging it again would count its samples twice")
         seen.update(dict.fromkeys(constituents(report), (name, merged)))
+    for i, (report, name) in enumerate(zip(reports, names)):  # a merge's part, rescanned, beside it
+        for other, other_name in zip(reports[:i], names[:i]):
+            if (report.data.parts or other.data.parts) and any(
+                    _same_part(a, b) for a in summaries(report) for b in summaries(other)):
+                raise UsageError(f"{name}: it and {other_name} hold the same data, scanned again (one is a merge "
+                                 "that includes it: same samples, same counts, statistics equal to float rounding); "
+                                 "merging it would count its samples twice")
     plain = [(r, n) for r, n in zip(reports, names) if not r.data.parts]
     for i, (report, name) in enumerate(plain):
         for other, other_name in plain[:i]:

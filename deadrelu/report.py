@@ -102,6 +102,22 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class PartSummary:
+    """What a merge keeps of one scan it combines, to know that scan again when it was
+    redone at another batch size (bits differ then, so its fingerprint does): the sample
+    count, a hash of the per-unit counts and positive counts (integers: the same at any
+    batch size), and per site the smallest minimum, largest maximum and mean of the
+    per-unit means (None where no value was finite)."""
+
+    samples: int
+    counts: str
+    sites: tuple[tuple[float | None, float | None, float | None], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": self.samples, "counts": self.counts, "sites": [list(s) for s in self.sites]}
+
+
+@dataclass(frozen=True)
 class DataInfo:
     source: str
     samples: int
@@ -109,11 +125,15 @@ class DataInfo:
     # A merge's: the fingerprints of the scans it combines (`deadrelu.merge.fingerprint`),
     # so a later merge can refuse one of them given again. Empty for a scan.
     parts: tuple[str, ...] = ()
+    # A merge's, one per part when every part had one (merges written before they existed do not)
+    part_summaries: tuple[PartSummary, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"source": self.source, "samples": self.samples, "random": self.random}
         if self.parts:
             doc["parts"] = list(self.parts)
+        if self.part_summaries:
+            doc["part_summaries"] = [p.to_dict() for p in self.part_summaries]
         return doc
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from deadrelu.errors import SavedReportError
 from deadrelu.judge import Thresholds
-from deadrelu.report import SCHEMA_VERSION, DataInfo, ModelInfo, ScanReport, SiteReport, site_report
+from deadrelu.report import SCHEMA_VERSION, DataInfo, ModelInfo, PartSummary, ScanReport, SiteReport, site_report
 from deadrelu.stats import UnitSummary
 
 # Keys of a site object that the report itself writes; anything else is backend-specific
@@ -96,7 +96,8 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         model=ModelInfo(where.text(model, "path", "model."), where.text(model, "format", "model."),
                         str(model.get("sha256", ""))),
         data=DataInfo(where.text(data, "source", "data."), where.integer(data, "samples", "data.", minimum=0),
-                      where.flag(data, "random", "data."), tuple(where.texts(data, "parts", "data."))),
+                      where.flag(data, "random", "data."), tuple(where.texts(data, "parts", "data.")),
+                      _part_summaries(data, where)),
         sites=tuple(reports),
         thresholds=judged_with,
         device=str(doc.get("device", "")),
@@ -213,6 +214,26 @@ def _check_verdicts(site: dict, rebuilt: SiteReport, summary: UnitSummary, at: _
 
 def _short(units: list, shown: int = 8) -> str:
     return "[" + ", ".join(map(str, units[:shown])) + (", ..." if len(units) > shown else "") + "]"
+
+
+def _part_summaries(data: dict, where: _Where) -> tuple[PartSummary, ...]:
+    """A merge's `data.part_summaries` (absent: none), one per part."""
+    value = data.get("part_summaries", [])
+    parts = data.get("parts", [])
+    if not isinstance(value, list) or (value and (not isinstance(parts, list) or len(value) != len(parts))):
+        raise where.error("data.part_summaries", "expected a list with one summary per part")
+    summaries = []
+    for index, item in enumerate(value):
+        at = where.at(f"data.part_summaries[{index}]")
+        if not isinstance(item, dict):
+            raise at.error("", "not an object")
+        sites = at.items(item, "sites")
+        if not all(isinstance(s, list) and len(s) == 3 and all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in s) for s in sites):
+            raise at.error("sites", "expected [min, max, mean] (numbers or null) per site")
+        summaries.append(PartSummary(at.integer(item, "samples", minimum=0), at.text(item, "counts"),
+                                     tuple(tuple(None if v is None else float(v) for v in s) for s in sites)))
+    return tuple(summaries)
 
 
 class _Where:

@@ -640,6 +640,9 @@ _DELETE = object()
     ("sites.0.unit_axis", -2, r"sites\[0\]\.unit_axis: expected an integer >= 0"),
     ("data.samples", -5, r"data\.samples: expected an integer >= 0"),
     ("data.parts", "ab", r"data\.parts: expected a list of strings"),
+    ("data.part_summaries", "ab", r"data\.part_summaries: expected a list with one summary per part"),
+    ("data.part_summaries", [{"samples": 1, "counts": "c", "sites": []}],
+     r"data\.part_summaries: expected a list with one summary per part"),  # a scan has no parts
     ("sites.0.dead", 0, r"sites\[0\]\.dead: says 0, but the report's per-unit counts give 2: the report contradicts"),
     ("sites.0.near_dead", 7, r"sites\[0\]\.near_dead: says 7, but .* give 1"),
     ("summary.dead", 0, r"summary\.dead: says 0, but the report's sites give 3: the report contradicts itself"),

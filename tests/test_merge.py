@@ -122,6 +122,16 @@ def test_merge_refuses_the_same_scan_twice_and_says_when_thresholds_differ(tmp_p
         result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in again]])
         assert result.exit_code == 2 and "(one is a merge that includes it); merging it again" in result.stderr, \
             (again, result.output)
+    # a part rescanned at another batch size, beside the merge that holds it (either side, or inside another merge)
+    only_b7 = CliRunner().invoke(app, ["merge", str(tmp_path / "b7.json"), "-o", str(tmp_path / "only_b7.json")])
+    assert only_b7.exit_code == 0, only_b7.output
+    for again in (["ab.json", "b7.json"], ["b7.json", "ab.json"], ["ab.json", "only_b7.json"]):
+        result = CliRunner().invoke(app, ["merge", *[str(tmp_path / n) for n in again]])
+        assert result.exit_code == 2 and "hold the same data, scanned again (one is a merge" in result.stderr, \
+            (again, result.output)
+    summaries = merged["data"]["part_summaries"]
+    assert [p["samples"] for p in summaries] == [a["data"]["samples"], merged["data"]["samples"] - a["data"]["samples"]]
+    assert len(summaries[0]["sites"]) == len(a["sites"])
     only_a = CliRunner().invoke(app, ["merge", str(tmp_path / "a.json")])
     (tmp_path / "only_a.json").write_text(only_a.stdout)
     nested = CliRunner().invoke(app, ["merge", str(tmp_path / "only_a.json"), str(tmp_path / "b.json")])
