@@ -767,3 +767,40 @@ def test_a_fixed_torchscript_model_takes_its_inputs_by_their_names(tmp_path: Pat
     assert float((got - want).abs().max()) == pytest.approx(verification["outputs"]["max_abs"], rel=1e-5, abs=1e-7)
     scanned = CliRunner().invoke(app, ["scan", str(out), "-d", str(tmp_path / "two.npz"), "-q"])
     assert scanned.exit_code == 0, scanned.output
+
+
+@pytest.mark.parametrize("call", ["keywords", "mixed"])
+def test_a_program_exported_with_keyword_inputs_is_scanned_and_fixed(tmp_path: Path, call: str) -> None:
+    """`export(m, (), {"x": x, "mask": mask})`: an exported module refuses its keyword
+    inputs by position. The scan reads them by name from the .npz and its statistics
+    equal a brute force; the fixed program takes them by name as the original did."""
+    from reference import assert_site_stats, unit_stats
+
+    import deadrelu
+
+    torch.manual_seed(4)
+    model = _TwoInputs().eval()
+    rng = np.random.default_rng(5)
+    x, mask = rng.normal(size=(40, 4)).astype(np.float32), rng.normal(size=(40, 3)).astype(np.float32)
+    tx, tmask = torch.from_numpy(x), torch.from_numpy(mask)
+    auto = {0: torch.export.Dim.AUTO}
+    args, kwargs = ((), {"x": tx[:5], "mask": tmask[:5]}) if call == "keywords" else ((tx[:5],), {"mask": tmask[:5]})
+    program = torch.export.export(model, args, kwargs, dynamic_shapes={"x": auto, "mask": auto})
+    torch.export.save(program, str(tmp_path / "kw.pt2"))
+    np.savez(tmp_path / "two.npz", x=x, mask=mask)
+
+    report = deadrelu.scan(tmp_path / "kw.pt2", tmp_path / "two.npz", options=deadrelu.ScanOptions(batch_size=16))
+    with torch.no_grad():
+        preact = (model.a(tx) + model.b(tmask)).numpy()
+    assert_site_stats(report.sites[0], unit_stats(preact, 1))
+    assert list(report.sites[0].verdict.dead) == [1]
+
+    out = tmp_path / "fixed.pt2"
+    fixed = CliRunner().invoke(app, ["fix", str(tmp_path / "kw.pt2"), "-d", str(tmp_path / "two.npz"), "--to", "leaky",
+                                     "--apply", "-o", str(out)])
+    assert fixed.exit_code == 0, fixed.output
+    written = torch.export.load(str(out)).module()
+    with torch.no_grad():
+        got = written(x=tx, mask=tmask) if call == "keywords" else written(tx, mask=tmask)
+        want = model(tx, tmask)
+    assert float((got - want).abs().max()) < 0.1  # the dead unit's -4 now passes at slope 0.01

@@ -232,7 +232,8 @@ class InputSelector:
 
     def _from_dict(self, batch: dict[str, Any]) -> ModelInput:
         """Named inputs go to the forward's parameters of those names, as positional
-        arguments (a torch.export program takes no keywords); without --inputs, entries the
+        arguments (a program exported with keyword inputs takes them by position too, see
+        `load.torch_formats.keyword_inputs`); without --inputs, entries the
         forward does not take (labels) are left out. Positions do not pick named entries:
         which entry is "0" would hang on the order a file happened to store them in."""
         if self.positions is not None:
@@ -255,7 +256,7 @@ class InputSelector:
 
     def _unplaceable(self, keys: tuple[str, ...]) -> str:
         """Why named inputs that are partly the forward's parameters cannot be passed: inputs
-        go by position (a torch.export program takes no keywords), so they must be its
+        go by position, so they must be its
         leading parameters, or all be other names (taken in the order given)."""
         assert self.names is not None
         takes = f"the model's forward takes ({', '.join(self.names)})"

@@ -22,7 +22,7 @@ from deadrelu.errors import DeadReluError, ModelLoadError
 from deadrelu.fix.plan import SiteFix
 from deadrelu.load import LoadedModel
 from deadrelu.load.detect import ModelFormat
-from deadrelu.load.torch_formats import quiet_torch_logs
+from deadrelu.load.torch_formats import keyword_inputs, quiet_torch_logs
 
 aten = torch.ops.aten
 
@@ -133,6 +133,7 @@ def _restore_input_names(graph_module: torch.fx.GraphModule, script_module: Any)
 
 
 def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
+    example = _as_called(module, example)
     shapes = tuple({0: torch.export.Dim.AUTO} for _ in example.args) if dynamic else None
     kw_shapes = {k: {0: torch.export.Dim.AUTO} for k in example.kwargs} if dynamic else None
     try:
@@ -145,6 +146,16 @@ def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
         if dynamic:
             return _export(module, example, dynamic=False)
         raise RewriteError(f"cannot export the model with torch.export: {_line(exc)}") from exc
+
+
+def _as_called(module: Any, example: ModelInput) -> ModelInput:
+    """The example as the module takes it: keyword inputs by name for a program exported
+    with them, so the written program takes them by name as the original did."""
+    keywords = keyword_inputs(module)
+    if keywords is None or example.kwargs or len(example.args) != keywords[0] + len(keywords[1]):
+        return example
+    leading, names = keywords
+    return ModelInput(example.args[:leading], dict(zip(names, example.args[leading:])))
 
 
 def _arg_names(module: Any, count: int) -> list[str]:

@@ -42,7 +42,40 @@ def load_exported(path: Path) -> tuple[torch.fx.GraphModule, Any]:
             program = torch.export.load(str(path))
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read torch.export program: {_first_line(exc)}") from exc
-    return program.module(), program
+    module = program.module()
+    _take_keywords_by_position(module)
+    return module, program
+
+
+def _take_keywords_by_position(module: torch.fx.GraphModule) -> None:
+    """Let a program exported with keyword inputs (`export(m, (), {"x": x, "mask": m})`)
+    take them by position too, in the order it was exported with: the scan passes inputs
+    by position, and an exported module refuses positional arguments for them. A hook
+    names them before the module's own input check; keyword calls work as before."""
+    keywords = keyword_inputs(module)
+    if keywords is None:
+        return
+    leading, names = keywords
+
+    def by_name(_: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs or len(args) != leading + len(names):
+            return None
+        return args[:leading], dict(zip(names, args[leading:]))
+
+    module.register_forward_pre_hook(by_name, with_kwargs=True, prepend=True)
+
+
+def keyword_inputs(module: Any) -> tuple[int, tuple[str, ...]] | None:
+    """(positional count, keyword names) of an exported module called with keyword
+    tensors, from its input spec; None when it takes none (or nests them)."""
+    spec = getattr(module, "_in_spec", None)
+    if spec is None or spec.num_children != 2:
+        return None
+    args_spec, kwargs_spec = spec.child(0), spec.child(1)
+    if kwargs_spec.num_children == 0 or not all(
+            child.is_leaf() for part in (args_spec, kwargs_spec) for child in part.children()):
+        return None
+    return args_spec.num_children, tuple(kwargs_spec.context)
 
 
 _TORCH_EXPORT_LOGGERS = ("torch._export.serde.serialize", "torch.export.pt2_archive._package", "torch._export",
