@@ -116,7 +116,8 @@ def test_diff_command_outputs(reports: dict, tmp_path: Path) -> None:
         ("layers.1", [20], [3]), ("layers.3", [7], [])]
     assert doc["gates"]["passed"] is False and doc["summary"]["died"] == 2
     markdown = run("diff", old, new, "-f", "markdown").stdout
-    assert "| `layers.1` | 64 | 2 → 2 | 20 | 3 |" in markdown
+    assert "| `layers.1` | 64 | 2 → 2 | 20 | 3 |" in markdown  # the units' indices
+    assert "| `layers.3` | 32 | 1 → 2 | 7 | none |" in markdown  # not "0", which reads as unit 0
     github = run("diff", old, new, "-f", "github", "--max-new-dead", "0").stdout.splitlines()
     assert github[0] == "::error title=deadrelu gate max-new-dead::2 units died > max-new-dead 0"
     out = tmp_path / "diff.md"

@@ -67,7 +67,7 @@ class MarkdownFormat(ReportFormat):
                 f"of {diff.new.units} units.", ""]
         changed = [s for s in diff.sites if s.changed]
         if changed:
-            out += ["| site | units | dead | died | revived | active rate |", "|---|--:|--:|--:|--:|--:|"]
+            out += ["| site | units | dead | units died | units revived | active rate |", "|---|--:|--:|--:|--:|--:|"]
             for s in changed:
                 units = s.new_units if s.new_units is not None else s.old_units
                 rate = ("-" if s.active_rate_change is None
@@ -75,7 +75,7 @@ class MarkdownFormat(ReportFormat):
                 status = {"added": " (new)", "removed": " (gone)"}.get(s.status, "")
                 ignored = " (ignored)" if s.ignored else ""
                 out.append(f"| {code(s.name)}{status}{ignored} | {units} | {s.old_dead} → {s.new_dead} | "
-                           f"{units_list(s.died) or 0} | {units_list(s.revived) or 0} | {rate} |")
+                           f"{units_list(s.died) or 'none'} | {units_list(s.revived) or 'none'} | {rate} |")  # indices, not counts
             out.append("")
         else:
             out += ["No site changed its dead units.", ""]
