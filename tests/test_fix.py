@@ -804,3 +804,42 @@ def test_a_program_exported_with_keyword_inputs_is_scanned_and_fixed(tmp_path: P
         got = written(x=tx, mask=tmask) if call == "keywords" else written(tx, mask=tmask)
         want = model(tx, tmask)
     assert float((got - want).abs().max()) < 0.1  # the dead unit's -4 now passes at slope 0.01
+
+
+def test_a_fixed_batch_program_gets_its_later_batchnorms_measured_at_its_batch_size(tmp_path: Path) -> None:
+    """A BatchNorm after an earlier change is measured on the partly fixed program: that
+    scan ran at --batch-size and failed the program's guard for its fixed batch of 4. Its
+    running mean must be the mean of what now reaches it (a brute force on the written model)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[2], model[0].bias[2] = 0.0, -1.0
+        model[2].weight[1], model[2].bias[1] = 0.0, -1.0
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.export.save(torch.export.export(model, (x[:4],)), str(tmp_path / "static.pt2"))
+    out = tmp_path / "fixed.pt2"
+    options = FixOptions(PlanOptions(to="bn"), RewriteOptions(bn_init="revive"), True, out)
+    result = run_fix(tmp_path / "static.pt2", str(tmp_path / "x.npy"), options, ScanOptions(device="cpu"))
+    assert result.applied and len(result.plan) == 2 and result.deviation.samples == 64
+
+    written = torch.export.load(str(out)).module()
+    norms = [n for n in written.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    assert len(norms) == 2
+    seen: dict[str, list[torch.Tensor]] = {n.name: [] for n in norms}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node):  # noqa: ANN201
+            if node.name in seen:
+                seen[node.name].append(self.env[node.args[0]].detach().clone())
+            return super().run_node(node)
+
+    with torch.no_grad():
+        for start in range(0, 64, 4):
+            Recorder(written).run(x[start:start + 4])
+    for node in norms:
+        reached = torch.cat(seen[node.name]).double()
+        running_mean = getattr(written, node.args[3].target) if node.args[3].op == "get_attr" else None
+        assert running_mean is not None
+        np.testing.assert_allclose(running_mean.double().numpy(), reached.mean(0).numpy(), rtol=1e-4, atol=1e-5)

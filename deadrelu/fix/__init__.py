@@ -339,9 +339,12 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
         contexts = tuple((c.module_path, c.module_type) for _, c in sites.torchscript_candidate_contexts(loaded.module))
     program = to_program(loaded, example, contexts)
     scanned = len(report.sites)
-    moments = _downstream_moments(lambda fixes, known: rewrite_graph(program, fixes, known, options.rewrite,
-                                                                     scanned)[0],
-                                  plan, moments, options.rewrite, data, scan_options)
+    def partial(fixes: tuple[SiteFix, ...], known: dict[int, UnitMoments]) -> LoadedModel:
+        # scanned as the program it came from: a fixed or bounded batch size still holds
+        return LoadedModel(rewrite_graph(program, fixes, known, options.rewrite, scanned)[0],
+                           ModelFormat.EXPORTED_PROGRAM, loaded.path, "", exported_program=program)
+
+    moments = _downstream_moments(partial, plan, moments, options.rewrite, data, scan_options)
     rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example, scanned)
     save_program(rewritten, output)
     if loaded.format not in REWRITTEN_BY_EXPORT:
