@@ -1014,3 +1014,36 @@ def test_an_onnx_runtime_failure_is_one_line_on_stderr(tmp_path: Path) -> None:
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Gather" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "\x1b[" not in proc.stderr, proc.stderr
     assert errors[0].startswith("deadrelu: error: ") and "emb.onnx" in errors[0] and "Gather" in errors[0]
+
+
+@pytest.mark.parametrize("compile_mode", ["auto", "off"])
+def test_a_float16_graph_is_scanned_as_onnx_runtime_on_cpu_computes_it(tmp_path: Path, compile_mode: str) -> None:
+    """ORT's CPU provider runs float16 Gemm/Relu in float32 and drops the casts between
+    them: unit 0's pre-activation 2**-30 (0 in float16) reaches the next Gemm, whose output
+    shows it (2**-30 * 2**15). The scan reports those values, unit 0 alive, and says why."""
+    first = np.zeros((3, 4), np.float16)
+    first[0, 0] = 2.0 ** -15
+    first[1] = [0.3, -0.7, 0.2, 0.9]
+    second = np.zeros((1, 3), np.float16)
+    second[0, 0] = 2.0 ** 15
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1)], "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 1])],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(second, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "half.onnx")
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float16)
+    x[:, 0] = 2.0 ** -15
+    np.save(tmp_path / "x.npy", x)
+    out = ort.InferenceSession(str(tmp_path / "half.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, np.float16(2.0 ** -15))  # the engine passed 2**-30 on
+    report = scan(tmp_path / "half.onnx", tmp_path / "x.npy", ScanOptions(device="cpu", compile=compile_mode))
+    stats = report.sites[0].stats
+    assert list(report.sites[0].verdict.dead) == [2] and stats.maximum[0] == 2.0 ** -30
+    reference = x.astype(np.float32) @ first.astype(np.float32).T  # float32 arithmetic, as the engine's
+    np.testing.assert_allclose(stats.minimum, reference.min(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.mean, reference.mean(0), rtol=1e-5, atol=1e-9)
+    assert any("ONNX Runtime's CPU provider runs in float32" in w for w in report.warnings), report.warnings

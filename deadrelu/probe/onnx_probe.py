@@ -42,7 +42,7 @@ here the scanner that runs them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,27 @@ def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torc
     "auto" uses it when it can be built here (else says so through ``notify`` and uses
     ONNX Runtime's operators), "on" requires it, "off" never builds it."""
     kernel = choose_kernel(device, compile_mode, notify)
-    return scan_batches(loaded.module, batches, execution_providers(device), progress, kernel=kernel)
+    result = scan_batches(loaded.module, batches, execution_providers(device), progress, kernel=kernel)
+    if device.type == "cpu" and _declares_half(loaded.module.proto):
+        result = replace(result, notes=(*result.notes, HALF_ON_CPU_NOTE))
+    return result
+
+
+# Measured with this project's onnxruntime on CPU: a float16 Gemm -> Relu -> Gemm graph passes a
+# pre-activation of 2**-30 (0 in float16) on to the next Gemm, so that unit is alive there.
+HALF_ON_CPU_NOTE = ("the graph computes in float16, which ONNX Runtime's CPU provider runs in float32 "
+                    "(it casts around the operators it has no float16 kernel for and drops the casts between "
+                    "them): the statistics are of the float32 values this engine computes and passes on, so "
+                    "a unit with only tiny positive values (below float16's 6e-8) is alive here but would be "
+                    "dead on an engine computing in float16 (ONNX Runtime's CUDA provider), and extremes can "
+                    "differ from float16 values in the 4th digit")
+
+
+def _declares_half(proto: Any) -> bool:
+    """Whether the graph's inputs or weights (an onnx.ModelProto's) are float16/bfloat16."""
+    half = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
+    return (any(t.data_type in half for t in proto.graph.initializer)
+            or any(i.type.tensor_type.elem_type in half for i in proto.graph.input))
 
 
 def choose_kernel(device: torch.device, compile_mode: str, notify: Callable[[str], None] | None) -> Path | None:
