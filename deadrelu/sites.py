@@ -226,22 +226,67 @@ def _shallowest(paths: list[str]) -> str:
 
 
 def fx_candidate_contexts(graph_module: torch.fx.GraphModule) -> list[tuple[str, CallContext]]:
-    """(functional, context) for every candidate op of an FX graph (exported program)."""
-    found: list[tuple[str, CallContext]] = []
+    """(functional, context) for every candidate op of an FX graph (exported program), in
+    graph order; the ops inside a ``torch.cond``'s arms come where the cond is, its true
+    arm's first (`fx_candidate_arms` says which arm each is in)."""
+    return [(functional, _fx_context(node, outer)) for node, functional, _, outer in _fx_candidates(graph_module)]
+
+
+def fx_candidate_arms(graph_module: torch.fx.GraphModule) -> list[str] | None:
+    """The ``torch.cond`` arm of each candidate op of `fx_candidate_contexts` ("" outside
+    any; an arm is named by its path of subgraph attributes, as `fx_cond_arms` names it);
+    None when the graph has no cond (graph order alone is then exact)."""
+    arms = [arm for _, _, arm, _ in _fx_candidates(graph_module)]
+    return arms if any(arms) else None
+
+
+def fx_cond_arms(graph_module: torch.fx.GraphModule, prefix: str = "") -> dict[int, str]:
+    """id(arm subgraph module) -> its arm name, for every ``torch.cond`` arm, nested ones too."""
+    found: dict[int, str] = {}
+    for node in graph_module.graph.nodes:
+        for arm, module in _cond_arms(graph_module, node, prefix):
+            found[id(module)] = arm
+            found.update(fx_cond_arms(module, arm))
+    return found
+
+
+def is_cond(target: Any) -> bool:
+    return target is getattr(torch.ops.higher_order, "cond", None)
+
+
+def _cond_arms(graph_module: torch.fx.GraphModule, node: torch.fx.Node, prefix: str) -> list[tuple[str, Any]]:
+    if node.op != "call_function" or not is_cond(node.target):
+        return []
+    arms = []
+    for branch in node.args[1:3]:
+        if isinstance(branch, torch.fx.Node) and branch.op == "get_attr":
+            arms.append((f"{prefix}/{branch.target}", getattr(graph_module, str(branch.target))))
+    return arms
+
+
+def _fx_candidates(graph_module: torch.fx.GraphModule, arm: str = "",
+                   outer: CallContext | None = None) -> list[tuple[torch.fx.Node, str, str, CallContext | None]]:
+    """(node, functional, arm, context of the cond it sits in) per candidate op, arms inlined."""
+    found: list[tuple[torch.fx.Node, str, str, CallContext | None]] = []
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
+        for sub_arm, module in _cond_arms(graph_module, node, arm):
+            found += _fx_candidates(module, sub_arm, _fx_context(node, outer))
         functional = CANDIDATE_OPS.get(packet_name(node.target))
-        if not functional:
-            continue
-        stack = list((node.meta.get("nn_module_stack") or {}).values())
-        if stack:
-            path, kind = stack[-1]
-            ctx = CallContext(_clean_fx_path(path), str(getattr(kind, "__name__", kind)).split(".")[-1])
-        else:
-            ctx = CallContext("", "")
-        found.append((functional, ctx))
+        if functional:
+            found.append((node, functional, arm, outer))
     return found
+
+
+def _fx_context(node: torch.fx.Node, outer: CallContext | None) -> CallContext:
+    """The module an FX node ran in; inside a cond's arm (whose nodes carry no module stack),
+    the module that called the cond."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if stack:
+        path, kind = stack[-1]
+        return CallContext(_clean_fx_path(path), str(getattr(kind, "__name__", kind)).split(".")[-1])
+    return outer or CallContext("", "")
 
 
 def _clean_fx_path(path: str) -> str:

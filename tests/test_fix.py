@@ -843,3 +843,58 @@ def test_a_fixed_batch_program_gets_its_later_batchnorms_measured_at_its_batch_s
         running_mean = getattr(written, node.args[3].target) if node.args[3].op == "get_attr" else None
         assert running_mean is not None
         np.testing.assert_allclose(running_mean.double().numpy(), reached.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _Branched(torch.nn.Module):
+    """A data-dependent if/else with a ReLU in each arm (arm a has a planted dead unit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6), torch.nn.Linear(6, 2)
+        self.act = torch.nn.ReLU()
+        with torch.no_grad():
+            self.a.weight[0], self.a.bias[0] = 0.0, -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.mean() > 0):
+            return self.out(self.act(self.a(x)))
+        return self.out(self.act(self.b(x)))
+
+
+class _CondBranched(_Branched):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cond(x.mean() > 0, lambda x: self.act(self.a(x)), lambda x: self.act(self.b(x)), (x,)))
+
+
+@pytest.mark.parametrize("saved", ["script", "cond", "arch"])
+def test_a_relu_inside_a_data_dependent_branch_is_refused_by_name(tmp_path: Path, saved: str) -> None:
+    """`fix --apply` cannot rewrite a site in an arm of a branch (TorchScript's if/else
+    becomes a torch.cond when converted; a .pt2 holds one; an eager if/else does not
+    export): one line naming the file and the branch, exit 2, nothing written; the plan
+    alone still works."""
+    torch.manual_seed(2)
+    model = _Branched().eval()
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", np.concatenate([rng.normal(size=(8, 4)) + 2, rng.normal(size=(8, 4)) - 2]).astype(np.float32))
+    extra: list[str] = []
+    if saved == "script":
+        path = tmp_path / "m.ts.pt"
+        torch.jit.script(model).save(str(path))
+    elif saved == "cond":
+        path = tmp_path / "m.pt2"
+        cond = _CondBranched().eval()
+        cond.load_state_dict(model.state_dict())
+        torch.export.save(torch.export.export(cond, (torch.randn(8, 4),)), path)
+    else:
+        path = tmp_path / "m.sd.pt"
+        torch.save(model.state_dict(), path)
+        extra = ["--arch", f"{Path(__file__).resolve()}:_Branched"]
+    plan = cli(path, *extra, "-d", tmp_path / "x.npy", "-b", 8)
+    assert plan.exit_code == 0, plan.output
+    out = tmp_path / "fixed.pt2"
+    fixed = cli(path, *extra, "-d", tmp_path / "x.npy", "-b", 8, "--apply", "-o", out)
+    assert fixed.exit_code == 2, fixed.output
+    message = fixed.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith(f"deadrelu: error: {path}:"), message
+    assert ("data-dependent branch" in message) if saved != "arch" else ("on tensor values cannot be exported" in message)
+    assert not out.exists()

@@ -376,3 +376,74 @@ def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tm
         assert list(site.verdict.dead) == list(np.flatnonzero(ref["positive"] == 0)), site.name
     dead = {s.name: list(s.verdict.dead) for s in report.sites}
     assert 1 in dead["act"] and 0 in dead["relu_1"] and not dead["act_1"]  # the planted units, one arm each
+
+
+class CondRouted(Routed):
+    """`Routed`'s branch as `torch.export` holds one: a `torch.cond` whose arms are subgraphs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+
+        def arm_a(x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc_a(self.act(self.bn_a(self.conv_a(x))).mean((2, 3))))
+
+        def arm_b(x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.fc_b(self.act(self.conv_b(x)).mean((2, 3))))
+
+        return torch.cond(x.mean() > 0, arm_a, arm_b, (x,))
+
+
+@pytest.mark.parametrize("compile_mode", ["off", "on"])
+def test_the_arms_of_a_torch_cond_in_an_exported_program_are_separate_sites(compile_mode: str, tmp_path) -> None:
+    """Each batch runs the arm its predicate picks; the arms' sites are told apart by arm
+    (their graphs carry no module path, so they take the calling module's name), and every
+    statistic matches a brute force over the arm that ran. `--compile on` cannot capture a
+    cond and stays on the eager path with the same result."""
+    from reference import assert_site_stats, unit_stats
+    model = CondRouted().eval()
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
+    torch.export.save(torch.export.export(model, (batches[0],)), tmp_path / "cond.pt2")
+    with torch.no_grad():
+        seen: dict[str, list[np.ndarray]] = {}
+        for batch in batches:
+            for name, pre in model.preactivations(batch).items():
+                seen.setdefault(name, []).append(pre.numpy())
+    assert sorted(seen) == ["act", "act_1", "relu", "relu_1"]  # both arms ran
+    report = scan(tmp_path / "cond.pt2", batches, ScanOptions(device="cpu", compile=compile_mode))
+    assert [s.name for s in report.sites] == ["relu", "relu_1", "relu_2", "relu_3"]
+    for site, brute in zip(report.sites, ["act", "relu", "act_1", "relu_1"]):
+        ref = unit_stats(np.concatenate(seen[brute]), 1)
+        assert_site_stats(site, ref)
+        assert list(site.verdict.dead) == list(np.flatnonzero(ref["positive"] == 0)), site.name
+    dead = [list(s.verdict.dead) for s in report.sites]
+    assert 1 in dead[0] and 0 in dead[3] and not dead[2]  # the planted units, one arm each
+
+
+def test_a_relu_inside_another_higher_order_op_is_refused_not_missed(tmp_path) -> None:
+    """A `while_loop` body is not observed: a ReLU inside it is an error naming the op."""
+    from deadrelu.errors import DeadReluError
+
+    class Looped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def cond_fn(i: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+                return i < 2
+
+            def body_fn(i: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return i + 1, F.relu(self.fc(h))
+
+            from torch._higher_order_ops.while_loop import while_loop
+            return while_loop(cond_fn, body_fn, (torch.zeros((), dtype=torch.int64), x))[1]
+
+    x = torch.randn(4, 3)
+    try:
+        program = torch.export.export(Looped().eval(), (x,))
+    except Exception as exc:  # pragma: no cover - an older torch without while_loop export
+        pytest.skip(f"torch.export cannot hold this while_loop here: {exc}")
+    torch.export.save(program, tmp_path / "loop.pt2")
+    with pytest.raises(DeadReluError, match="higher_order.while_loop with a ReLU-family op inside"):
+        scan(tmp_path / "loop.pt2", [x], ScanOptions(device="cpu"))

@@ -72,15 +72,29 @@ def to_program(loaded: LoadedModel, example: ModelInput, site_contexts: Sequence
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if loaded.format is ModelFormat.EXPORTED_PROGRAM and loaded.exported_program is not None:
-            # a program saved in training mode: its module, flags turned off by the loader, exported again
-            program = (_export(loaded.module, example, dynamic=True) if loaded.training_flags_off
-                       else loaded.exported_program)
-        elif loaded.format is ModelFormat.TORCHSCRIPT:
-            program = _from_torchscript(loaded, example, site_contexts)
-        else:
-            program = _export(loaded.module.eval(), example, dynamic=True)
+        try:
+            if loaded.format is ModelFormat.EXPORTED_PROGRAM and loaded.exported_program is not None:
+                # a program saved in training mode: its module, flags turned off by the loader, exported again
+                program = (_export(loaded.module, example, dynamic=True) if loaded.training_flags_off
+                           else loaded.exported_program)
+            elif loaded.format is ModelFormat.TORCHSCRIPT:
+                program = _from_torchscript(loaded, example, site_contexts)
+            else:
+                program = _export(loaded.module.eval(), example, dynamic=True)
+        except RewriteError as exc:
+            raise exc if str(exc).startswith(str(loaded.path)) else RewriteError(f"{loaded.path}: {exc}") from exc
+        _refuse_branch_sites(program, loaded.path)
         return program.run_decompositions({})
+
+
+def _refuse_branch_sites(program: Any, path: Path) -> None:
+    """Sites are matched to graph nodes by position, and a ``torch.cond`` arm that did not
+    run in the scan has no site; so ReLUs inside an arm are not rewritten."""
+    if sites.fx_candidate_arms(program.graph_module) is not None:
+        raise RewriteError(f"{path}: a ReLU sits inside a data-dependent branch (an if/else on tensor values, "
+                           "a torch.cond in the exported program), which deadrelu cannot rewrite in a PyTorch "
+                           "model; change the activation in the model's code, or export it to ONNX, where "
+                           "ReLUs inside If branches are rewritten")
 
 
 def _from_torchscript(loaded: LoadedModel, example: ModelInput, site_contexts: Sequence[tuple[str, str]]) -> Any:
@@ -145,7 +159,9 @@ def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
     except Exception as exc:
         if dynamic:
             return _export(module, example, dynamic=False)
-        raise RewriteError(f"cannot export the model with torch.export: {_line(exc)}") from exc
+        hint = ("; a Python if/else or loop on tensor values cannot be exported (torch.cond can hold a branch)"
+                if "data-dependent" in str(exc) else "")
+        raise RewriteError(f"cannot export the model with torch.export: {_line(exc)}{hint}") from exc
 
 
 def _as_called(module: Any, example: ModelInput) -> ModelInput:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +25,7 @@ from deadrelu import sites
 from deadrelu.errors import ModelRunError
 from deadrelu.probe.kernel import STAT_ROWS
 from deadrelu.probe.torch_graph import SiteCall
-from deadrelu.probe.torch_sources import RuntimeSources, branch_candidate_sources
+from deadrelu.probe.torch_sources import ArmSources, RuntimeSources, branch_candidate_sources
 from deadrelu.reductions import BatchMoments, BatchReducer, PendingBatch, RowsKernel, kernel_moments, site_shift
 from deadrelu.stats import UnitStats
 
@@ -184,10 +184,17 @@ class SiteTap:
 
 
 class ReluProbe(TorchDispatchMode):
-    """Accumulates per-unit statistics of every ReLU site while active."""
+    """Accumulates per-unit statistics of every ReLU site while active.
+
+    A ``torch.cond`` runs the arm its predicate picks, observed like any other code (the
+    predicate is read on the host, as eager ``torch.cond`` reads it); another higher-order
+    op runs unobserved, and is refused when a ReLU-family op sits inside it.
+    """
+
+    supports_higher_order_operators = True
 
     def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None,
-                 sources: RuntimeSources | None = None) -> None:
+                 sources: RuntimeSources | ArmSources | None = None) -> None:
         super().__init__()
         self.contexts = contexts
         self._sources = sources  # which arm of a TorchScript branch a call is in
@@ -240,6 +247,8 @@ class ReluProbe(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return self._run_higher_order(func, args, kwargs)
         op_name = self._op_names.get(func)
         if op_name is None:
             op_name = self._op_names[func] = sites.packet_name(func)
@@ -267,6 +276,20 @@ class ReluProbe(TorchDispatchMode):
             self._calls.append(SiteCall(None, 0, 0, 0, 0))
         self._track_producer(op_name, args, kwargs, out)
         return out
+
+    def _run_higher_order(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A higher-order op (this mode is off while it runs: it is entered again for an arm)."""
+        if sites.is_cond(func):
+            pred, true_arm, false_arm, operands = args
+            arm = true_arm if bool(pred) else false_arm
+            entering = self._sources.entering(arm) if isinstance(self._sources, ArmSources) else nullcontext()
+            with entering, self:
+                return arm(*operands)
+        inner = [a for a in args if isinstance(a, torch.fx.GraphModule) and sites.fx_candidate_contexts(a)]
+        if inner:
+            raise ModelRunError(f"the model calls torch.ops.higher_order.{func.name()} with a ReLU-family op inside, "
+                                "where deadrelu cannot observe it (only torch.cond arms are observed)")
+        return func(*args, **kwargs)
 
     def _observe(self, functional: str, args: tuple, kwargs: dict) -> tuple[SiteTap, PendingBatch, bool] | None:
         """Reduce the input of a candidate call (before it runs); None if it is no site.
@@ -368,7 +391,9 @@ def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[R
         sources = RuntimeSources(model) if static.needs_sources else None
         contexts: ContextSource = static
     elif isinstance(model, torch.fx.GraphModule) and _is_exported(model):
-        contexts = StaticContexts(sites.fx_candidate_contexts(model))
+        arms = sites.fx_candidate_arms(model)
+        contexts = StaticContexts(sites.fx_candidate_contexts(model), arms)
+        sources = ArmSources(model) if arms is not None else None
     else:
         stack = ModuleStack(model)
         contexts = stack

@@ -1,4 +1,5 @@
-"""Telling apart the arms of a data-dependent branch in a TorchScript model.
+"""Telling apart the arms of a data-dependent branch in a TorchScript model, or of a
+``torch.cond`` in an exported program.
 
 TorchScript runs without Python frames or module hooks, so the probe matches each ReLU
 call to the next entry of the model's graph of the same op (`StaticContexts`). Under an
@@ -16,11 +17,16 @@ One rule gives it, applied once to the graph and again to the ops as they run:
 The rule reads each op's inputs in schema order, so it gives the same answer for a graph's
 ``aten::linear(x, weight, bias)`` as for the ``t(weight)`` and ``addmm(bias, x, .)`` that
 run: the module ``a`` in both.
+
+An exported program holds a data-dependent branch as a ``torch.cond`` whose arms are
+subgraphs; there the arm itself is the source (`ArmSources`): the probe runs the arm the
+predicate picks and says so, and each graph entry knows its arm (`sites.fx_candidate_arms`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -136,3 +142,25 @@ def _tensors(values: Any) -> Iterator[torch.Tensor]:
             yield value
         elif isinstance(value, (list, tuple)):
             yield from _tensors(value)
+
+
+class ArmSources:
+    """The ``torch.cond`` arm running, as the source of every call made in it ("" outside)."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+        self._arms = sites.fx_cond_arms(graph_module)
+        self._running: list[str] = []
+
+    def of(self, tensor: torch.Tensor) -> str:
+        return self._running[-1] if self._running else ""
+
+    def track(self, args: tuple, kwargs: dict, out: Any) -> None:
+        pass  # the arm, not the data, tells the calls apart
+
+    @contextmanager
+    def entering(self, arm: Any) -> Iterator[None]:
+        self._running.append(self._arms.get(id(arm), f"?{id(arm)}"))
+        try:
+            yield
+        finally:
+            self._running.pop()
