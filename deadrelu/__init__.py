@@ -1,14 +1,38 @@
 """deadrelu: find dead ReLU units in trained neural networks.
 
 Public API: `scan`, `ScanOptions`, `ScanReport`, `SiteReport`, `Thresholds`, `__version__`.
+
+The API is imported on first use (PEP 562), not with the package: importing any module of
+deadrelu would otherwise import torch (about 1.5 s), and the command line could not catch
+a Ctrl-C made meanwhile (`deadrelu.__main__.main`).
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from deadrelu.judge import Thresholds  # noqa: E402
-from deadrelu.report import ScanReport, SiteReport  # noqa: E402
-from deadrelu.scan import ScanOptions, scan  # noqa: E402
+_API = {"ScanOptions": "deadrelu.scan", "scan": "deadrelu.scan", "ScanReport": "deadrelu.report",
+        "SiteReport": "deadrelu.report", "Thresholds": "deadrelu.judge"}
+
+if TYPE_CHECKING:
+    from deadrelu.judge import Thresholds
+    from deadrelu.report import ScanReport, SiteReport
+    from deadrelu.scan import ScanOptions, scan
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'deadrelu' has no attribute '{name}'")
+    value = getattr(import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
 
 __all__ = ["ScanOptions", "ScanReport", "SiteReport", "Thresholds", "__version__", "scan"]

@@ -320,3 +320,34 @@ def test_a_forward_that_fails_names_the_model_file(tmp_path: Path, model: str) -
     errors = [line for line in result.stderr.splitlines() if line.startswith("deadrelu: error: ")]
     assert result.exit_code == 2 and len(errors) == 1, result.stderr  # (a kernel-build notice may come first)
     assert errors[0].startswith(f"deadrelu: error: {FIX / model}: ") and "(4, 16, 16, 3)" in errors[0], errors
+
+
+def test_importing_deadrelu_does_not_import_torch() -> None:
+    """The package's API is imported on first use, so the command line's entry point runs
+    before torch is imported (and can catch a Ctrl-C made while it is)."""
+    code = ("import sys, deadrelu, deadrelu.__main__; print('torch' in sys.modules); "
+            "from deadrelu import scan, ScanOptions; print('torch' in sys.modules, callable(scan))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
+
+
+def test_ctrl_c_while_the_command_line_imports_torch_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in the second or two the command line spends importing torch: exit 130 and
+    one line, as later, not a traceback. The console script is this entry point."""
+    from importlib.metadata import entry_points
+
+    import deadrelu.__main__ as entry
+
+    class Importing:
+        def __getattr__(self, name: str) -> None:
+            raise KeyboardInterrupt  # as a Ctrl-C lands in the middle of `import torch`
+
+    monkeypatch.setitem(sys.modules, "deadrelu.cli", Importing())
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "deadrelu: error: interrupted\n"
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("deadrelu") == "deadrelu.__main__:main"
