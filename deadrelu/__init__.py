@@ -9,7 +9,9 @@ a Ctrl-C made meanwhile (`deadrelu.__main__.main`).
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -33,6 +35,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_API])
+
+
+class _Package(ModuleType):
+    """The package, whose `scan` stays the function: importing the submodule `deadrelu.scan`
+    (which the import system then sets as the package's attribute) does not shadow it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = ["ScanOptions", "ScanReport", "SiteReport", "Thresholds", "__version__", "scan"]

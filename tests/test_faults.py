@@ -330,6 +330,11 @@ def test_importing_deadrelu_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "True"]
+    # the submodule deadrelu.scan imported first (as the command line does) does not shadow the function
+    code = "import deadrelu.cli, deadrelu; from deadrelu import scan; print(callable(scan), callable(deadrelu.scan))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
 
 
 def test_ctrl_c_while_the_command_line_imports_torch_is_one_line(monkeypatch: pytest.MonkeyPatch,
