@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
-from deadrelu.cli_options import (CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
+from deadrelu.cli_options import (check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, fix_inputs, run_fix, written_paths
@@ -59,6 +59,7 @@ def fix_command(
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, weights_key=weights_key, device=device,
                                    batch_size=batch_size, samples=samples, inputs=inputs, compile=compile_mode,
                                    data=data_options)
+        check_not_empty(json_out, "--json")
         if not json_out or json_out == "-":
             check_stdout_open("write it with --json FILE")
         if json_out and json_out != "-":

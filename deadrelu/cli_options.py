@@ -114,9 +114,16 @@ def settings_from_flags(*, fail_on: FailOn | None = None, max_dead: int | None =
                     baseline=baseline, near_dead=near_dead, tau=tau, max_new_dead=max_new_dead)
 
 
+def check_not_empty(path: str | None, flag: str) -> None:
+    """`--json "$REPORT"` with REPORT unset: refused, not taken as no --json at all."""
+    if path is not None and not path.strip():
+        raise UsageError(f"{flag}: the path is empty; give a file path, or '-' for stdout")
+
+
 def output_options(fmt: Any, output: Path | None, quiet: bool, exit_zero: bool,
                    json_out: str | None = None) -> OutputOptions:
     if output is not None and str(output) == "-":  # `-o -`: stdout, as `--json -` is
         output = None
+    check_not_empty(json_out, "--json")
     return OutputOptions(format=getattr(fmt, "value", fmt), output=output, json_out=json_out, quiet=quiet,
                          exit_zero=exit_zero)

@@ -1,9 +1,16 @@
-"""Writing output files atomically: a temporary file beside the target, then a rename."""
+"""Writing output files atomically: a temporary file beside the target, then a rename.
+
+A target that is no regular file -- a device (`/dev/null`), a FIFO, a pipe or terminal
+reached through `/dev/stdout` or `/dev/fd/N` (process substitution) -- is a stream: it is
+written in place, never replaced by a file. A symbolic link to a file keeps its link: the
+file it points to is replaced.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -24,6 +31,15 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     data = content.encode("utf-8") if isinstance(content, str) else content
     with atomic_file(path) as handle:
         handle.write(data)
+
+
+def is_stream(path: Path) -> bool:
+    """Whether ``path`` exists and is no regular file or folder (a device, FIFO, socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_stdout_open(instead: str) -> None:
@@ -48,6 +64,8 @@ def check_target(target: Path, flag: str, inputs: Iterable[Path] = (), written: 
     directory = target.parent if str(target.parent) else Path(".")
     if target.is_dir():
         raise UsageError(f"{flag} {target}: that is a directory; give a file path")
+    if is_stream(target):
+        return  # written in place: nothing beside it is created, and it is none of the inputs
     if not directory.is_dir():
         raise UsageError(f"{flag} {target}: directory {directory} does not exist")
     _check_writable(directory, target, flag)
@@ -113,7 +131,14 @@ def _same_file(a: Path, b: Path) -> bool:
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary handle on a temporary file beside `path`, renamed onto `path` when the block
-    ends without an exception (and removed when it raises): for content written piece by piece."""
+    ends without an exception (and removed when it raises): for content written piece by piece.
+    A stream target is written in place; a symbolic link's file is replaced, not the link."""
+    if is_stream(path):
+        with open(path, "wb") as stream:
+            yield stream
+        return
+    if path.is_symlink() and path.resolve().is_file():
+        path = path.resolve()
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UsageError(f"{path}: directory {directory} does not exist")

@@ -356,3 +356,45 @@ def test_ctrl_c_while_the_command_line_imports_torch_is_one_line(monkeypatch: py
     assert capsys.readouterr().err == "deadrelu: error: interrupted\n"
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("deadrelu") == "deadrelu.__main__:main"
+
+
+def _scan_cli(*args: object):
+    return CliRunner().invoke(app, ["scan", str(FIX / "mlp.pt2"), "-d", str(FIX / "mlp.calib.npy"), "-q",
+                                    *map(str, args)])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_stream_target_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    """`--json` to a FIFO (as `/dev/null`, `/dev/stdout` or `>(cmd)` are streams): its reader
+    gets the report and the FIFO stays a FIFO; before, a file was renamed over it."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    done = _scan_cli("--json", fifo)
+    reader.join(timeout=60)
+    assert done.exit_code == 0, done.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert json.loads(received[0])["summary"]["dead"] == 3
+    assert not [p for p in tmp_path.iterdir() if p != fifo]  # no temporary file left beside it
+
+
+def test_a_symlinked_output_keeps_its_link(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    assert _scan_cli("--json", link).exit_code == 0
+    assert link.is_symlink() and json.loads(real.read_text())["summary"]["dead"] == 3
+
+
+@pytest.mark.parametrize("command", ["scan", "fix"])
+def test_an_empty_json_path_is_refused(command: str) -> None:
+    """`--json "$REPORT"` with REPORT unset: exit 2 and one line, not a run that writes nothing."""
+    done = CliRunner().invoke(app, [command, str(FIX / "mlp.pt2"), "-d", str(FIX / "mlp.calib.npy"), "--json", ""])
+    assert done.exit_code == 2
+    assert done.stderr.strip() == "deadrelu: error: --json: the path is empty; give a file path, or '-' for stdout"
