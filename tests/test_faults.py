@@ -398,3 +398,21 @@ def test_an_empty_json_path_is_refused(command: str) -> None:
     done = CliRunner().invoke(app, [command, str(FIX / "mlp.pt2"), "-d", str(FIX / "mlp.calib.npy"), "--json", ""])
     assert done.exit_code == 2
     assert done.stderr.strip() == "deadrelu: error: --json: the path is empty; give a file path, or '-' for stdout"
+
+
+@pytest.mark.parametrize("where", ["arch import", "arch factory", "data function"])
+def test_user_code_calling_sys_exit_does_not_decide_the_exit_code(tmp_path: Path, where: str) -> None:
+    """`sys.exit(0)` in an --arch module or a --data function exited 0 with no report, even
+    under a gate; it is now exit 2 with one line naming the code."""
+    torch.save(nn.Sequential(nn.Linear(4, 3), nn.ReLU()).state_dict(), tmp_path / "m.pt")
+    np.save(tmp_path / "x.npy", np.ones((4, 4), np.float32))
+    arch = "import sys, torch\n" + ("sys.exit(0)\n" if where == "arch import" else "") + \
+        "def build():\n" + ("    sys.exit(0)\n" if where == "arch factory" else "") + \
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())\n" \
+        "def data():\n    sys.exit(0)\n"
+    (tmp_path / "user.py").write_text(arch)
+    data = f"{tmp_path / 'user.py'}:data" if where == "data function" else str(tmp_path / "x.npy")
+    done = CliRunner().invoke(app, ["scan", str(tmp_path / "m.pt"), "--arch", f"{tmp_path / 'user.py'}:build",
+                                    "-d", data, "--fail-on", "dead"])
+    assert done.exit_code == 2, done.output
+    assert "SystemExit(0)" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -85,6 +85,8 @@ def _open_callable(spec: str, options: DataOptions) -> CalibrationSource:
         obj = factory() if callable(factory) else factory
     except DataError:
         raise
+    except SystemExit as exc:
+        raise DataError(f"--data '{spec}': calling it raised SystemExit({exc.code!r}) (it calls sys.exit)") from exc
     except Exception as exc:
         raise DataError(f"--data '{spec}': calling it raised {type(exc).__name__}: {error_line(exc)}") from exc
     return source_from_object(obj, spec, options.workers)

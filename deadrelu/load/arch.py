@@ -26,14 +26,22 @@ def import_callable(spec: str, what: str) -> Any:
         try:
             with _on_path(Path.cwd()):  # as under `python -m`: the console script's path lacks it
                 module = importlib.import_module(target)
-        except Exception as exc:
-            raise ArchitectureError(f"{what} '{spec}': cannot import {target}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            raise ArchitectureError(f"{what} '{spec}': cannot import {target}: {user_error(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ArchitectureError(f"{what} '{spec}': {target} has no attribute '{attr}'")
         obj = getattr(obj, part)
     return obj
+
+
+def user_error(exc: BaseException) -> str:
+    """The user's code's error, in words; a `sys.exit` there (an argparse at import) is one
+    too: it must not decide deadrelu's exit code."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) (the code calls sys.exit, e.g. argparse at import)"
+    return str(exc)
 
 
 def _import_file(path: Path, what: str, spec: str) -> Any:
@@ -48,8 +56,8 @@ def _import_file(path: Path, what: str, spec: str) -> Any:
     try:
         with _on_path(path.parent.resolve()):
             module_spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ArchitectureError(f"{what} '{spec}': importing {path} raised: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise ArchitectureError(f"{what} '{spec}': importing {path} raised: {user_error(exc)}") from exc
     return module
 
 
@@ -67,8 +75,8 @@ def build_architecture(spec: str) -> torch.nn.Module:
     factory = import_callable(spec, "--arch")
     try:
         model = factory() if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
-    except Exception as exc:
-        raise ArchitectureError(f"--arch '{spec}': calling the factory raised: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise ArchitectureError(f"--arch '{spec}': calling the factory raised: {user_error(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ArchitectureError(f"--arch '{spec}': returned {type(model).__name__}, expected an nn.Module")
     return model
