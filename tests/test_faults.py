@@ -416,3 +416,26 @@ def test_user_code_calling_sys_exit_does_not_decide_the_exit_code(tmp_path: Path
                                     "-d", data, "--fail-on", "dead"])
     assert done.exit_code == 2, done.output
     assert "SystemExit(0)" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["no num_batches_tracked", "_orig_mod.module.", "module._orig_mod."])
+def test_state_dicts_torch_loads_are_loaded(tmp_path: Path, case: str) -> None:
+    """A BatchNorm state_dict without `num_batches_tracked` (old or converted checkpoints),
+    and both orders of the DDP/compile prefixes, load as torch loads them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+    state = model.state_dict()
+    if case == "no num_batches_tracked":
+        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    else:
+        state = {case + k: v for k, v in state.items()}
+    torch.save(state, tmp_path / "m.pt")
+    (tmp_path / "arch.py").write_text("import torch\ndef build():\n    return torch.nn.Sequential("
+                                      "torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU())\n")
+    x = torch.randn(16, 4)
+    report = scan(tmp_path / "m.pt", [x], ScanOptions(arch=f"{tmp_path / 'arch.py'}:build", device="cpu"))
+    with torch.no_grad():
+        pre = model[1](model[0](x)).numpy()
+    assert report.sites[0].units == 3
+    assert np.allclose(report.sites[0].stats.maximum, pre.max(0), atol=1e-5)
+    assert np.allclose(report.sites[0].stats.mean, pre.mean(0), atol=1e-5)

@@ -197,14 +197,21 @@ def find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = True
+    while stripped:  # in either order: DDP of a compiled model, or a compiled DDP
+        stripped = False
+        for prefix in ("module.", "_orig_mod."):
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
+    # BatchNorm's step counter, absent from old (torch < 0.4.1) or converted checkpoints:
+    # torch fills it in, and it does nothing in eval mode
+    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
