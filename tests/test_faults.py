@@ -439,3 +439,20 @@ def test_state_dicts_torch_loads_are_loaded(tmp_path: Path, case: str) -> None:
     assert report.sites[0].units == 3
     assert np.allclose(report.sites[0].stats.maximum, pre.max(0), atol=1e-5)
     assert np.allclose(report.sites[0].stats.mean, pre.mean(0), atol=1e-5)
+
+
+def test_a_shuffling_dataloader_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank would shuffle its own order: overlapping shards, live units reported dead.
+    A single process (order does not matter there) takes it as before."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
+    loader = DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=4, shuffle=True)
+    assert scan(model, loader, ScanOptions(device="cpu")).data.samples == 12
+    from deadrelu.data.sources import source_from_object
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(DataError, match="shuffle=True under torchrun"):
+        source_from_object(loader, "--data loaders.py:calib")
+    source_from_object(DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=4), "--data loaders.py:calib")

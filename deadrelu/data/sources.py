@@ -280,10 +280,24 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
+def _refuse_shuffled_shards(obj: Any, description: str) -> None:
+    """Under torchrun each rank takes every K-th batch of the loader's order; a shuffling
+    loader has an order of its own per rank, so some samples would count twice and others
+    never (live units reported dead)."""
+    from deadrelu.distributed import ranks_from_env
+
+    if (isinstance(obj, torch.utils.data.DataLoader) and isinstance(obj.sampler, torch.utils.data.RandomSampler)
+            and ranks_from_env().size > 1):
+        raise DataError(f"{description}: a DataLoader with shuffle=True under torchrun: each rank shuffles "
+                        "its own order, so the ranks' shards would overlap; use shuffle=False (statistics do "
+                        "not depend on the order)")
+
+
 def source_from_object(obj: Any, description: str, workers: int = 0) -> CalibrationSource:
     """Wrap what a user function returned, or what the API was given."""
     if hasattr(obj, "batches") and hasattr(obj, "total"):
         return obj
+    _refuse_shuffled_shards(obj, description)
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         if obj.ndim == 0:
             raise DataError(f"{description}: a 0-d array (a scalar), expected samples along the first axis")
