@@ -456,3 +456,14 @@ def test_a_shuffling_dataloader_under_torchrun_is_refused(monkeypatch: pytest.Mo
     with pytest.raises(DataError, match="shuffle=True under torchrun"):
         source_from_object(loader, "--data loaders.py:calib")
     source_from_object(DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=4), "--data loaders.py:calib")
+
+
+@pytest.mark.parametrize("model", ["mlp.pt2", "convnet.ts.pt", "mlp.onnx"])
+def test_arch_for_a_model_that_holds_its_architecture_is_refused(model: str) -> None:
+    """As --weights-key is: an --arch the model would ignore is a mistake, said in one line."""
+    if not (FIX / model).exists():
+        pytest.skip(f"no fixture {model}")
+    done = CliRunner().invoke(app, ["scan", str(FIX / model), "--arch", "does_not_exist.py:zz", "-d", "random",
+                                    "--input-shape", "8"])
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith("deadrelu: error: --arch does_not_exist.py:zz:") and "holds its own architecture" in done.stderr

@@ -53,6 +53,9 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     if weights_key is not None and fmt is not ModelFormat.TORCH_SAVE:
         raise UsageError(f"--weights-key {weights_key}: {path} is not a torch.save file ({fmt.value}); the option "
                          "picks the weights of a checkpoint dict")
+    if arch is not None and fmt in (ModelFormat.TORCHSCRIPT, ModelFormat.EXPORTED_PROGRAM, ModelFormat.ONNX):
+        raise UsageError(f"--arch {arch}: {path} is a {fmt.value} model, which holds its own architecture; "
+                         "the option builds the model for a state_dict")
     digest = file_sha256(path)
     if fmt is ModelFormat.TORCH_SAVE:
         module, notes = torch_formats.load_torch_save(path, arch, trust_pickle, weights_key)
