@@ -352,22 +352,33 @@ class Routed(nn.Module):
         return {"act_1": pre, "relu_1": self.fc_b(pre.relu().mean((2, 3)))}
 
 
-@pytest.mark.parametrize("flavour", ["eager", "script"])
-def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tmp_path) -> None:
-    from reference import assert_site_stats, unit_stats
-    model = Routed().eval()
+def _routed_batches() -> list[torch.Tensor]:
+    """Batches that take the two arms in turn."""
     gen = torch.Generator().manual_seed(5)
-    batches = [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
-    source: object = model
-    if flavour == "script":
-        torch.jit.save(torch.jit.script(model), tmp_path / "routed.ts.pt")
-        source = tmp_path / "routed.ts.pt"
+    return [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
+
+
+def _arm_preactivations(model: Routed, batches: list[torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    """Brute force: every batch's pre-activations per site of the arm it ran."""
     with torch.no_grad():
         seen: dict[str, list[np.ndarray]] = {}
         for batch in batches:
             for name, pre in model.preactivations(batch).items():
                 seen.setdefault(name, []).append(pre.numpy())
     assert sorted(seen) == ["act", "act_1", "relu", "relu_1"]  # both arms ran
+    return seen
+
+
+@pytest.mark.parametrize("flavour", ["eager", "script"])
+def test_the_arms_of_a_data_dependent_branch_are_separate_sites(flavour: str, tmp_path) -> None:
+    from reference import assert_site_stats, unit_stats
+    model = Routed().eval()
+    batches = _routed_batches()
+    source: object = model
+    if flavour == "script":
+        torch.jit.save(torch.jit.script(model), tmp_path / "routed.ts.pt")
+        source = tmp_path / "routed.ts.pt"
+    seen = _arm_preactivations(model, batches)
     report = scan(source, batches, ScanOptions(device="cpu"))
     assert [s.name for s in report.sites] == ["act", "relu", "act_1", "relu_1"]
     for site in report.sites:
@@ -401,15 +412,9 @@ def test_the_arms_of_a_torch_cond_in_an_exported_program_are_separate_sites(comp
     cond and stays on the eager path with the same result."""
     from reference import assert_site_stats, unit_stats
     model = CondRouted().eval()
-    gen = torch.Generator().manual_seed(5)
-    batches = [torch.randn(4, 3, 6, 6, generator=gen) + shift for shift in (3.0, -3.0, 3.0, -3.0)]
+    batches = _routed_batches()
     torch.export.save(torch.export.export(model, (batches[0],)), tmp_path / "cond.pt2")
-    with torch.no_grad():
-        seen: dict[str, list[np.ndarray]] = {}
-        for batch in batches:
-            for name, pre in model.preactivations(batch).items():
-                seen.setdefault(name, []).append(pre.numpy())
-    assert sorted(seen) == ["act", "act_1", "relu", "relu_1"]  # both arms ran
+    seen = _arm_preactivations(model, batches)
     report = scan(tmp_path / "cond.pt2", batches, ScanOptions(device="cpu", compile=compile_mode))
     assert [s.name for s in report.sites] == ["relu", "relu_1", "relu_2", "relu_3"]
     for site, brute in zip(report.sites, ["act", "relu", "act_1", "relu_1"]):

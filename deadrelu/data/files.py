@@ -75,7 +75,7 @@ def _looks_like_callable(spec: str) -> bool:
 
 def _open_callable(spec: str, options: DataOptions) -> CalibrationSource:
     from deadrelu.errors import ArchitectureError
-    from deadrelu.load.arch import import_callable
+    from deadrelu.load.arch import import_callable, user_error
 
     try:
         factory = import_callable(spec, "--data")
@@ -86,7 +86,7 @@ def _open_callable(spec: str, options: DataOptions) -> CalibrationSource:
     except DataError:
         raise
     except SystemExit as exc:
-        raise DataError(f"--data '{spec}': calling it raised SystemExit({exc.code!r}) (it calls sys.exit)") from exc
+        raise DataError(f"--data '{spec}': calling it raised {user_error(exc)}") from exc
     except Exception as exc:
         raise DataError(f"--data '{spec}': calling it raised {type(exc).__name__}: {error_line(exc)}") from exc
     return source_from_object(obj, spec, options.workers)
