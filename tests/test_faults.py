@@ -418,19 +418,22 @@ def test_user_code_calling_sys_exit_does_not_decide_the_exit_code(tmp_path: Path
     assert "SystemExit(0)" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("case", ["no num_batches_tracked", "_orig_mod.module.", "module._orig_mod."])
+@pytest.mark.parametrize("case", ["no num_batches_tracked", "_orig_mod.module.", "module._orig_mod.", "meta device"])
 def test_state_dicts_torch_loads_are_loaded(tmp_path: Path, case: str) -> None:
     """A BatchNorm state_dict without `num_batches_tracked` (old or converted checkpoints),
-    and both orders of the DDP/compile prefixes, load as torch loads them."""
+    both orders of the DDP/compile prefixes, and a factory that builds on the meta device
+    (the fast-init idiom, for `load_state_dict(assign=True)`) load as torch loads them."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
     state = model.state_dict()
     if case == "no num_batches_tracked":
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    else:
+    elif case != "meta device":
         state = {case + k: v for k, v in state.items()}
     torch.save(state, tmp_path / "m.pt")
-    (tmp_path / "arch.py").write_text("import torch\ndef build():\n    return torch.nn.Sequential("
+    on = "torch.device('meta')" if case == "meta device" else "contextlib.nullcontext()"
+    (tmp_path / "arch.py").write_text(f"import contextlib, torch\ndef build():\n    with {on}:\n"
+                                      "        return torch.nn.Sequential("
                                       "torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU())\n")
     x = torch.randn(16, 4)
     report = scan(tmp_path / "m.pt", [x], ScanOptions(arch=f"{tmp_path / 'arch.py'}:build", device="cpu"))
@@ -467,3 +470,26 @@ def test_arch_for_a_model_that_holds_its_architecture_is_refused(model: str) -> 
                                     "--input-shape", "8"])
     assert done.exit_code == 2, done.output
     assert done.stderr.startswith("deadrelu: error: --arch does_not_exist.py:zz:") and "holds its own architecture" in done.stderr
+
+
+def test_a_meta_device_model_with_a_buffer_the_weights_lack_is_refused(tmp_path: Path) -> None:
+    """A non-persistent buffer is not in any state_dict: on the meta device it would stay
+    without storage, so the load says so in one line instead of failing inside the scan."""
+    (tmp_path / "arch.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 3)\n"
+        "        self.register_buffer('scale', torch.ones(3), persistent=False)\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(self.fc(x) * self.scale)\n"
+        "def build():\n"
+        "    with torch.device('meta'):\n"
+        "        return Net()\n")
+    torch.save({f"fc.{k}": v for k, v in nn.Linear(4, 3).state_dict().items()}, tmp_path / "m.pt")
+    done = CliRunner().invoke(app, ["scan", str(tmp_path / "m.pt"), "--arch", f"{tmp_path / 'arch.py'}:build",
+                                    "-d", "random", "--input-shape", "4"])
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith(f"deadrelu: error: {tmp_path / 'm.pt'}: the --arch model was built on the meta")
+    assert "scale" in done.stderr and len(done.stderr.strip().splitlines()) == 1

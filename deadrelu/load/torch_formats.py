@@ -211,7 +211,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     expected = model.state_dict()
     # BatchNorm's step counter, absent from old (torch < 0.4.1) or converted checkpoints:
     # torch fills it in, and it does nothing in eval mode
-    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state}, **state}
+    state = {**{k: torch.zeros((), dtype=torch.long) for k in expected
+                if k.endswith("num_batches_tracked") and k not in state}, **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -225,7 +226,21 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
             shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5]]
             parts.append(f"shape mismatch: {', '.join(shapes)}")
         raise ArchitectureError(f"{path}: state_dict does not fit the --arch model; " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    on_meta = _on_meta(model)
+    # a factory that builds on the meta device (the fast-init idiom) wants the weights assigned,
+    # not copied into storage that does not exist
+    model.load_state_dict(state, strict=True, assign=bool(on_meta))
+    left_on_meta = _on_meta(model)
+    if left_on_meta:
+        raise ArchitectureError(f"{path}: the --arch model was built on the meta device and the state_dict "
+                                f"does not hold {_names(left_on_meta)} (non-persistent buffers); "
+                                "build it on a real device")
+
+
+def _on_meta(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers that have no storage (built under ``torch.device('meta')``)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return sorted(name for name, tensor in tensors if tensor.is_meta)
 
 
 def _names(keys: list[str], limit: int = 8) -> str:
