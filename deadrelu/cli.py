@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deadrelu import ci
-from deadrelu.cli_options import (BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
+from deadrelu.cli_options import (file_path, BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
                                    FailOnOpt, FormatName, FormatOpt, IgnoreOpt, ImageSizeOpt, InputShapeOpt,
                                    MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, MeanOpt, OutputOpt, QuietOpt,
                                    SeedOpt, StdOpt, WeightsKeyOpt, WorkersOpt, data_options_from_flags, output_options,
@@ -145,7 +145,7 @@ def _fail(message: str, exc: BaseException, code: int) -> None:
 
 @app.command("scan")
 def scan_command(
-    model: Annotated[Path, typer.Argument(help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch), full pickle (--trust-pickle) or ONNX (.onnx).")],
+    model: Annotated[Path, typer.Argument(parser=file_path, help="Model file: TorchScript, torch.export (.pt2), state_dict (+ --arch), full pickle (--trust-pickle) or ONNX (.onnx).")],
     data: Annotated[str, typer.Option("--data", "-d", help="Calibration data: .npy, .npz, .pt, .safetensors, a folder of images or .npy shards, pkg.module:function or file.py:function (runs your code), or 'random' (with --input-shape).")],
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict: pkg.module:fn or path/file.py:fn (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
@@ -219,7 +219,7 @@ def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanRep
 
 @app.command("report")
 def report_command(
-    report: Annotated[Path, typer.Argument(help="A JSON report saved by 'deadrelu scan --json FILE' (or --format json).")],
+    report: Annotated[Path, typer.Argument(parser=file_path, help="A JSON report saved by 'deadrelu scan --json FILE' (or --format json).")],
     fail_on: FailOnOpt = None,
     max_dead: MaxDeadOpt = None,
     max_dead_fraction: MaxDeadFractionOpt = None,
@@ -246,8 +246,8 @@ def report_command(
 
 @app.command("diff")
 def diff_command(
-    old: Annotated[Path, typer.Argument(help="The earlier JSON report (e.g. the previous checkpoint's).")],
-    new: Annotated[Path, typer.Argument(help="The later JSON report.")],
+    old: Annotated[Path, typer.Argument(parser=file_path, help="The earlier JSON report (e.g. the previous checkpoint's).")],
+    new: Annotated[Path, typer.Argument(parser=file_path, help="The later JSON report.")],
     max_new_dead: Annotated[Optional[int], typer.Option("--max-new-dead", min=0, help="Fail when more than N units died (dead in NEW, not in OLD).")] = None,
     ignore: IgnoreOpt = None,
     config: ConfigOpt = None,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
-from deadrelu.cli_options import (check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
+from deadrelu.cli_options import (file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, fix_inputs, run_fix, written_paths
@@ -19,16 +19,16 @@ from deadrelu.scan import ScanOptions
 
 @app.command("fix")
 def fix_command(
-    model: Annotated[Path, typer.Argument(help="The model to fix (never modified).")],
+    model: Annotated[Path, typer.Argument(parser=file_path, help="The model to fix (never modified).")],
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="Calibration data (as for scan): scanned first, and used to verify.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="A saved scan (--json) of this same model, instead of scanning.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", parser=file_path, help="A saved scan (--json) of this same model, instead of scanning.")] = None,
     to: Annotated[Optional[str], typer.Option("--to", help="Force one change for every chosen site: leaky, prelu or bn.")] = None,
     sites: Annotated[Optional[list[str]], typer.Option("--sites", help="Change the sites whose names match this glob (repeatable).")] = None,
     min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", min=0.0, max=1.0, help="Choose sites with at least this fraction of dead units (default: any dead unit).")] = 0.0,
     slope: Annotated[Optional[float], typer.Option("--slope", min=0.0, max=1.0, help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25), in [0, 1].")] = None,
     bn_init: Annotated[str, typer.Option("--bn-init", help="identity: outputs unchanged; revive: centre each unit so dead units fire.")] = "identity",
     apply: Annotated[bool, typer.Option("--apply", help="Write the fixed model to -o and verify it.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where --apply writes (.pt2 for PyTorch models, .onnx for ONNX).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_path, help="Where --apply writes (.pt2 for PyTorch models, .onnx for ONNX).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write plan, changes and verification as JSON to PATH ('-' for stdout).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture factory for a state_dict (runs your code).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,

@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, reported_errors
+from deadrelu.cli_options import file_path
 from deadrelu.merge import merge_reports
 from deadrelu.outputs import check_stdout_open, check_target, write_atomic
 
 
 @app.command("merge")
 def merge_command(
-    reports: Annotated[list[Path], typer.Argument(help="JSON reports (--json) of scans of disjoint data shards of one model.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the merged JSON report here (default: stdout).")] = None,
+    reports: Annotated[list[Path], typer.Argument(parser=file_path, help="JSON reports (--json) of scans of disjoint data shards of one model.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_path, help="Write the merged JSON report here (default: stdout).")] = None,
 ) -> None:
     """Combine scans of different data shards (made anywhere, any time) into one report, exactly."""
     with reported_errors():

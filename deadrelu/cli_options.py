@@ -21,6 +21,14 @@ from deadrelu.errors import UsageError
 from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
 
+def file_path(value: str | Path) -> Path:
+    """A path that may not be empty: click turns '' into Path('') ('.'), so `-o "$OUT"` with OUT
+    unset would be reported as the directory '.'; it is refused as the empty path it is."""
+    if not str(value).strip():
+        raise typer.BadParameter("the path is empty; give a file path")
+    return Path(value)
+
+
 FormatName = enum.Enum("FormatName", {name.upper(): name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
 # The formats that render `deadrelu diff` (its --help lists only these).
 DiffFormatName = enum.Enum("DiffFormatName", {name.upper(): name for name in FORMAT_NAMES  # type: ignore[misc]
@@ -39,17 +47,17 @@ MaxSiteDeadFractionOpt = Annotated[Optional[float], typer.Option(
 IgnoreOpt = Annotated[Optional[list[str]], typer.Option(
     "--ignore", metavar="GLOB", help="Leave sites matching GLOB out of the gates (repeatable; replaces the config's ignore).")]
 BaselineOpt = Annotated[Optional[Path], typer.Option(
-    "--baseline", metavar="REPORT.json",
+    "--baseline", metavar="REPORT.json", parser=file_path,
     help="Count only findings not in this earlier JSON report (sites matched by name): no new dead units.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", metavar="FILE",
+    "--config", metavar="FILE", parser=file_path,
     help="Read the tool.deadrelu table from FILE instead of the nearest pyproject.toml. Flags override it.")]
 FormatOpt = Annotated[FormatName, typer.Option(
     "--format", "-f", case_sensitive=False, help="Report format on stdout (or -o FILE).")]
 DiffFormatOpt = Annotated[DiffFormatName, typer.Option(
     "--format", "-f", case_sensitive=False, help="Diff format on stdout (or -o FILE).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", metavar="FILE", help="Write the report to FILE (atomically) instead of stdout.")]
+    "--output", "-o", metavar="FILE", parser=file_path, help="Write the report to FILE (atomically) instead of stdout.")]
 ExitZeroOpt = Annotated[bool, typer.Option("--exit-zero", help="Report failed gates, but exit 0.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", help="Print only the summary line (stderr); the exit code tells the rest. -o files are still written.")]

@@ -400,6 +400,26 @@ def test_an_empty_json_path_is_refused(command: str) -> None:
     assert done.stderr.strip() == "deadrelu: error: --json: the path is empty; give a file path, or '-' for stdout"
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["scan", "{m}", "-d", "{d}", "-o", ""], "'--output' / '-o'"),
+    (["scan", "{m}", "-d", "{d}", "--baseline", ""], "'--baseline'"),
+    (["scan", "{m}", "-d", "{d}", "--config", ""], "'--config'"),
+    (["scan", "", "-d", "{d}"], "'model'"),
+    (["fix", "{m}", "-d", "{d}", "--apply", "-o", ""], "'--output' / '-o'"),
+    (["fix", "{m}", "--report", ""], "'--report'"),
+    (["report", ""], "'report'"),
+    (["diff", "", ""], "'old'"),
+    (["merge", "", ""], "'reports'"),
+])
+def test_an_empty_path_is_refused_as_empty_not_as_the_directory_dot(argv: list[str], flag: str) -> None:
+    """click turns '' into Path('.'): `-o "$OUT"` with OUT unset said "-o .: that is a directory"."""
+    argv = [a.format(m=FIX / "mlp.pt2", d=FIX / "mlp.calib.npy") for a in argv]
+    done = CliRunner().invoke(app, argv)
+    assert done.exit_code == 2, done.output
+    assert done.stderr.startswith(f"deadrelu: error: Invalid value for {flag}: the path is empty; give a file path")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("where", ["arch import", "arch factory", "data function"])
 def test_user_code_calling_sys_exit_does_not_decide_the_exit_code(tmp_path: Path, where: str) -> None:
     """`sys.exit(0)` in an --arch module or a --data function exited 0 with no report, even
