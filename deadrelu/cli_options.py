@@ -21,6 +21,7 @@ from deadrelu.errors import UsageError
 from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
 
+
 def file_path(value: str | Path) -> Path:
     """A path that may not be empty: click turns '' into Path('') ('.'), so `-o "$OUT"` with OUT
     unset would be reported as the directory '.'; it is refused as the empty path it is."""

@@ -227,6 +227,8 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
             parts.append(f"shape mismatch: {', '.join(shapes)}")
         raise ArchitectureError(f"{path}: state_dict does not fit the --arch model; " + "; ".join(parts))
     on_meta = _on_meta(model)
+    if on_meta:  # assigned tensors keep their dtype; copied ones take the model's, as torch does
+        state = {k: v.to(expected[k].dtype) for k, v in state.items()}
     # a factory that builds on the meta device (the fast-init idiom) wants the weights assigned,
     # not copied into storage that does not exist
     model.load_state_dict(state, strict=True, assign=bool(on_meta))
