@@ -569,3 +569,24 @@ def test_safetensors_tensors_are_read_by_rows_against_the_library(tmp_path: Path
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(DataError, match=r"junk\.safetensors: not a readable \.safetensors file"):
         open_data(str(tmp_path / "junk.safetensors"))
+
+
+def test_a_sixteen_bit_grayscale_png_is_scaled_by_its_full_range(tmp_path: Path) -> None:
+    """Converting an I;16 PNG to RGB clips every pixel to 255: an all-white image, and dead units
+    that are live on the real one. It is read as floats over 65535."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode.startswith("I;16")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    report = scan(model, str(tmp_path), ScanOptions(device="cpu", data=DataOptions(
+        image=ImageOptions(size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))))
+    x = torch.from_numpy(np.stack([pixels.astype(np.float32) / 65535.0] * 3)[None])
+    with torch.no_grad():
+        pre = model[0](x)
+    stats = report.sites[0].stats
+    assert np.allclose(stats.mean, pre.mean((0, 2, 3)).numpy(), atol=1e-5)
+    assert np.allclose(stats.maximum, pre.amax((0, 2, 3)).numpy(), atol=1e-5)
+    assert list(report.sites[0].verdict.dead) == [i for i in range(4) if not (pre[:, i] > 0).any()]

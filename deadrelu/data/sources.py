@@ -327,7 +327,7 @@ class ImageFiles(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image, full_scale = _in_known_range(image)
                 scale = self.size / min(image.size)
                 resized = image.resize((max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))),
                                        Image.Resampling.BILINEAR)
@@ -335,9 +335,23 @@ class ImageFiles(torch.utils.data.Dataset):
             raise DataError(f"{path}: not a readable image ({error_line(exc)})") from exc
         left, top = (resized.width - self.size) // 2, (resized.height - self.size) // 2
         cropped = resized.crop((left, top, left + self.size, top + self.size))
-        array = np.asarray(cropped, dtype=np.float32) / 255.0
+        array = np.asarray(cropped, dtype=np.float32) / full_scale
+        if array.ndim == 2:  # a 16-bit grayscale image, kept in floats: as RGB, every channel the same
+            array = np.repeat(array[:, :, None], 3, axis=2)
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
         return (tensor - self.mean) / self.std
+
+
+# PNG's 16-bit grayscale, as Pillow opens it (older Pillow versions say "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _in_known_range(image: Any) -> tuple[Any, float]:
+    """The image as 8-bit RGB (full scale 255) or, for a 16-bit grayscale PNG, as floats
+    (full scale 65535): converting those to RGB clips every pixel to 255, an all-white image."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I").convert("F"), 65535.0
+    return image.convert("RGB"), 255.0
 
 
 @dataclass(frozen=True)
