@@ -56,6 +56,9 @@ def load_report(path: str | Path, thresholds: Thresholds | None = None) -> ScanR
         raise SavedReportError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise SavedReportError(f"{path}: not a deadrelu report (JSON nested too deeply)") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise SavedReportError(f"{path}: not a deadrelu report (an integer with thousands of digits; "
+                               "edited or corrupted?)") from None
     return report_from_dict(doc, str(path), thresholds)
 
 
@@ -64,6 +67,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
     where = _Where(source)
     if not isinstance(doc, dict):
         raise where.error("", "expected a JSON object (a deadrelu report)")
+    _check_integer_sizes(doc, where)
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
         raise where.error("schema_version", f"expected {SCHEMA_VERSION}, got {version!r}"
@@ -75,6 +79,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
         near_dead=where.number(saved, "near_dead", Thresholds.near_dead, 0.0, 1.0, "thresholds."),
         tau=where.number(saved, "tau", Thresholds.tau, 0.0, float("inf"), "thresholds."))
     sites = where.items(doc, "sites")
+    _check_site_names_unique(sites, where)
     warnings = where.texts(doc, "warnings")
     reports = []
     for index, site in enumerate(sites):
@@ -89,6 +94,7 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
                             "active rates of units that saw non-finite values may differ slightly")
         extra = {k: v for k, v in site.items() if k not in _SITE_KEYS}
         rebuilt = site_report(name, op, unit_axis, str(site.get("axis_source", "default")), summary, judged_with, extra)
+        _check_derived(site, rebuilt, at)
         if not lacks_nonfinite and isinstance(site.get("per_unit", {}).get("nan"), list):
             _check_verdicts(site, rebuilt, summary, at, own_thresholds=thresholds is None)
         reports.append(rebuilt)
@@ -107,6 +113,46 @@ def report_from_dict(doc: Any, source: str = "<report>", thresholds: Thresholds 
     )
     _check_summary(doc.get("summary"), report, where, own_thresholds=thresholds is None)
     return report
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _check_integer_sizes(doc: dict, where: _Where) -> None:
+    """No integer beyond int64 anywhere (counts are int64 in a scan; a larger one is an
+    edit or a corruption, and would overflow a float or a numpy array further on)."""
+    stack: list[tuple[str, Any]] = [("", doc)]
+    while stack:
+        key, value = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            if isinstance(v, (dict, list)):
+                stack.append((_key(key, k), v))
+            elif type(v) is int and not -_INT64_MAX <= v <= _INT64_MAX:
+                digits = str(abs(v))
+                raise where.error(_key(key, k), f"an integer of {len(digits)} digits ({'-' if v < 0 else ''}"
+                                                f"{digits[:6]}...), beyond what a scan writes (edited or corrupted?)")
+
+
+def _key(parent: str, key: str | int) -> str:
+    """A JSON path as the error messages write it: `sites[0].per_unit.count[3]`."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def _check_site_names_unique(sites: list, where: _Where) -> None:
+    """Each site is named once: diff, baselines and merge pair sites by name, so a repeated
+    name would pair the wrong ones."""
+    seen: dict[str, int] = {}
+    for index, site in enumerate(sites):
+        name = site.get("name") if isinstance(site, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in seen:
+            raise where.error(f"sites[{index}].name", f"{name!r} is also the name of sites[{seen[name]}]; a report "
+                                                      "names each site once (edited or corrupted?)")
+        seen[name] = index
 
 
 def _check_summary(stored: Any, report: ScanReport, where: _Where, own_thresholds: bool) -> None:
@@ -149,6 +195,7 @@ def _summary(site: dict, at: _Where) -> tuple[UnitSummary, bool]:
     if (columns["m2"] < 0).any():
         raise at.error("per_unit.m2", "a sum of squared deviations cannot be negative")
     _check_bounds(columns, at)
+    _check_moments(columns, at)
     count = columns["count"]
     zeros = np.zeros(units, dtype=np.int64)
     nonfinite = site.get("nonfinite")
@@ -185,6 +232,87 @@ def _check_bounds(columns: dict[str, np.ndarray], at: _Where) -> None:
         u = int(unmet[0])
         raise at.error("per_unit.positive", f"unit {u} has {int(columns['positive'][u])} positive values but "
                        f"max {high[u]:g}")
+
+
+# A scan's per-unit sums are float32 (bfloat16/float16 for such a scan's batch sums)
+# before they are float64, so a mean can stray past its unit's min or max by rounding:
+# by at most this fraction of the unit's largest magnitude, far more than rounding gives.
+_ROUNDING = 1e-2
+# What the report derives in float64 from the other per-unit figures (std from m2 and
+# count, rates from counts, the site's moments) it writes to full precision.
+_DERIVED = 1e-9
+
+
+def _check_moments(columns: dict[str, np.ndarray], at: _Where) -> None:
+    """The moments of a unit that saw finite values agree with each other: finite, a mean
+    within [min, max], a ReLU-output mean within [max(mean, 0), max(max, 0)], and a std no
+    larger than half the range (Popoviciu). A report edited or corrupted past these would
+    give std, dormant verdicts and fix suggestions of nothing that was measured."""
+    seen = columns["count"] > 0
+    for key in ("min", "max", "mean", "m2", "relu_mean"):
+        odd = np.flatnonzero(seen & ~np.isfinite(columns[key]))
+        if odd.size:
+            u = int(odd[0])
+            raise at.error(f"per_unit.{key}", f"unit {u} saw {int(columns['count'][u])} finite values, but its "
+                                              f"{key} is {_shown(columns[key][u])}{_CONTRADICTS}")
+    low, high, mean, relu_mean = columns["min"], columns["max"], columns["mean"], columns["relu_mean"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slack = _ROUNDING * np.maximum(np.abs(low), np.abs(high))
+        std = np.sqrt(columns["m2"] / columns["count"])
+        checks = (  # (column, its value, where wrong, why)
+            ("mean", mean, seen & ((mean < low - slack) | (mean > high + slack)), "outside its min {lo:g} .. max {hi:g}"),
+            ("relu_mean", relu_mean, relu_mean < 0, "below 0 (a mean of max(x, 0))"),
+            ("relu_mean", relu_mean, seen & ((relu_mean < mean - slack) | (relu_mean > np.maximum(high, 0) + slack)),
+             "outside max(mean, 0) .. max(max, 0) ({a:g} .. {b:g})"),
+            ("m2", columns["m2"], seen & (std > (high - low) / 2 + slack),
+             "a std of {s:g}, more than half its range {lo:g} .. {hi:g} (which no values can have)"),
+        )
+    for key, value, wrong, why in checks:
+        odd = np.flatnonzero(wrong)
+        if odd.size:
+            u = int(odd[0])
+            text = why.format(lo=low[u], hi=high[u], a=max(mean[u], 0.0), b=max(high[u], 0.0), s=std[u])
+            raise at.error(f"per_unit.{key}", f"unit {u} has {key} {value[u]:g}, {text}{_CONTRADICTS}")
+
+
+_CONTRADICTS = ": the report contradicts itself (edited or corrupted?)"
+
+
+def _shown(value: float) -> str:
+    return "null" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _check_derived(site: dict, rebuilt: SiteReport, at: _Where) -> None:
+    """What the report writes as derived figures (per unit: std and active rate; per site:
+    the active rate and the pre-activation moments) is what its sufficient statistics
+    give: a CI job may read those rather than the per-unit counts and sums."""
+    stats, per_unit = rebuilt.stats, site.get("per_unit", {})
+    seen = stats.count > 0
+    for key, computed, where_defined in (("std", stats.std, seen), ("active_rate", stats.active_rate,
+                                                                        stats.observed > 0)):
+        stored = per_unit.get(key)
+        if not isinstance(stored, list) or len(stored) != rebuilt.units:
+            continue
+        values = np.array([np.nan if not isinstance(v, (int, float)) or isinstance(v, bool) else float(v)
+                           for v in stored], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            wrong = where_defined & ~(np.abs(values - computed) <= _DERIVED * np.abs(computed) + 1e-300)
+        odd = np.flatnonzero(wrong)
+        if odd.size:
+            u = int(odd[0])
+            raise at.error(f"per_unit.{key}", f"unit {u} says {values[u]:g}, but its counts and sums give "
+                                              f"{computed[u]:g}{_CONTRADICTS}")
+    preact = site.get("preact")
+    figures = {**(vars(rebuilt.preact) if isinstance(preact, dict) else {}), "active_rate": rebuilt.active_rate}
+    stored_figures = {**(preact if isinstance(preact, dict) else {}), "active_rate": site.get("active_rate")}
+    scale = max(abs(rebuilt.preact.min), abs(rebuilt.preact.max), 1.0) if np.isfinite(rebuilt.preact.min) else 1.0
+    for key, computed in figures.items():
+        value = stored_figures.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(computed):
+            continue
+        if abs(value - computed) > _DERIVED * (scale if key != "active_rate" else 1.0):
+            name = f"preact.{key}" if key != "active_rate" else key
+            raise at.error(name, f"says {value:g}, but the per-unit statistics give {computed:g}{_CONTRADICTS}")
 
 
 def _check_verdicts(site: dict, rebuilt: SiteReport, summary: UnitSummary, at: _Where, own_thresholds: bool) -> None:

@@ -649,6 +649,25 @@ _DELETE = object()
     ("summary.units", 95, r"summary\.units: says 95, but the report's sites give 96"),
     ("summary.sites", 1, r"summary\.sites: says 1, but the report's sites give 2"),
     ("summary", _DELETE, None),  # optional: compared only where present
+    ("sites.0.per_unit.mean.0", 104.0, r"per_unit\.mean: unit 0 has mean 104, outside its min -4\.65\d* \.\. max 4\.3"),
+    ("sites.0.per_unit.mean.0", None, r"per_unit\.mean: unit 0 saw 256 finite values, but its mean is null"),
+    ("sites.0.per_unit.relu_mean.0", -1.0, r"per_unit\.relu_mean: unit 0 has relu_mean -1, below 0"),
+    ("sites.0.per_unit.relu_mean.0", 50.0, r"per_unit\.relu_mean: unit 0 has relu_mean 50, outside max\(mean, 0\)"),
+    ("sites.0.per_unit.m2.0", float("inf"), r"per_unit\.m2: unit 0 saw 256 finite values, but its m2 is Infinity"),
+    ("sites.0.per_unit.m2.0", 1e9, r"per_unit\.m2: unit 0 has m2 1e\+09, a std of 1976\.\d+, more than half its range"),
+    ("sites.0.per_unit.std.0", 99.0, r"per_unit\.std: unit 0 says 99, but its counts and sums give 1\.62"),
+    ("sites.0.per_unit.active_rate.0", 0.5, r"per_unit\.active_rate: unit 0 says 0\.5, but .* give 0\.47"),
+    ("sites.0.preact.std", 1.0, r"sites\[0\]\.preact\.std: says 1, but the per-unit statistics give 174"),
+    ("sites.0.preact.max", 7.0, r"sites\[0\]\.preact\.max: says 7, but the per-unit statistics give 6\.35"),
+    ("sites.0.active_rate", 0.9, r"sites\[0\]\.active_rate: says 0\.9, but the per-unit statistics give 0\.48"),
+    ("sites.0.preact", _DELETE, None),  # optional: compared only where present
+    ("sites.0.per_unit.std", _DELETE, None),
+    ("sites.1.name", "layers.1", r"sites\[1\]\.name: 'layers\.1' is also the name of sites\[0\]; a report names "
+                                 r"each site once"),
+    ("sites.0.per_unit.count.0", 10 ** 400, r"sites\[0\]\.per_unit\.count\[0\]: an integer of 401 digits"),
+    ("sites.0.per_unit.mean.3", 10 ** 400, r"sites\[0\]\.per_unit\.mean\[3\]: an integer of 401 digits"),
+    ("data.samples", -10 ** 30, r"data\.samples: an integer of 31 digits \(-100000\.\.\.\)"),
+    ("thresholds.tau", 10 ** 20, r"thresholds\.tau: an integer of 21 digits"),
 ])
 def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunner, tmp_path: Path, path: str,
                                                                  value: object, pattern: str | None) -> None:
@@ -663,6 +682,33 @@ def test_malformed_fields_of_a_saved_report_are_one_line_errors(runner: CliRunne
         return
     message = _error(result)
     assert "bad.json" in message and re.search(pattern, message), message
+
+
+def test_a_report_with_an_integer_python_cannot_read_is_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    """An integer of more than 4300 digits is a ValueError in json.loads, not a JSON
+    syntax error: it used to be an internal error."""
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report).exit_code == 0
+    text = report.read_text().replace('"samples": ', '"samples": ' + "9" * 5000 + ", \"was\": ", 1)
+    (tmp_path / "bad.json").write_text(text)
+    message = _error(runner.invoke(app, ["report", str(tmp_path / "bad.json")]))
+    assert "bad.json: not a deadrelu report (an integer with thousands of digits" in message, message
+
+
+def test_a_report_naming_a_site_twice_is_refused_by_diff_and_baseline(runner: CliRunner, tmp_path: Path) -> None:
+    """diff and --baseline pair sites by name: with a name repeated they paired the wrong
+    sites and invented a died and a revived unit."""
+    good, bad = tmp_path / "r.json", tmp_path / "twice.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", good).exit_code == 0
+    doc = json.loads(good.read_text())
+    doc["sites"][1]["name"] = doc["sites"][0]["name"]
+    bad.write_text(json.dumps(doc))
+    for args in (["diff", str(good), str(bad)], ["diff", str(bad), str(good)],
+                 ["scan", str(FIX / "mlp.ts.pt"), "--data", str(FIX / "mlp.calib.npy"), "--baseline", str(bad)],
+                 ["merge", str(good), str(bad), "-o", str(tmp_path / "m.json")]):
+        message = _error(runner.invoke(app, args))
+        assert "twice.json: sites[1].name: 'layers.1' is also the name of sites[0]" in message, (args, message)
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_a_report_rejudged_and_saved_again_reads_back(runner: CliRunner, tmp_path: Path) -> None:
