@@ -17,6 +17,7 @@ from deadrelu.errors import DataError, UsageError, led_by
 from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
+from deadrelu.load.torch_formats import refuse_meta
 from deadrelu.probe import StreamResult
 from deadrelu.probe.torch_stream import StreamSettings, stream_torch
 from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
@@ -158,6 +159,7 @@ def _load(model: str | Path | torch.nn.Module | LoadedModel, options: ScanOption
         return model
     if isinstance(model, torch.nn.Module):
         fmt = ModelFormat.TORCHSCRIPT if isinstance(model, torch.jit.ScriptModule) else ModelFormat.PICKLE
+        refuse_meta(model, f"<{type(model).__name__}>")
         return LoadedModel(module=model, format=fmt, path=f"<{type(model).__name__}>", sha256="", owned=False)
     if not isinstance(model, (str, Path)):
         raise UsageError(f"model: expected a path or an nn.Module, got {type(model).__name__}")

@@ -517,3 +517,33 @@ def test_a_meta_device_model_with_a_buffer_the_weights_lack_is_refused(tmp_path:
     assert done.exit_code == 2, done.output
     assert done.stderr.startswith(f"deadrelu: error: {tmp_path / 'm.pt'}: the --arch model was built on the meta")
     assert "scale" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_on_the_meta_device_is_refused_by_the_api_and_as_a_pickle(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given directly (the API) or in a full pickle, a model whose weights are on meta was
+    an internal error ("Cannot copy out of meta tensor"; a bare NotImplementedError from
+    the API): it is a one-line load error naming the tensors."""
+    (tmp_path / "netmod.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return torch.relu(self.fc(x))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import netmod
+
+    with torch.device("meta"):
+        model = netmod.Net()
+    with pytest.raises(ModelLoadError, match=r"^<Net>: the model's fc\.bias, fc\.weight are on the meta device"):
+        scan(model, torch.randn(8, 4))
+    torch.save(model, tmp_path / "m.pickle.pt")
+    for command in ("scan", "fix"):
+        done = CliRunner().invoke(app, [command, str(tmp_path / "m.pickle.pt"), "--trust-pickle", "-d", "random",
+                                        "--input-shape", "4"])
+        assert done.exit_code == 2, done.output
+        assert done.stderr.startswith(f"deadrelu: error: {tmp_path / 'm.pickle.pt'}: the model's fc.bias, fc.weight "
+                                      "are on the meta device"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

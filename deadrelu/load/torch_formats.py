@@ -239,6 +239,15 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path
                                 "build it on a real device")
 
 
+def refuse_meta(model: torch.nn.Module, source: str) -> None:
+    """A model with parameters or buffers on the meta device has no values to run."""
+    on_meta = _on_meta(model)
+    if on_meta:
+        raise ModelLoadError(f"{source}: the model's {_names(on_meta)} are on the meta device (they hold no "
+                             "values); load its weights first (load_state_dict(..., assign=True)) or build it on "
+                             "a real device")
+
+
 def _on_meta(model: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers that have no storage (built under ``torch.device('meta')``)."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -276,6 +285,7 @@ def _load_pickled_module(path: Path, trust_pickle: bool,
     finally:
         del sys.path[:2]
     module, notes = _pickled_module(obj, path, weights_key)
+    refuse_meta(module, str(path))
     module._deadrelu_from_pickle = True  # type: ignore[attr-defined]
     return module, notes
 
