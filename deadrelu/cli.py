@@ -155,7 +155,7 @@ def scan_command(
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
     input_shape: InputShapeOpt = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs: positions (0 or 0,1) or dict keys (image,mask). Default: the leading elements the model's forward takes.")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the model and its float inputs: float32, float16, bfloat16.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast the model and its float inputs: float32, float16, bfloat16, float64.")] = None,
     workers: WorkersOpt = 2,
     image_size: ImageSizeOpt = 224,
     mean: MeanOpt = None,

@@ -34,7 +34,7 @@ def fix_command(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickle (runs code from the file).")] = False,
     weights_key: WeightsKeyOpt = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")] = 32,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Use at most this many samples.")] = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="Which batch elements are model inputs (as for scan).")] = None,
     input_shape: InputShapeOpt = None,

@@ -41,7 +41,7 @@ class ScanOptions:
     trust_pickle: bool = False
     weights_key: str | None = None  # the checkpoint entry holding the weights (default: the first of the usual)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str | None = None  # float32 | float16 | bfloat16: cast model and float inputs
+    dtype: str | None = None  # float32 | float16 | bfloat16 | float64: cast model and float inputs
     batch_size: int = 32
     samples: int | None = None  # cap on the number of samples
     inputs: str | None = None  # which batch elements are model inputs: "0", "0,1", "image,mask"
@@ -123,7 +123,7 @@ def _check(options: ScanOptions) -> None:
         raise UsageError("--samples must be at least 1")
     if options.compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile '{options.compile}': expected auto, on or off")
-    if options.dtype and options.dtype not in DTYPES:
+    if options.dtype is not None and options.dtype not in DTYPES:
         raise UsageError(f"--dtype '{options.dtype}': expected one of {', '.join(DTYPES)}")
 
 

@@ -449,6 +449,23 @@ def test_dtype_is_refused_for_onnx(runner: CliRunner) -> None:
     assert "--dtype applies to PyTorch models" in message
 
 
+@pytest.mark.parametrize("dtype", ["", "float128", "fp16"])
+def test_a_dtype_not_offered_is_refused_even_when_empty(runner: CliRunner, dtype: str) -> None:
+    """`--dtype "$DTYPE"` with DTYPE unset scanned as if no dtype were given."""
+    message = _error(run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--dtype", dtype))
+    assert message == f"deadrelu: error: --dtype '{dtype}': expected one of float32, float16, bfloat16, float64"
+
+
+def test_one_gate_check_is_counted_in_the_singular(runner: CliRunner, tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    assert run(runner, FIX / "mlp.ts.pt", "--data", FIX / "mlp.calib.npy", "--json", report, "-q").exit_code == 0
+    done = runner.invoke(app, ["diff", str(report), str(report), "--max-new-dead", "0"])
+    assert done.exit_code == 0 and "deadrelu diff: PASSED 1 gate check; 0 units died" in done.stderr, done.stderr
+    done = run(runner, FIX / "norelunet.ts.pt", "--data", FIX / "norelunet.calib.npy", "--max-dead", "0", "-f", "markdown")
+    assert "**PASSED**: the 1 gate check (counting dead units)" in done.stdout, done.stdout
+    assert "deadrelu: PASSED 1 gate check; 0 sites" in done.stderr, done.stderr
+
+
 def test_written_files_are_ordinary_files(runner: CliRunner, tmp_path: Path) -> None:
     import os
     import stat

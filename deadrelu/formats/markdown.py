@@ -88,7 +88,8 @@ def _verdict(gates: GateReport) -> str:
         return "No gates set: findings are reported, nothing fails."
     checks = len(gates.all_results)
     if gates.passed:
-        return f"{PASS} **PASSED**: all {checks} gate checks (counting {cell(gates.kind_words)} units)."
+        counted = f"all {checks} gate checks" if checks != 1 else "the 1 gate check"
+        return f"{PASS} **PASSED**: {counted} (counting {cell(gates.kind_words)} units)."
     return (f"{FAIL} **FAILED**: {len(gates.failures)} of {checks} gate checks "
             f"(counting {cell(gates.kind_words)} units).")
 

@@ -31,7 +31,7 @@ def _with_gates(found: str, results: tuple[GateResult, ...] | None, prefix: str 
         return f"{prefix}: {found}; no gates set", ""
     failed = [r for r in results if not r.passed]
     if not failed:
-        return f"{prefix}: PASSED {len(results)} gate checks; {found}", "green"
+        return f"{prefix}: PASSED {len(results)} gate check{'s' if len(results) != 1 else ''}; {found}", "green"
     named = ", ".join(_short(r) for r in failed[:3]) + (f", +{len(failed) - 3} more" if len(failed) > 3 else "")
     return f"{prefix}: FAILED {len(failed)} of {len(results)} gate checks: {named}; {found}", "red"
 
