@@ -286,6 +286,28 @@ def test_outputs_never_replace_an_input(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.calib.npy", "mlp.state_dict.pt"]
 
 
+@pytest.mark.parametrize(("model", "side"), [("mlp.pt2", "fixed.state_dict.pt"), ("mlp.onnx", "fixed.onnx.data")])
+def test_apply_onto_a_fifo_or_device_is_refused_and_leaves_it(tmp_path: Path, model: str, side: str) -> None:
+    """OUT (and the weights beside it) is written in a staging folder and moved into place:
+    onto a device or FIFO that replaced it (`-o /dev/null` as root left a regular file in
+    /dev, and a state_dict beside it). FIFOs stand for devices here: a test that failed on
+    /dev/null would break the machine."""
+    import os
+    import stat
+
+    suffix = Path(model).suffix
+    out, weights = tmp_path / f"fixed{suffix}", tmp_path / side
+    for fifo in (out, weights):
+        os.mkfifo(fifo)
+        result = cli(FIX / model, "--data", FIX / "mlp.calib.npy", "--apply", "-o", out)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == (f"deadrelu: error: {'-o' if fifo == out else f'the fixed weights beside -o {out},'} "
+                                         f"{fifo}: that is a device, FIFO or socket, not a file; --apply writes a model "
+                                         "file and its weights beside it, so give a file path"), result.stderr
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == [fifo.name]
+        fifo.unlink()
+
+
 @pytest.mark.parametrize(("args", "pattern"), [
     (["--bn-init", "bad"], "--bn-init 'bad': expected identity or revive"),
     (["--slope", "nan"], "'--slope'"), (["--slope", "-0.5"], "'--slope'"), (["--slope", "1.5"], "'--slope'"),

@@ -26,7 +26,7 @@ from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
 from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
-from deadrelu.outputs import check_target, read_paths
+from deadrelu.outputs import check_target, is_stream, read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ScanOptions, model_batches, open_source, scan
 from deadrelu.stats import UnitSummary
@@ -257,11 +257,12 @@ def _check_output(model: Path, data: str | None, options: FixOptions, arch: str 
                          "name it .pt2 (export that to ONNX yourself if you need one)")
     if written_as_onnx and options.output.suffix.lower() in (".pt2", ".pt", ".pth"):
         raise UsageError(f"-o {options.output}: an ONNX model is written as ONNX; name it .onnx")
-    check_target(options.output, "-o", inputs)
-    if written_as_onnx:
-        check_target(onnx_data_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
-    else:
-        check_target(state_dict_path(options.output), f"the fixed weights beside -o {options.output},", inputs)
+    side = onnx_data_path(options.output) if written_as_onnx else state_dict_path(options.output)
+    for path, flag in ((options.output, "-o"), (side, f"the fixed weights beside -o {options.output},")):
+        if is_stream(path):  # the files are written beside it and moved into place, replacing the device
+            raise UsageError(f"{flag} {path}: that is a device, FIFO or socket, not a file; --apply writes a "
+                             "model file and its weights beside it, so give a file path")
+        check_target(path, flag, inputs)
     return options.output
 
 
