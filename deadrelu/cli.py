@@ -25,7 +25,7 @@ from deadrelu.errors import DeadReluError, ExitCode, one_line
 from deadrelu.formats.table import UNFOLDED_WIDTH
 from deadrelu.outputs import read_paths, silence_stdout
 from deadrelu.report import ScanReport
-from deadrelu.scan import ScanOptions, scan
+from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, scan
 
 # The exceptions of the click that this typer parses with (its own copy from typer 0.2x on,
 # the click package before), found through a public name.
@@ -198,23 +198,39 @@ def scan_command(
 
 def _scan_with_progress(model: Path, data: str, options: ScanOptions) -> ScanReport:
     console = stderr_console()
-    columns = (TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
-        task = bar.add_task("scan", total=None, rate="")
-
-        def started(total: int | None) -> None:
-            bar.update(task, total=total)
-
-        def advanced(count: int) -> None:
-            bar.advance(task, count)
-            speed = bar.tasks[task].speed
-            bar.update(task, rate=f"{speed:,.0f}/s" if speed else "")
+    with progress_stages(console) as stage:
+        started, advanced = stage("scanning")
 
         def said(message: str) -> None:
             console.print(f"deadrelu: {message}", style="yellow", highlight=False, markup=False)
 
         return scan(model, data, options, progress=advanced, on_start=started, notify=said)
+
+
+@contextmanager
+def progress_stages(console: Console) -> Iterator[Stage]:
+    """A progress bar on stderr for each stage of long work, the latest one shown: samples
+    done of the total, rate and time left. Only on a terminal; it vanishes when done."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
+
+        def stage(label: str) -> tuple[StartFn, ProgressFn]:
+            for earlier in bar.task_ids:
+                bar.update(earlier, visible=False)
+            task = bar.add_task(label, total=None, rate="")
+
+            def started(total: int | None) -> None:
+                bar.update(task, total=total)
+
+            def advanced(count: int) -> None:
+                bar.advance(task, count)
+                speed = bar.tasks[task].speed
+                bar.update(task, rate=f"{speed:,.0f}/s" if speed else "")
+
+            return started, advanced
+
+        yield stage
 
 
 @app.command("report")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from deadrelu.cli import app, reported_errors, stderr_console, stdout_console
+from deadrelu.cli import app, progress_stages, reported_errors, stderr_console, stdout_console
 from deadrelu.cli_options import (file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
@@ -65,8 +65,10 @@ def fix_command(
         if json_out and json_out != "-":
             check_target(Path(json_out), "--json", fix_inputs(model, data, arch, report), written_paths(options))
         console = stderr_console()
-        result = run_fix(model, data, options, scan_options,
-                         notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False, markup=False))
+        with progress_stages(console) as stage:
+            result = run_fix(model, data, options, scan_options, stage=stage,
+                             notify=lambda m: console.print(f"deadrelu: {m}", style="yellow", highlight=False,
+                                                            markup=False))
         for warning in result.scan.warnings:  # the scan's (random data, fewer samples than asked for...)
             console.print(f"deadrelu: warning: {warning}", style="yellow", highlight=False, markup=False)
         document = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"

@@ -23,6 +23,10 @@ from deadrelu.probe.torch_stream import StreamSettings, stream_torch
 from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
+StartFn = Callable[[int | None], None]  # called once with the number of samples to expect (None: unknown)
+# Starts one stage of a longer job (fix: its scans, the comparison of outputs) by its label:
+# gives the stage's (on_start, progress) callbacks.
+Stage = Callable[[str], tuple[StartFn, ProgressFn]]
 
 # TorchScript models (whose graph cannot be captured whole): `--compile auto` compiles their
 # per-site reductions only for at least this many samples -- compiling costs a few seconds
@@ -52,7 +56,7 @@ class ScanOptions:
 
 def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | CalibrationSource | Iterable[Any],
          options: ScanOptions | None = None, *, progress: ProgressFn | None = None,
-         on_start: Callable[[int | None], None] | None = None,
+         on_start: StartFn | None = None,
          notify: Callable[[str], None] | None = None) -> ScanReport:
     """Scan a model's ReLU sites over calibration data and return the report.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -920,3 +921,43 @@ def test_a_relu_inside_a_data_dependent_branch_is_refused_by_name(tmp_path: Path
     assert len(message.splitlines()) == 1 and message.startswith(f"deadrelu: error: {path}:"), message
     assert ("data-dependent branch" in message) if saved != "arch" else ("on tensor values cannot be exported" in message)
     assert not out.exists()
+
+
+def test_every_pass_over_the_data_reports_its_progress(tmp_path: Path) -> None:
+    """fix reads the data several times (the scan, a re-scan per BatchNorm after a change
+    upstream, the scan of the fixed model, the comparison of outputs): each is a stage
+    of the progress bar, told its total and advanced by exactly that many samples."""
+    stages: list[list] = []
+
+    def stage(label: str):
+        stages.append([label, None, 0])
+        record = stages[-1]
+
+        def started(total: int | None) -> None:
+            record[1] = total
+
+        def advanced(count: int) -> None:
+            record[2] += count
+
+        return started, advanced
+
+    samples = len(np.load(CALIB))
+    options = FixOptions(plan=PlanOptions(to="bn"), rewrite=RewriteOptions(bn_init="revive"), apply=True,
+                         output=tmp_path / "fixed.pt2")
+    result = run_fix(FIX / "convnet.pt2", str(CALIB), options, ScanOptions(batch_size=7), stage=stage)
+    bn_sites = [f.site for f in result.plan]
+    assert len(bn_sites) >= 2
+    assert [s[0] for s in stages] == (["scanning"] + [f"measuring what the BatchNorm at {site} will see"
+                                                      for site in bn_sites[1:]]
+                                      + ["verifying: scanning the fixed model", "verifying: comparing outputs"])
+    assert all(total == done == samples for _, total, done in stages), stages
+
+
+def test_fix_progress_on_a_terminal_stays_off_stdout(tmp_path: Path) -> None:
+    """With stderr taken for a terminal the bars are drawn there; stdout still carries the
+    JSON alone."""
+    result = subprocess.run([sys.executable, "-m", "deadrelu", "fix", str(FIX / "mlp.pt2"), "--data",
+                             str(FIX / "mlp.calib.npy"), "--apply", "-o", str(tmp_path / "f.pt2"), "--json", "-"],
+                            capture_output=True, text=True, env={**os.environ, "TTY_COMPATIBLE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["applied"] is True

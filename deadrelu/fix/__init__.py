@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, is_stream, read_paths
 from deadrelu.report import ScanReport
-from deadrelu.scan import ScanOptions, model_batches, open_source, scan
+from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, model_batches, open_source, scan
 from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
@@ -112,13 +112,17 @@ class FixReport:
 
 
 def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_options: ScanOptions,
-            notify: Callable[[str], None] | None = None) -> FixReport:
-    """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units."""
+            notify: Callable[[str], None] | None = None, stage: Stage | None = None) -> FixReport:
+    """Plan (and with `options.apply`, apply and verify) fixes for a model's dead units.
+
+    `stage` (see `deadrelu.scan.Stage`) is told of each pass over the data: the scan, the
+    re-scans that measure what an inserted BatchNorm will see, the scan of the fixed model
+    and the comparison of outputs."""
     model = Path(model)
     output = _check_output(model, data, options, scan_options.arch)
     loaded = load_model(model, arch=scan_options.arch, trust_pickle=scan_options.trust_pickle,
                         weights_key=scan_options.weights_key)
-    report = _baseline_scan(loaded, data, options, scan_options, notify)
+    report = _baseline_scan(loaded, data, options, scan_options, notify, stage)
     plan = plan_fixes(report, options.plan)
     base = FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report,
                      nothing_planned=None if plan else nothing_planned(report, options.plan))
@@ -129,21 +133,21 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         data, scan_options = _verification_data(report, options.report, scan_options)
     moments = {f.index: UnitMoments(report.sites[f.index].stats.mean, report.sites[f.index].stats.std ** 2) for f in plan}
     writer = _write_onnx if loaded.format is ModelFormat.ONNX else _write_torch
-    stage = _staging_folder(output)  # OUT and its side files are written and verified here, then moved
+    staging = _staging_folder(output)  # OUT and its side files are written and verified here, then moved
     try:
-        staged = stage / output.name
-        lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged)
-        after = whole_scan(staged, data, ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None}))
+        staged = staging / output.name
+        lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged, stage)
+        after = whole_scan(staged, data, _of_written(scan_options), stage=stage, label="verifying: scanning the fixed model")
         if from_report:
             _check_same_samples(report, options.report, after)
         zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
-        deviation = _deviation(loaded, staged, data, scan_options)
-        for written in sorted(stage.iterdir(), key=lambda p: p == staged):  # the model file last
+        deviation = _deviation(loaded, staged, data, scan_options, stage, after.data.samples)
+        for written in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
             os.replace(written, output.parent / written.name)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
                      deviation, lines, weights, bn_init=options.rewrite.bn_init,
@@ -151,10 +155,12 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
 
 
 def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,
-               notify: Callable[[str], None] | None = None) -> ScanReport:
+               notify: Callable[[str], None] | None = None, stage: Stage | None = None,
+               label: str = "scanning") -> ScanReport:
     """A scan of all the data, or KeyboardInterrupt: a scan stopped by Ctrl-C returns what it
     saw so far, which is a report for `scan` but no ground for a fix or its verification."""
-    report = scan(model, data, options, notify=notify)
+    on_start, progress = stage(label) if stage else (None, None)
+    report = scan(model, data, options, notify=notify, on_start=on_start, progress=progress)
     if report.partial:
         raise KeyboardInterrupt
     return report
@@ -267,7 +273,7 @@ def _check_output(model: Path, data: str | None, options: FixOptions, arch: str 
 
 
 def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, scan_options: ScanOptions,
-                   notify: Callable[[str], None] | None) -> ScanReport:
+                   notify: Callable[[str], None] | None, stage: Stage | None) -> ScanReport:
     if options.report is not None:
         from deadrelu.saved import load_report
 
@@ -281,7 +287,7 @@ def _baseline_scan(loaded: LoadedModel, data: str | None, options: FixOptions, s
         return report
     if data is None:
         raise UsageError("fix needs --data (to scan the model) or --report (a saved scan of it)")
-    return whole_scan(loaded, data, scan_options, notify=notify)
+    return whole_scan(loaded, data, scan_options, notify=notify, stage=stage)
 
 
 def _verification_data(report: ScanReport, report_path: Path | None, scan_options: ScanOptions) -> tuple[str, ScanOptions]:
@@ -328,7 +334,8 @@ def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> Model
 
 
 def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
-                 options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
+                 options: FixOptions, scan_options: ScanOptions, data: str, output: Path,
+                 stage: Stage | None = None) -> tuple[tuple[str, ...], str | None]:
     from deadrelu import sites
     from deadrelu.fix import instructions as how
     from deadrelu.fix.torch_rewrite import rewrite_graph, rewrite_program, save_program, to_program
@@ -345,7 +352,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
         return LoadedModel(rewrite_graph(program, fixes, known, options.rewrite, scanned)[0],
                            ModelFormat.EXPORTED_PROGRAM, loaded.path, "", exported_program=program)
 
-    moments = _downstream_moments(partial, plan, moments, options.rewrite, data, scan_options)
+    moments = _downstream_moments(partial, plan, moments, options.rewrite, data, scan_options, stage)
     rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example, scanned)
     save_program(rewritten, output)
     if loaded.format not in REWRITTEN_BY_EXPORT:
@@ -366,7 +373,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
 
 def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMoments]], Any], plan: tuple[SiteFix, ...],
                         moments: dict[int, UnitMoments], options: RewriteOptions, data: str,
-                        scan_options: ScanOptions) -> dict[int, UnitMoments]:
+                        scan_options: ScanOptions, stage: Stage | None = None) -> dict[int, UnitMoments]:
     """BatchNorm statistics measured where the inserted BatchNorm will see them.
 
     Once an earlier change alters what flows downstream (a non-zero slope, a revived
@@ -380,26 +387,46 @@ def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMo
     altered = False
     for position, fix in enumerate(plan):
         if fix.change == "bn" and altered:
-            site = whole_scan(partial(plan[:position], moments), data, scan_options).sites[fix.index]
+            label = f"measuring what the BatchNorm at {fix.site} will see"
+            site = whole_scan(partial(plan[:position], moments), data, scan_options, stage=stage, label=label).sites[fix.index]
             moments[fix.index] = UnitMoments(site.stats.mean, site.stats.std ** 2)
         altered = altered or changes_outputs(fix, options)
     return moments
 
 
 def _write_onnx(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
-                options: FixOptions, scan_options: ScanOptions, data: str, output: Path) -> tuple[tuple[str, ...], str | None]:
+                options: FixOptions, scan_options: ScanOptions, data: str, output: Path,
+                stage: Stage | None = None) -> tuple[tuple[str, ...], str | None]:
     from deadrelu.fix.onnx_rewrite import rewrite_onnx, rewritten_loaded
 
     moments = _downstream_moments(lambda fixes, known: rewritten_loaded(loaded, fixes, known, options.rewrite),
-                                  plan, moments, options.rewrite, data, scan_options)
+                                  plan, moments, options.rewrite, data, scan_options, stage)
     rewrite_onnx(loaded, plan, moments, options.rewrite, output)
     return (), None
 
 
-def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanOptions) -> OutputDeviation:
+def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanOptions, stage: Stage | None,
+               samples: int) -> OutputDeviation:
+    """The fixed model's outputs against the original's, over the `samples` the scans saw."""
     from deadrelu.fix.outputs import output_function
 
     original = output_function(loaded)
     rewritten = output_function(load_model(output))
-    options = ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None})
-    return output_deviation(model_batches(loaded, open_source(data, options, loaded), options), original, rewritten)
+    options = _of_written(scan_options)
+    batches = model_batches(loaded, open_source(data, options, loaded), options)
+    if stage is not None:
+        batches = _counted(batches, *stage("verifying: comparing outputs"), samples)
+    return output_deviation(batches, original, rewritten)
+
+
+def _of_written(scan_options: ScanOptions) -> ScanOptions:
+    """The scan options for the written model, which needs no --arch, pickle or weights key."""
+    return ScanOptions(**{**vars(scan_options), "arch": None, "trust_pickle": False, "weights_key": None})
+
+
+def _counted(batches: Iterable[ModelInput], on_start: StartFn, progress: ProgressFn, samples: int) -> Iterator[ModelInput]:
+    """The batches, each told to `progress` once it has been used."""
+    on_start(samples)
+    for batch in batches:
+        yield batch
+        progress(batch.size)
