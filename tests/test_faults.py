@@ -547,3 +547,23 @@ def test_a_model_on_the_meta_device_is_refused_by_the_api_and_as_a_pickle(tmp_pa
         assert done.stderr.startswith(f"deadrelu: error: {tmp_path / 'm.pickle.pt'}: the model's fc.bias, fc.weight "
                                       "are on the meta device"), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_frozen_torchscript_is_scanned(tmp_path: Path) -> None:
+    """torch.jit.freeze (a deployment format) leaves modules with no `training` flag: the
+    scan ended in "internal error: AttributeError ... no attribute 'training'"."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.bias[1] = -100.0  # unit 1 planted dead
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    torch.jit.save(torch.jit.freeze(torch.jit.script(model)), str(tmp_path / "frozen.ts.pt"))
+    x = torch.randn(16, 3, 8, 8)
+    report = scan(tmp_path / "frozen.ts.pt", x, ScanOptions(batch_size=5))
+    with torch.no_grad():
+        pre = conv(x).double()
+    site, = report.sites
+    assert site.units == 4 and site.unit_axis == 1
+    assert list(site.verdict.dead) == [u for u in range(4) if not (pre[:, u] > 0).any()] == [1]
+    np.testing.assert_allclose(site.stats.maximum, pre.amax(dim=(0, 2, 3)).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(site.stats.mean, pre.mean(dim=(0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def traced_to_inference(module: torch.jit.ScriptModule) -> tuple[str, ...]:
     changed: set[str] = set()
     for layer in module.modules():
         name = str(getattr(layer, "original_name", ""))
-        if not (layer.training and any(word in name for word in _LAYER_WORDS) and _has_graph(layer)):
+        if not (getattr(layer, "training", False) and any(word in name for word in _LAYER_WORDS) and _has_graph(layer)):
             continue
         graph = layer.graph
         for node in list(graph.nodes()):

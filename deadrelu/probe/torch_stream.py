@@ -141,11 +141,11 @@ def prepared(module: Any, device: torch.device, dtype: torch.dtype | None = None
         if not owned:
             module = copy.deepcopy(module)
         module.to(dtype)
-    modes = [(m, m.training) for m in module.modules()]
+    modes = [(m, m.training) for m in module.modules() if hasattr(m, "training")]  # a frozen script has none
     original_device = next((t.device for t in tensors), None)
     moved = original_device is not None and original_device != device
     try:
-        if not _is_exported(module):
+        if not _is_exported(module) and hasattr(module, "training"):
             module.eval()
         if moved:
             module.to(device)
