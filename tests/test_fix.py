@@ -961,3 +961,38 @@ def test_fix_progress_on_a_terminal_stays_off_stdout(tmp_path: Path) -> None:
                             capture_output=True, text=True, env={**os.environ, "TTY_COMPATIBLE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["applied"] is True
+
+
+def test_an_unchanged_site_with_more_dead_units_after_the_fix_gets_a_note(tmp_path: Path) -> None:
+    """A leaky swap at a2 lets negative values through to fc3: a3, left as it was, goes from
+    2 dead units to 5 (brute force below); only changed sites used to get the note."""
+    class Three(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 12), torch.nn.Linear(12, 6)
+            self.a1, self.a2, self.a3 = torch.nn.ReLU(), torch.nn.ReLU(), torch.nn.ReLU()
+            with torch.no_grad():
+                self.fc1.bias[2] = -100
+                self.fc2.bias[[5, 7]] = -100
+                self.fc3.bias[0] = -100
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a3(self.fc3(self.a2(self.fc2(self.a1(self.fc1(x))))))
+
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.manual_seed(0)
+    model = Three().eval()
+    batch = torch.export.Dim("b", min=2, max=1024)
+    torch.export.save(torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},)), tmp_path / "m.pt2")
+    with torch.no_grad():
+        hidden = model.fc2(torch.relu(model.fc1(x)))
+        before = int(((model.fc3(torch.relu(hidden)) > 0).sum(0) == 0).sum())
+        after = int(((model.fc3(torch.nn.functional.leaky_relu(hidden, 0.1)) > 0).sum(0) == 0).sum())
+    assert (before, after) == (2, 5)
+    options = FixOptions(plan=PlanOptions(to="leaky", sites=("a2",)), rewrite=RewriteOptions(slope=0.1), apply=True,
+                         output=tmp_path / "fixed.pt2")
+    result = run_fix(tmp_path / "m.pt2", str(tmp_path / "x.npy"), options, ScanOptions())
+    assert [c.site for c in result.changes] == ["a2"]
+    assert result.more_dead_elsewhere == (("a3", before, after),)
+    assert any(n.startswith(f"a3 (not changed): {before} dead units before the fix, {after} after") for n in result.notes)

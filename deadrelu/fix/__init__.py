@@ -23,7 +23,7 @@ from deadrelu.errors import UsageError
 from deadrelu.gates import plural
 from deadrelu.fix.plan import PlanOptions, SiteFix, nothing_planned, plan_fixes
 from deadrelu.fix.torch_rewrite import RewriteOptions, UnitMoments
-from deadrelu.fix.verify import OutputDeviation, SiteChange, output_deviation, site_changes
+from deadrelu.fix.verify import OutputDeviation, SiteChange, more_dead_elsewhere, output_deviation, site_changes
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, is_stream, read_paths
@@ -63,6 +63,7 @@ class FixReport:
     nothing_planned: str | None = None  # why the plan is empty, when it is
     bn_init: str = "identity"  # how inserted BatchNorms were initialised (RewriteOptions.bn_init)
     leaky_slope: float = 0.01  # the negative slope of the LeakyReLU swaps (RewriteOptions.leaky_slope())
+    more_dead_elsewhere: tuple[tuple[str, int, int], ...] = ()  # unchanged sites: (site, dead before, after)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -88,6 +89,10 @@ class FixReport:
             if change.zero_variance_units:
                 notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay constant "
                              "(BatchNorm cannot centre a constant; one counted alive fires on rounding noise)")
+        for site, before, after in self.more_dead_elsewhere:
+            notes.append(f"{site} (not changed): {before} dead {plural(before, 'unit')} before the fix, {after} after: "
+                         "a changed site before it now passes on other values; fine-tune the fixed model, or try "
+                         "a smaller --slope or another --to")
         return tuple(notes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +148,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
+        elsewhere = more_dead_elsewhere(plan, report, after)
         deviation = _deviation(loaded, staged, data, scan_options, stage, after.data.samples)
         for written in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
             os.replace(written, output.parent / written.name)
@@ -151,7 +157,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     weights = str(state_dict_path(output)) if weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
                      deviation, lines, weights, bn_init=options.rewrite.bn_init,
-                     leaky_slope=options.rewrite.leaky_slope())
+                     leaky_slope=options.rewrite.leaky_slope(), more_dead_elsewhere=elsewhere)
 
 
 def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,

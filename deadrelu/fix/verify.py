@@ -59,6 +59,15 @@ def site_changes(fixes: Sequence[SiteFix], before: ScanReport, after: ScanReport
     )
 
 
+def more_dead_elsewhere(fixes: Sequence[SiteFix], before: ScanReport,
+                        after: ScanReport) -> tuple[tuple[str, int, int], ...]:
+    """Sites the fix left as they were that have more dead units after it (a change upstream
+    passes on other values): (site, dead before, dead after)."""
+    changed = {fix.index for fix in fixes}
+    return tuple((b.name, b.dead, a.dead) for index, (b, a) in enumerate(zip(before.sites, after.sites))
+                 if index not in changed and a.dead > b.dead)
+
+
 def output_deviation(batches: Iterable[ModelInput], original: OutputFn, rewritten: OutputFn) -> OutputDeviation:
     samples, max_abs, abs_sum, ref_sum, elements, agree = 0, 0.0, 0.0, 0.0, 0, 0
     classes = True
