@@ -79,20 +79,17 @@ class FixReport:
             notes.append(f"{', '.join(still_dead)}: the inserted BatchNorm keeps the outputs as they were "
                          "(--bn-init identity), so the dead units there stay dead until you fine-tune; "
                          "--bn-init revive centres them now (and changes the outputs)")
+        more_dead = [(c.site, c.dead_before, c.dead_after) for c in self.changes if c.dead_after > c.dead_before]
+        more_dead += [(f"{site} (not changed)", before, after) for site, before, after in self.more_dead_elsewhere]
+        for site, before, after in more_dead:
+            notes.append(f"{site}: {before} dead {plural(before, 'unit')} before the fix, {after} after: "
+                         "a changed site before it now passes on other values (a swap's slope lets negative "
+                         "pre-activations through); fine-tune the fixed model, or try a smaller --slope or "
+                         "another --to")
         for change in self.changes:
-            if change.dead_after > change.dead_before:
-                notes.append(f"{change.site}: {change.dead_before} dead {plural(change.dead_before, 'unit')} before the fix, "
-                             f"{change.dead_after} after: "
-                             "a changed site before it now passes on other values (a swap's slope lets negative "
-                             "pre-activations through); fine-tune the fixed model, or try a smaller --slope or "
-                             "another --to")
             if change.zero_variance_units:
                 notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay constant "
                              "(BatchNorm cannot centre a constant; one counted alive fires on rounding noise)")
-        for site, before, after in self.more_dead_elsewhere:
-            notes.append(f"{site} (not changed): {before} dead {plural(before, 'unit')} before the fix, {after} after: "
-                         "a changed site before it now passes on other values; fine-tune the fixed model, or try "
-                         "a smaller --slope or another --to")
         return tuple(notes)
 
     def to_dict(self) -> dict[str, Any]:
