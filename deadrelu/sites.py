@@ -18,6 +18,7 @@ three times is three sites. Names follow torchvision's feature-extraction node n
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -306,8 +307,11 @@ CONV_PRODUCERS = frozenset(
     }
 )
 LINEAR_PRODUCERS = frozenset(
-    {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "embedding", "_unsafe_view_mm", "einsum"}
+    {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "embedding", "_unsafe_view_mm", "einsum",
+     "_native_multi_head_attention"}  # (the fused attention of an `nn.MultiheadAttention` in eval: out_proj's features)
 )
+# Recurrent layers: their output's last dim holds the hidden units, batch-first or not.
+RECURRENT_PRODUCERS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
 # Ops whose output keeps the layout of their first tensor input.
 LAYOUT_PRESERVING = frozenset(
     {
@@ -331,7 +335,7 @@ LAYOUT_PRESERVING = frozenset(
         "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
         "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d",
         "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
-        "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "cat", "concat",
+        "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "cat", "concat", "index_select",
     }
 )
 # Ops that split a tensor into several of its rank: every piece keeps the unit axis.
@@ -368,7 +372,7 @@ class AxisChoice:
     """The unit axis of a site and why it was chosen."""
 
     axis: int  # non-negative
-    source: str  # "conv", "linear", "default", or "scalar"
+    source: str  # "conv", "linear", "recurrent", "default", or "scalar"
 
 
 @dataclass(frozen=True)
@@ -377,7 +381,7 @@ class UnitOrigin:
     unit axis counted from the end (broadcasting aligns dims from the right, so a bias add
     or a residual keeps it)."""
 
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "linear" or "recurrent"
     axis_from_end: int  # negative: -1 is the last dim
     permuted: bool = False  # a permute/transpose moved the units (not a dropped batch dim)
 
@@ -528,4 +532,60 @@ def producer_kind(op: str) -> str | None:
         return "conv"
     if op in LINEAR_PRODUCERS:
         return "linear"
+    if op in RECURRENT_PRODUCERS:
+        return "recurrent"
     return None
+
+
+_ELLIPSIS = "..."
+
+
+def einsum_unit_axis(equation: str, weights: Sequence[bool], ndim_out: int) -> int:
+    """The unit axis of an einsum's output, counted from the end (-1 is the last dim): the
+    output subscript that only the weights carry (``'btg,gk->bkt'``: ``k``, dim 1 of 3), as
+    a linear layer's features are its weight's output dim. ``weights`` flags the operands
+    that are parameters or constants; with none (or all) flagged, the last operand plays the
+    weight. Several such subscripts: the last of them. None, or an equation this cannot
+    read: the last dim, as for ``matmul``. PyTorch and ONNX (``Einsum``) use this rule."""
+    try:
+        operands, output = _einsum_terms(equation)
+    except ValueError:
+        return -1
+    flagged = [i for i, w in enumerate(weights) if w]
+    groups = [flagged] if 0 < len(flagged) < len(operands) else []
+    for group in [*groups, [len(operands) - 1]]:
+        own = set().union(*(set(operands[i]) for i in group if i < len(operands)))
+        others = set().union(*(set(t) for i, t in enumerate(operands) if i not in group))
+        units = [k for k, token in enumerate(output) if token in own and token not in others]
+        if units:
+            return _from_end(output, units[-1], ndim_out)
+    return -1
+
+
+def _einsum_terms(equation: str) -> tuple[list[list[str]], list[str]]:
+    """An equation's operand and output subscripts as tokens (a letter or ``...``), the
+    implicit output (``'ij,jk'``: the letters seen once, sorted, after any ellipsis) filled in."""
+    text = equation.replace(" ", "")
+    lhs, arrow, rhs = text.partition("->")
+    operands = [_einsum_tokens(term) for term in lhs.split(",")]
+    if arrow:
+        return operands, _einsum_tokens(rhs)
+    letters = [t for term in operands for t in term if t != _ELLIPSIS]
+    once = sorted(t for t in set(letters) if letters.count(t) == 1)
+    return operands, ([_ELLIPSIS] if any(_ELLIPSIS in t for t in operands) else []) + once
+
+
+def _einsum_tokens(term: str) -> list[str]:
+    head, dots, tail = term.partition(_ELLIPSIS)
+    tokens = [*head, *([_ELLIPSIS] if dots else []), *tail]
+    if any(not (t == _ELLIPSIS or t.isalpha()) for t in tokens):
+        raise ValueError(f"not an einsum term: {term!r}")
+    return tokens
+
+
+def _from_end(output: list[str], position: int, ndim_out: int) -> int:
+    """Output token ``position`` as a dim counted from the end (an ellipsis before it spans
+    however many dims the output has beyond its letters)."""
+    if _ELLIPSIS in output[position + 1:]:
+        return position - ndim_out
+    return position - len(output)

@@ -452,3 +452,137 @@ def test_a_relu_inside_another_higher_order_op_is_refused_not_missed(tmp_path) -
     torch.export.save(program, tmp_path / "loop.pt2")
     with pytest.raises(DeadReluError, match="higher_order.while_loop with a ReLU-family op inside"):
         scan(tmp_path / "loop.pt2", [x], ScanOptions(device="cpu"))
+
+
+class Producer(nn.Module):
+    """One ReLU behind one kind of producer (``make`` gives the pre-activation), with dead
+    units planted: the brute force reads them along ``axis``."""
+
+    def __init__(self, make, axis: int, dead: tuple[int, ...]) -> None:
+        super().__init__()
+        self.make, self.axis, self.dead = make, axis, dead
+
+    def preact(self, x: torch.Tensor) -> torch.Tensor:
+        return self.make(self, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.preact(x)).sum()
+
+
+def _embedding(m: Producer, x: torch.Tensor) -> torch.Tensor:
+    return m.table(x)
+
+
+def _einsum(equation: str, weight_first: bool = False):
+    def make(m: Producer, x: torch.Tensor) -> torch.Tensor:
+        operands = (m.w, x) if weight_first else (x, m.w)
+        return torch.einsum(equation, *operands) + m.b
+    return make
+
+
+def _attention(m: Producer, x: torch.Tensor) -> torch.Tensor:
+    return m.attn(x, x, x, need_weights=False)[0]
+
+
+def _recurrent(m: Producer, x: torch.Tensor) -> torch.Tensor:
+    return m.rnn(x)[0]
+
+
+def _producer(case: str) -> tuple[Producer, torch.Tensor]:
+    """A model for ``case`` and a batch for it."""
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(3)
+    if case == "embedding":
+        m = Producer(_embedding, 2, (2, 4))
+        m.table = nn.Embedding(20, 6)
+        with torch.no_grad():
+            m.table.weight[:, [2, 4]] = -torch.rand(20, 2) - 0.1
+        return m, torch.randint(0, 20, (16, 5), generator=g)
+    einsums = {  # equation, weight shape, bias shape, input shape, unit axis, weight first
+        "einsum btf,fg->btg": ("btf,fg->btg", (4, 7), (7,), (16, 3, 4), 2, False),
+        "einsum btg,gk->bkt": ("btg,gk->bkt", (4, 7), (7, 1), (16, 3, 4), 1, False),
+        "einsum oc,bchw->bohw": ("oc,bchw->bohw", (7, 4), (7, 1, 1), (16, 4, 3, 3), 1, True),
+        "einsum ...f,fg->...g": ("...f,fg->...g", (4, 7), (7,), (16, 3, 4), 2, False),
+        "einsum bi,ij": ("bi,ij", (4, 7), (7,), (16, 4), 1, False),
+    }
+    if case in einsums:
+        equation, w_shape, b_shape, x_shape, axis, first = einsums[case]
+        m = Producer(_einsum(equation, first), axis, (1, 5))
+        m.w = nn.Parameter(torch.randn(*w_shape) * 0.3)
+        bias = torch.zeros(7)
+        bias[[1, 5]] = -30.0
+        m.b = nn.Parameter(bias.reshape(b_shape))
+        return m, torch.randn(*x_shape, generator=g)
+    if case == "attention":
+        m = Producer(_attention, 2, (3,))
+        m.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        with torch.no_grad():
+            m.attn.out_proj.bias[3] = -30.0
+        return m, torch.randn(16, 5, 6, generator=g)
+    batch_first = case.endswith("batch first")
+    m = Producer(_recurrent, 2, (2,))
+    if case.startswith("lstm"):
+        m.rnn = nn.LSTM(4, 5, batch_first=batch_first)
+        with torch.no_grad():  # cell input pinned at -1: the cell and the output stay negative
+            m.rnn.bias_ih_l0[2 * 5 + 2] = -30.0
+    else:
+        m.rnn = nn.GRU(4, 5, batch_first=batch_first)
+        with torch.no_grad():  # candidate pinned at -1 from a zero state: the output stays negative
+            m.rnn.bias_ih_l0[2 * 5 + 2] = -30.0
+    return m, torch.randn(*((16, 6, 4) if batch_first else (6, 16, 4)), generator=g)
+
+
+PRODUCER_CASES = ["embedding", "einsum btf,fg->btg", "einsum btg,gk->bkt", "einsum oc,bchw->bohw",
+                  "einsum ...f,fg->...g", "einsum bi,ij", "attention", "lstm batch first", "gru"]
+
+
+@pytest.mark.parametrize("flavour", ["eager", "torchscript", "pt2", "onnx"])
+@pytest.mark.parametrize("case", PRODUCER_CASES)
+def test_unit_axis_of_embeddings_einsums_attention_and_recurrent_layers(case: str, flavour: str, tmp_path) -> None:
+    """The units of an embedding, an einsum (the output subscript only its weight carries),
+    a fused `nn.MultiheadAttention` and an LSTM/GRU are the same in every format, and the
+    dead units planted along them are the brute force's (a wrong axis hid them)."""
+    from reference import assert_site_stats, unit_stats
+
+    model, x = _producer(case)
+    model.eval()
+    # a sequence-first GRU's data is (T, N, F): the batches split its samples, dim 1
+    batches = [x[:, :8], x[:, 8:]] if case == "gru" else [x[:8], x[8:]]
+    target: object = model
+    if flavour == "torchscript":
+        target = tmp_path / "m.ts.pt"
+        torch.jit.save(torch.jit.trace(model, (batches[0],), check_trace=False), str(target))
+    elif flavour == "pt2":
+        target = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(model, (batches[0],)), str(target))
+    elif flavour == "onnx":
+        target = tmp_path / "m.onnx"
+        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    report = scan(target, batches, ScanOptions(device="cpu"))
+    (site,) = report.sites
+    assert site.unit_axis == model.axis, (site.unit_axis, site.axis_source)
+    assert site.axis_source == ("recurrent" if case in ("lstm batch first", "gru") else "linear")
+    with torch.no_grad():
+        values = np.concatenate([model.preact(b).numpy() for b in batches])
+    ref = unit_stats(values, model.axis)
+    assert tuple(site.verdict.dead) == model.dead == tuple(int(u) for u in np.flatnonzero(ref["positive"] == 0))
+    assert_site_stats(site, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("equation", "weights", "ndim", "axis"), [
+    ("btg,gk->bkt", [False, True], 3, -2),  # k: dim 1 of 3
+    ("gk,btg->bkt", [True, False], 3, -2),  # the weight first
+    ("btg,gk->bkt", [False, False], 3, -2),  # no weight known: the last operand plays it
+    ("bqd,bkd->bqk", [False, False], 3, -1),  # attention scores: the keys (last operand's own k)
+    ("...f,fg->...g", [False, True], 4, -1),
+    ("fg,f...->g...", [True, False], 4, -4),  # an ellipsis after the units: counted from the front
+    ("bi,ij", [False, True], 2, -1),  # implicit output 'bj'
+    ("bi,bi->b", [False, True], 1, -1),  # no subscript of the weight's own: the last dim
+    ("b1,1k->bk", [False, True], 2, -1),  # not an equation: the last dim
+])
+def test_the_einsum_unit_axis_is_the_output_subscript_of_the_weight_alone(equation: str, weights: list[bool],
+                                                                          ndim: int, axis: int) -> None:
+    from deadrelu.sites import einsum_unit_axis
+
+    assert einsum_unit_axis(equation, weights, ndim) == axis

@@ -10,6 +10,7 @@ import onnx
 from deadrelu.onnx_sites.graph import (CONV_OPS, ELEMENTWISE_OPS, LINEAR_OPS, MAX_TRACE_DEPTH, NORM_OPS,
                                       RANK_PRESERVING_OPS, RECURRENT_OPS, REDUCE_OPS, RESHAPE_OPS, GraphIndex, attribute, node_label)
 from deadrelu.onnx_sites.records import AxisTrace
+from deadrelu.sites import einsum_unit_axis
 
 _DIM_TEXT = {"conv": "dim 1 (channels)", "linear": "last dim (features)", "recurrent": "last dim (hidden units)"}
 
@@ -48,6 +49,10 @@ def _origin(index: GraphIndex, tensor: str, depth: int) -> _Origin | str | None:
         return _Origin(-1, "linear", described, ())
     if op in RECURRENT_OPS:
         return _Origin(-1, "recurrent", described, ())
+    if op == "Einsum":
+        return _Origin(_einsum_anchor(index, node), "linear", described, ())
+    if op == "Gather" and _is_embedding(index, node):
+        return _Origin(-1, "linear", described, ())
     lost: str | None = None
     for data in _data_inputs(index, node):
         upstream = _origin(index, data, depth + 1)
@@ -59,6 +64,25 @@ def _origin(index: GraphIndex, tensor: str, depth: int) -> _Origin | str | None:
             return _Origin(anchor, upstream.source, upstream.producer, (*upstream.through, op))
         lost = lost or f"the {_DIM_TEXT[upstream.source]} of {upstream.producer} is lost through {described}"
     return lost
+
+
+def _einsum_anchor(index: GraphIndex, node: onnx.NodeProto) -> int:
+    """The unit axis of an Einsum's output (`deadrelu.sites.einsum_unit_axis`; the graph's
+    constants are its weights)."""
+    equation = attribute(node, "equation", b"")
+    text = equation.decode() if isinstance(equation, bytes) else str(equation)
+    rank = index.rank(node.output[0])
+    weights = [bool(name) and index.is_constant(name) for name in node.input]
+    if rank is None and "..." in text:
+        return -1
+    return einsum_unit_axis(text, weights, rank or 0)
+
+
+def _is_embedding(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Gather of rows of a constant table by computed indices: an embedding lookup,
+    whose output's last dim holds the table's features."""
+    return (len(node.input) > 1 and index.is_constant(node.input[0]) and not index.is_constant(node.input[1])
+            and index.rank(node.input[0]) == 2 and attribute(node, "axis", 0) == 0)
 
 
 def _no_layout(index: GraphIndex, tensor: str) -> str:
@@ -73,7 +97,8 @@ def _data_inputs(index: GraphIndex, node: onnx.NodeProto) -> list[str]:
     op = node.op_type
     if op in ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "Clip", "PRelu",
               "QuantizeLinear", "DequantizeLinear", "Pad", "Resize", "Upsample", "Slice", "Tile", "Expand",
-              "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Dropout", "CastLike", "Pow", *REDUCE_OPS):
+              "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Dropout", "CastLike", "Pow", "Gather",
+              *REDUCE_OPS):
         return [node.input[0]] if node.input and node.input[0] else []
     if op in ELEMENTWISE_OPS or op in RANK_PRESERVING_OPS:
         return [name for name in node.input if name and not index.is_constant(name)]
@@ -99,7 +124,21 @@ def _map_axis(index: GraphIndex, node: onnx.NodeProto, data: str, anchor: int) -
         return _squeeze_axis(index, node, rank, axis, anchor < 0)
     if op in REDUCE_OPS:
         return _reduced_axis(index, node, rank, axis, anchor < 0)
+    if op == "Gather":
+        return _gathered_axis(index, node, rank, axis, anchor < 0)
     return None
+
+
+def _gathered_axis(index: GraphIndex, node: onnx.NodeProto, rank: int, axis: int, from_end: bool) -> int | None:
+    """The unit axis after a Gather along another axis (``h[:, 0]``, ``index_select``):
+    the indices' dims replace the gathered one. Gathering some of the units by a vector of
+    indices keeps them on their axis, as a slice does; any other gather of them loses it."""
+    gathered = int(attribute(node, "axis", 0)) % rank
+    indices_rank = index.rank(node.input[1]) if len(node.input) > 1 else None
+    if indices_rank is None or (axis == gathered and indices_rank != 1):
+        return None
+    moved = axis if axis < gathered else axis + indices_rank - 1
+    return moved - (rank + indices_rank - 1) if from_end else moved
 
 
 def _reduced_axis(index: GraphIndex, node: onnx.NodeProto, rank: int, axis: int, from_end: bool) -> int | None:

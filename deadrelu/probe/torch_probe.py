@@ -331,6 +331,9 @@ class ReluProbe(TorchDispatchMode):
 
     def _origin(self, op_name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
+        if op_name == "einsum" and len(args) > 1 and isinstance(args[0], str):
+            weights = [_is_weight(t) for t in args[1]]
+            return sites.UnitOrigin("linear", sites.einsum_unit_axis(args[0], weights, out.ndim))
         kind = sites.producer_kind(op_name)
         if kind is not None:
             weight = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
@@ -378,6 +381,12 @@ class ReluProbe(TorchDispatchMode):
         if op_name in sites.NORM_OPS or (op_name in sites.ELEMENTWISE and any(
                 isinstance(a, torch.Tensor) and self._normalised.get(a, False) for a in args)):
             self._normalised[first] = True
+
+
+def _is_weight(operand: Any) -> bool:
+    """Whether an operand is a model's weight: a parameter, or a tensor that needs a gradient
+    (the data and what the probe computes from it under inference mode do not)."""
+    return isinstance(operand, torch.nn.Parameter) or bool(getattr(operand, "requires_grad", False))
 
 
 @contextmanager
