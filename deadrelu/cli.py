@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from deadrelu import ci
-from deadrelu.cli_options import (file_path, BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
+from deadrelu.cli_options import (FRACTION, NON_NEGATIVE, file_path, BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
                                    FailOnOpt, FormatName, FormatOpt, IgnoreOpt, ImageSizeOpt, InputShapeOpt,
                                    MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, MeanOpt, OutputOpt, QuietOpt,
                                    SeedOpt, StdOpt, WeightsKeyOpt, WorkersOpt, data_options_from_flags, output_options,
@@ -162,8 +162,8 @@ def scan_command(
     std: StdOpt = None,
     seed: SeedOpt = 0,
     compile_mode: CompileOpt = "auto",
-    near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
-    tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
+    near_dead: Annotated[Optional[float], typer.Option("--near-dead", parser=FRACTION, metavar="F", help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", parser=NON_NEGATIVE, metavar="T", help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
     fail_on: FailOnOpt = None,
     max_dead: MaxDeadOpt = None,
@@ -242,8 +242,8 @@ def report_command(
     max_site_dead_fraction: MaxSiteDeadFractionOpt = None,
     ignore: IgnoreOpt = None,
     baseline: BaselineOpt = None,
-    near_dead: Annotated[Optional[float], typer.Option("--near-dead", min=0.0, max=1.0, help="Re-judge: near-dead below this active rate (default: the report's own).")] = None,
-    tau: Annotated[Optional[float], typer.Option("--tau", min=0.0, help="Re-judge: dormant at or below this tau score (default: the report's own).")] = None,
+    near_dead: Annotated[Optional[float], typer.Option("--near-dead", parser=FRACTION, metavar="F", help="Re-judge: near-dead below this active rate (default: the report's own).")] = None,
+    tau: Annotated[Optional[float], typer.Option("--tau", parser=NON_NEGATIVE, metavar="T", help="Re-judge: dormant at or below this tau score (default: the report's own).")] = None,
     config: ConfigOpt = None,
     fmt: FormatOpt = FormatName.TABLE,
     output: OutputOpt = None,

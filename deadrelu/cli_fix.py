@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, progress_stages, reported_errors, stderr_console, stdout_console
-from deadrelu.cli_options import (file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
+from deadrelu.cli_options import (FRACTION, file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, fix_inputs, run_fix, written_paths
@@ -24,8 +24,8 @@ def fix_command(
     report: Annotated[Optional[Path], typer.Option("--report", parser=file_path, help="A saved scan (--json) of this same model, instead of scanning.")] = None,
     to: Annotated[Optional[str], typer.Option("--to", help="Force one change for every chosen site: leaky, prelu or bn.")] = None,
     sites: Annotated[Optional[list[str]], typer.Option("--sites", help="Change the sites whose names match this glob (repeatable).")] = None,
-    min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", min=0.0, max=1.0, help="Choose sites with at least this fraction of dead units (default: any dead unit).")] = 0.0,
-    slope: Annotated[Optional[float], typer.Option("--slope", min=0.0, max=1.0, help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25), in [0, 1].")] = None,
+    min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", parser=FRACTION, metavar="F", help="Choose sites with at least this fraction of dead units (default: any dead unit).")] = 0.0,
+    slope: Annotated[Optional[float], typer.Option("--slope", parser=FRACTION, metavar="F", help="LeakyReLU negative slope (default 0.01) / PReLU initial slope (default 0.25), in [0, 1].")] = None,
     bn_init: Annotated[str, typer.Option("--bn-init", help="identity: outputs unchanged; revive: centre each unit so dead units fire.")] = "identity",
     apply: Annotated[bool, typer.Option("--apply", help="Write the fixed model to -o and verify it.")] = False,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_path, help="Where --apply writes (.pt2 for PyTorch models, .onnx for ONNX).")] = None,

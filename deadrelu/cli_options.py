@@ -10,6 +10,7 @@ import enum
 import math
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -30,6 +31,24 @@ def file_path(value: str | Path) -> Path:
     return Path(value)
 
 
+def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """A parser of a number in [low, high]: typer's own range check reads ``nan`` as above
+    the top ("should be less than or equal to 1"), which says nothing of what is wrong."""
+    def parse(text: str | float) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise typer.BadParameter(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:
+            wanted = f"in [{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+            raise typer.BadParameter(f"expected a number {wanted}, got {text}")
+        return value
+    return parse
+
+
+FRACTION = number_in(0.0, 1.0)
+NON_NEGATIVE = number_in(0.0)
+
 FormatName = enum.Enum("FormatName", {name.upper(): name for name in FORMAT_NAMES}, type=str)  # type: ignore[misc]
 # The formats that render `deadrelu diff` (its --help lists only these).
 DiffFormatName = enum.Enum("DiffFormatName", {name.upper(): name for name in FORMAT_NAMES  # type: ignore[misc]
@@ -42,9 +61,9 @@ FailOnOpt = Annotated[Optional[FailOn], typer.Option(
 MaxDeadOpt = Annotated[Optional[int], typer.Option(
     "--max-dead", min=0, help="Fail when more than N units (of the --fail-on kind) are counted over all sites.")]
 MaxDeadFractionOpt = Annotated[Optional[float], typer.Option(
-    "--max-dead-fraction", min=0.0, max=1.0, help="Fail when counted units / all units exceeds F.")]
+    "--max-dead-fraction", parser=FRACTION, metavar="F", help="Fail when counted units / all units exceeds F.")]
 MaxSiteDeadFractionOpt = Annotated[Optional[float], typer.Option(
-    "--max-site-dead-fraction", min=0.0, max=1.0, help="Fail when counted units / units of any one site exceeds F.")]
+    "--max-site-dead-fraction", parser=FRACTION, metavar="F", help="Fail when counted units / units of any one site exceeds F.")]
 IgnoreOpt = Annotated[Optional[list[str]], typer.Option(
     "--ignore", metavar="GLOB", help="Leave sites matching GLOB out of the gates (repeatable; replaces the config's ignore).")]
 BaselineOpt = Annotated[Optional[Path], typer.Option(

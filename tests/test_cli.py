@@ -776,6 +776,13 @@ def test_a_report_whose_only_positives_are_infinities_reads_back(runner: CliRunn
     (["nonsense"], r"^deadrelu: error: No such command 'nonsense'\. \(see 'deadrelu --help'\)$"),
     (["diff", "a.json"], r"^deadrelu: error: Missing argument"),
     (["diff", "a.json", "b.json", "-f", "sarif"], r"'sarif' is not one of 'table', 'json', 'markdown', 'github'"),
+    (["scan", "m.pt", "--near-dead", "nan"], r"'--near-dead': expected a number in \[0, 1\], got nan \("),
+    (["scan", "m.pt", "--max-dead-fraction", "1.5"], r"'--max-dead-fraction': expected a number in \[0, 1\], got 1.5"),
+    (["scan", "m.pt", "--max-site-dead-fraction", "-nan"], r"expected a number in \[0, 1\], got -nan"),
+    (["report", "r.json", "--tau", "nan"], r"'--tau': expected a number >= 0, got nan \("),
+    (["scan", "m.pt", "--tau", "-0.5"], r"'--tau': expected a number >= 0, got -0.5"),
+    (["fix", "m.pt", "--slope", "nan"], r"'--slope': expected a number in \[0, 1\], got nan"),
+    (["fix", "m.pt", "--min-dead-fraction", "half"], r"'--min-dead-fraction': expected a number, got 'half'"),
 ])
 def test_usage_errors_are_one_line(runner: CliRunner, args: list[str], pattern: str) -> None:
     result = runner.invoke(app, args, prog_name="deadrelu")
