@@ -34,20 +34,31 @@ _HELP_ON_NO_ARGS = tuple(getattr(_PARSER_ERRORS, n) for n in ("NoArgsIsHelpError
                          if hasattr(_PARSER_ERRORS, n))
 
 
+# Rich help's names for the types typer 0.29 shows as Python annotations.
+_TYPE_NAMES = {"<Path>": "PATH", "<list[Path]>": "PATH...", "<str>": "TEXT", "<list[str]>": "TEXT",
+               "<int>": "N", "<int range>": "N", "<float>": "X", "<float range>": "X"}
+
+
 def _hide_flag_types() -> None:
     """typer 0.29's Rich help shows a type column for flags too (``--quiet <bool>``, even
     ``--help <bool>``), as if they took a value; its plain help and earlier typers show
-    none. Flags get no type there again; options that take a value keep theirs."""
-    option = getattr(typer.core, "TyperOption", None)
-    shown = getattr(option, "display_type_rich", None)
-    if shown is None or getattr(shown, "hides_flags", False):
-        return
+    none. Flags get no type there again; options that take a value keep theirs, named as
+    command-line help names them (``PATH``, ``TEXT``, ``N``), not as Python annotations
+    (``<Path>``, ``<str>``, ``<int range>``)."""
+    for kind in ("TyperOption", "TyperArgument"):
+        param = getattr(typer.core, kind, None)
+        shown = getattr(param, "display_type_rich", None)
+        if shown is None or getattr(shown, "hides_flags", False):
+            continue
 
-    def display_type_rich(self: Any, ctx: Any) -> str | None:
-        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+        def display_type_rich(self: Any, ctx: Any, shown: Any = shown) -> str | None:
+            if getattr(self, "is_flag", False):
+                return None
+            text = shown(self, ctx)
+            return _TYPE_NAMES.get(text, text) if isinstance(text, str) else text
 
-    display_type_rich.hides_flags = True  # type: ignore[attr-defined]
-    option.display_type_rich = display_type_rich
+        display_type_rich.hides_flags = True  # type: ignore[attr-defined]
+        param.display_type_rich = display_type_rich
 
 
 _hide_flag_types()

@@ -905,9 +905,12 @@ def test_units_a_permute_moves_to_dim_0_are_still_scanned() -> None:
 
 
 @pytest.mark.parametrize("command", ["scan", "fix", "merge", "report", "diff"])
-def test_help_shows_no_type_for_flags(runner: CliRunner, command: str) -> None:
+def test_help_shows_no_type_for_flags_and_command_line_names_for_values(runner: CliRunner, command: str) -> None:
     """A flag takes no value: `--quiet <bool>` in the help would say it does."""
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "<bool>" not in result.stdout
     assert "--help" in result.stdout
+    # nor Python annotations for the values of the others: PATH, TEXT, N as help says them
+    assert not re.search(r"<(Path|str|int|float|list\[\w+\])( range)?>", result.stdout), result.stdout
+    assert re.search(r"\bPATH\b", result.stdout), result.stdout
