@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from deadrelu.data import (CalibrationSource, DataOptions, ExactBatches, InputSelector, ModelInput, open_data,
-                           source_from_object)
+                           WantedEntries, source_from_object)
 from deadrelu.distributed import finish, gather, ranks_from_env, shard, start
 from deadrelu.errors import DataError, UsageError, led_by
 from deadrelu.judge import Thresholds
@@ -216,8 +216,8 @@ def _open(data: Any, options: ScanOptions, loaded: LoadedModel | None = None) ->
             data_options = replace(data_options, random_samples=options.samples)
         if loaded is not None:
             keys = InputSelector.parse(options.inputs, None).keys
-            data_options = replace(data_options, wanted=keys or _named_inputs(loaded, options),
-                                   wanted_by_user=keys is not None)
+            data_options = replace(data_options, wanted=WantedEntries(tuple(keys or _named_inputs(loaded, options) or ()),
+                                                                    by_user=keys is not None))
         return open_data(str(data), data_options)
     return source_from_object(data, f"<{type(data).__name__}>", options.data.workers)
 

@@ -20,12 +20,12 @@ the leading elements, as many as the model's forward takes positionally, so the 
 ``(inputs, labels)`` batch of a classification `DataLoader` feeds only ``inputs``.
 """
 
-from deadrelu.data.files import RANDOM, DataOptions, open_data
+from deadrelu.data.files import RANDOM, DataOptions, WantedEntries, open_data
 from deadrelu.data.inputs import ExactBatches, InputSelector, ModelInput
 from deadrelu.data.sources import (IMAGE_SUFFIXES, NORMALISATIONS, ArraySource, CalibrationSource, ImageFiles,
                                    ImageOptions, IterableSource, NpyRows, RandomSource, ShardSource,
                                    parse_normalisation, source_from_object)
 
-__all__ = ["IMAGE_SUFFIXES", "NORMALISATIONS", "RANDOM", "ArraySource", "CalibrationSource", "DataOptions", "ExactBatches", "ImageFiles",
+__all__ = ["IMAGE_SUFFIXES", "NORMALISATIONS", "RANDOM", "ArraySource", "CalibrationSource", "DataOptions", "ExactBatches", "WantedEntries", "ImageFiles",
            "ImageOptions", "InputSelector", "IterableSource", "ModelInput", "NpyRows", "RandomSource", "ShardSource",
            "open_data", "parse_normalisation", "source_from_object"]

@@ -26,6 +26,15 @@ from deadrelu.errors import DataError
 # --- opening a spec ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class WantedEntries:
+    """The named entries of a data file that the model takes (by --inputs, or its input
+    names): the others (class names, a temperature) are left unread and unchecked."""
+
+    names: tuple[str, ...]
+    by_user: bool  # named by --inputs: a file without one of them is an error
+
+
+@dataclass(frozen=True)
 class DataOptions:
     """How to open `--data`."""
 
@@ -34,10 +43,7 @@ class DataOptions:
     seed: int = 0
     workers: int = 2
     image: ImageOptions = field(default_factory=ImageOptions)
-    # the named entries of a file the model takes (--inputs, or its input names): the others
-    # (class names, a temperature) are left unread and unchecked; None: every entry
-    wanted: tuple[str, ...] | None = None
-    wanted_by_user: bool = False  # named by --inputs: a file without one of them is an error
+    wanted: WantedEntries | None = None  # None: every entry
 
 
 RANDOM = "random"  # the --data spec of seeded Gaussian inputs
@@ -62,7 +68,7 @@ def open_data(spec: str, options: DataOptions | None = None) -> CalibrationSourc
     if opener is None:
         raise DataError(f"{path}: unknown data format '{path.suffix}', expected .npy, .npz, .pt, .safetensors, "
                         "a folder of images or .npy shards, or module:function")
-    source = opener(path, _Wanted(options.wanted, options.wanted_by_user) if options.wanted else None)
+    source = opener(path, options.wanted if options.wanted and options.wanted.names else None)
     if source.total() == 0:
         raise DataError(f"{path}: holds no samples")
     return source
@@ -120,13 +126,13 @@ def _check_shards(path: Path, shards: list[NpyRows]) -> None:
         raise DataError(f"{path}: the .npy shards hold no samples")
 
 
-def _open_npy(path: Path, wanted: _Wanted | None = None) -> ArraySource:
+def _open_npy(path: Path, wanted: WantedEntries | None = None) -> ArraySource:
     rows = NpyRows(path)
     _check_array(path, "array", rows)
     return ArraySource(str(path), [rows], {})
 
 
-def _open_npz(path: Path, wanted: _Wanted | None = None) -> ArraySource:
+def _open_npz(path: Path, wanted: WantedEntries | None = None) -> ArraySource:
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not an .npz archive (np.savez writes a zip file of .npy arrays; this is no zip file)")
     try:
@@ -144,13 +150,7 @@ def _open_npz(path: Path, wanted: _Wanted | None = None) -> ArraySource:
     return _named_arrays(path, arrays, names)
 
 
-@dataclass(frozen=True)
-class _Wanted:
-    names: tuple[str, ...]
-    by_user: bool
-
-
-def _taken(path: Path, keys: Iterable[str], wanted: _Wanted | None) -> list[str]:
+def _taken(path: Path, keys: Iterable[str], wanted: WantedEntries | None) -> list[str]:
     """The entries to read: those wanted that the file holds (--inputs names must all be
     there); every one when it holds none of the model's input names (the batch then picks
     its entries itself: one array for a one-input model, whatever its name)."""
@@ -189,7 +189,7 @@ _SAFETENSORS_DTYPES = {"BF16": "<u2", "F64": "<f8", "F32": "<f4", "F16": "<f2", 
                        "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def _open_safetensors(path: Path, wanted: _Wanted | None = None) -> ArraySource:
+def _open_safetensors(path: Path, wanted: WantedEntries | None = None) -> ArraySource:
     """Each tensor read by rows in place, memory flat. The format is an 8-byte header
     length, a JSON header (dtype, shape, byte range of every tensor) and the raw bytes;
     the safetensors library reads rows lazily only through a memory map, whose touched
@@ -239,7 +239,7 @@ def _named_arrays(path: Path, arrays: dict[str, Any], stored: list[str]) -> Arra
     return ArraySource(str(path), [], arrays)
 
 
-def _open_pt(path: Path, wanted: _Wanted | None = None) -> ArraySource:
+def _open_pt(path: Path, wanted: WantedEntries | None = None) -> ArraySource:
     if not _written_by_torch_save(path):
         raise DataError(f"{path}: not a file written by torch.save (expected a tensor, a tuple of tensors or a "
                         "dict of tensors saved with torch.save)")
