@@ -307,8 +307,12 @@ CONV_PRODUCERS = frozenset(
     }
 )
 LINEAR_PRODUCERS = frozenset(
-    {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "embedding", "_unsafe_view_mm", "einsum",
-     "_native_multi_head_attention"}  # (the fused attention of an `nn.MultiheadAttention` in eval: out_proj's features)
+    {"linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "embedding", "_unsafe_view_mm", "einsum", "bilinear",
+     "tensordot", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only",
+     # attention: the features of its values (`nn.MultiheadAttention` in eval: of out_proj)
+     "_native_multi_head_attention", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+     "_scaled_dot_product_cudnn_attention"}
 )
 # Recurrent layers: their output's last dim holds the hidden units, batch-first or not.
 RECURRENT_PRODUCERS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})

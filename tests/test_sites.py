@@ -513,6 +513,25 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
         bias[[1, 5]] = -30.0
         m.b = nn.Parameter(bias.reshape(b_shape))
         return m, torch.randn(*x_shape, generator=g)
+    if case == "bilinear":
+        m = Producer(lambda m, x: m.bil(x, x.flip(1)), 2, (4,))
+        m.bil = nn.Bilinear(4, 4, 6)
+        with torch.no_grad():
+            m.bil.bias[4] = -30.0
+        return m, torch.randn(16, 3, 4, generator=g) * 2.0
+    if case == "tensordot":
+        m = Producer(lambda m, x: torch.tensordot(x, m.w, dims=1) + m.b, 2, (0,))
+        m.w, m.b = nn.Parameter(torch.randn(4, 6) * 0.3), nn.Parameter(torch.tensor([-30.0, 0, 0, 0, 0, 0]))
+        return m, torch.randn(16, 3, 4, generator=g)
+    if case == "scaled dot-product attention":  # (N, heads, T, head features): the features
+        def make(m: Producer, x: torch.Tensor) -> torch.Tensor:
+            q = m.q(x).reshape(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q)
+        m = Producer(make, 3, (1,))
+        m.q = nn.Linear(4, 8)
+        with torch.no_grad():  # every value's feature 1 of both heads negative: so is their average
+            m.q.bias[[1, 5]] = -30.0
+        return m, torch.randn(16, 5, 4, generator=g)
     if case == "attention":
         m = Producer(_attention, 2, (3,))
         m.attn = nn.MultiheadAttention(6, 2, batch_first=True)
@@ -533,7 +552,8 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
 
 
 PRODUCER_CASES = ["embedding", "einsum btf,fg->btg", "einsum btg,gk->bkt", "einsum oc,bchw->bohw",
-                  "einsum ...f,fg->...g", "einsum bi,ij", "attention", "lstm batch first", "gru"]
+                  "einsum ...f,fg->...g", "einsum bi,ij", "bilinear", "tensordot", "scaled dot-product attention",
+                  "attention", "lstm batch first", "gru"]
 
 
 @pytest.mark.parametrize("flavour", ["eager", "torchscript", "pt2", "onnx"])
@@ -544,6 +564,8 @@ def test_unit_axis_of_embeddings_einsums_attention_and_recurrent_layers(case: st
     dead units planted along them are the brute force's (a wrong axis hid them)."""
     from reference import assert_site_stats, unit_stats
 
+    if case == "bilinear" and flavour == "onnx":
+        pytest.skip("torch.onnx does not export aten::bilinear")
     model, x = _producer(case)
     model.eval()
     # a sequence-first GRU's data is (T, N, F): the batches split its samples, dim 1
