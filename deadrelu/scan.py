@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from deadrelu.judge import Thresholds
 from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.load.torch_formats import refuse_meta
-from deadrelu.probe import StreamResult
+from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_stream import StreamSettings, stream_torch
 from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
 
@@ -370,10 +370,27 @@ def _stream(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.de
 
 # --- report --------------------------------------------------------------------------------
 
+def _guessed_axes(sites: Sequence[SiteObservation]) -> str | None:
+    """A note naming the sites of rank 3 or more whose unit axis is the default dim 1: no
+    producer deadrelu knows (a convolution, a linear op, ...) says where their units are,
+    so dim 1 may hold positions, not channels or features. (At rank 2, dim 1 is the only
+    axis that is not the samples.)"""
+    names = [o.name for o in sites if o.axis_source == "default" and o.extra.get("preact_ndim", 0) >= 3]
+    if not names:
+        return None
+    quoted = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    which = f"site {quoted}" if len(names) == 1 else f"{len(names)} sites ({quoted})"
+    return (f"unit axis unknown at {which}: dim 1 taken as the units (no convolution, linear or other producer "
+            "deadrelu knows comes before; dim 1 may hold positions rather than channels or features)")
+
+
 def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None,
               inputs: ExactBatches) -> tuple[str, ...]:
     """What the reader of the report should know about the data and the run."""
     warnings = list(result.notes)
+    guessed = _guessed_axes(result.sites)
+    if guessed:
+        warnings.append(guessed)
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
     if inputs.left_out:

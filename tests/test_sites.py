@@ -608,3 +608,28 @@ def test_the_einsum_unit_axis_is_the_output_subscript_of_the_weight_alone(equati
     from deadrelu.sites import einsum_unit_axis
 
     assert einsum_unit_axis(equation, weights, ndim) == axis
+
+
+class UnknownProducer(nn.Module):
+    """ReLUs of the input itself: no producer says where the units are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * 2.0).sum() + torch.relu(x[:, 0]).sum() + torch.relu(x.flatten(1)).sum()
+
+
+@pytest.mark.parametrize("flavour", ["eager", "onnx"])
+def test_sites_of_rank_three_with_the_default_axis_are_named_in_a_warning(flavour: str, tmp_path) -> None:
+    """Dim 1 of a rank-3 pre-activation with no known producer may be positions: the report
+    says which sites took it; a rank-2 site (dim 1 is all there is beside the samples) is
+    not named."""
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    target: object = UnknownProducer()
+    if flavour == "onnx":
+        target = tmp_path / "unknown.onnx"
+        torch.onnx.export(UnknownProducer(), (x,), str(target), dynamo=False, input_names=["x"])
+    report = scan(target, [x], ScanOptions(device="cpu"))
+    assert [(s.unit_axis, s.axis_source) for s in report.sites] == [(1, "default")] * 3
+    first, *rest = [s.name for s in report.sites]
+    (note,) = [w for w in report.warnings if "unit axis unknown" in w]
+    assert note.startswith(f"unit axis unknown at site '{first}': dim 1 taken as the units"), note
+    assert not any(name in note for name in rest), note

@@ -348,7 +348,8 @@ class OnnxScanner:
             site = plan.site
             source = "scalar" if plan.flat else site.axis.source
             found.append(SiteObservation(site.name, site.op, plan.axis, source, summary,
-                                         {"normalised_input": site.axis.normalised, "onnx": site.describe()}))
+                                         {"normalised_input": site.axis.normalised, "preact_ndim": plan.rank,
+                                          "onnx": site.describe()}))
         return tuple(found)
 
     def notes(self) -> tuple[str, ...]:
