@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _API = {"ScanOptions": "deadrelu.scan", "scan": "deadrelu.scan", "ScanReport": "deadrelu.report",
-        "SiteReport": "deadrelu.report", "Thresholds": "deadrelu.judge"}
+        "SiteReport": "deadrelu.report", "Thresholds": "deadrelu.judge", "AxisOverride": "deadrelu.sites"}
 
 if TYPE_CHECKING:
     from deadrelu.judge import Thresholds
     from deadrelu.report import ScanReport, SiteReport
     from deadrelu.scan import ScanOptions, scan
+    from deadrelu.sites import AxisOverride
 
 
 def __getattr__(name: str) -> Any:
@@ -50,4 +51,4 @@ class _Package(ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-__all__ = ["ScanOptions", "ScanReport", "SiteReport", "Thresholds", "__version__", "scan"]
+__all__ = ["AxisOverride", "ScanOptions", "ScanReport", "SiteReport", "Thresholds", "__version__", "scan"]

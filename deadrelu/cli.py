@@ -18,7 +18,7 @@ from deadrelu import ci
 from deadrelu.cli_options import (FRACTION, NON_NEGATIVE, file_path, BaselineOpt, CompileOpt, ConfigOpt, DiffFormatName, DiffFormatOpt, ExitZeroOpt,
                                    FailOnOpt, FormatName, FormatOpt, IgnoreOpt, ImageSizeOpt, InputShapeOpt,
                                    MaxDeadFractionOpt, MaxDeadOpt, MaxSiteDeadFractionOpt, MeanOpt, OutputOpt, QuietOpt,
-                                   SeedOpt, StdOpt, WeightsKeyOpt, WorkersOpt, data_options_from_flags, output_options,
+                                   SeedOpt, StdOpt, UnitAxisOpt, WeightsKeyOpt, WorkersOpt, data_options_from_flags, output_options,
                                    settings_from_flags)
 from deadrelu.distributed import ranks_from_env
 from deadrelu.errors import DeadReluError, ExitCode, one_line
@@ -173,6 +173,7 @@ def scan_command(
     std: StdOpt = None,
     seed: SeedOpt = 0,
     compile_mode: CompileOpt = "auto",
+    unit_axes: UnitAxisOpt = None,
     near_dead: Annotated[Optional[float], typer.Option("--near-dead", parser=FRACTION, metavar="F", help="Near-dead: active rate below this (default 0.01, or near-dead in tool.deadrelu).")] = None,
     tau: Annotated[Optional[float], typer.Option("--tau", parser=NON_NEGATIVE, metavar="T", help="Dormant: tau-dormant score at or below this (default 0.1, or tau in tool.deadrelu).")] = None,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout).")] = None,
@@ -200,6 +201,7 @@ def scan_command(
         options = ScanOptions(
             arch=arch, trust_pickle=trust_pickle, weights_key=weights_key, device=device, dtype=dtype, batch_size=batch_size, samples=samples,
             inputs=inputs, compile=compile_mode, data=data_options, thresholds=prepared.thresholds,
+            unit_axes=tuple(unit_axes or ()),
         )
         report = _scan_with_progress(model, data, options)
         if not ranks_from_env().is_main:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from deadrelu.cli import app, progress_stages, reported_errors, stderr_console, stdout_console
-from deadrelu.cli_options import (FRACTION, file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, WeightsKeyOpt,
+from deadrelu.cli_options import (FRACTION, file_path, check_not_empty, CompileOpt, ImageSizeOpt, InputShapeOpt, MeanOpt, SeedOpt, StdOpt, UnitAxisOpt, WeightsKeyOpt,
                                    WorkersOpt, data_options_from_flags)
 from deadrelu.errors import UsageError
 from deadrelu.fix import FixOptions, PlanOptions, RewriteOptions, fix_inputs, run_fix, written_paths
@@ -44,6 +44,7 @@ def fix_command(
     std: StdOpt = None,
     seed: SeedOpt = 0,
     compile_mode: CompileOpt = "auto",
+    unit_axes: UnitAxisOpt = None,
 ) -> None:
     """Suggest, and with --apply write and verify, LeakyReLU/PReLU swaps or BatchNorm insertion for dead units."""
     with reported_errors():
@@ -58,7 +59,7 @@ def fix_command(
                                                image_size=image_size, mean=mean, std=std)
         scan_options = ScanOptions(arch=arch, trust_pickle=trust_pickle, weights_key=weights_key, device=device,
                                    batch_size=batch_size, samples=samples, inputs=inputs, compile=compile_mode,
-                                   data=data_options)
+                                   data=data_options, unit_axes=tuple(unit_axes or ()))
         check_not_empty(json_out, "--json")
         if not json_out or json_out == "-":
             check_stdout_open("write it with --json FILE")

@@ -21,6 +21,7 @@ from deadrelu.data import RANDOM, DataOptions, ImageOptions, parse_normalisation
 from deadrelu.errors import UsageError
 from deadrelu.formats import FORMAT_NAMES, get_format
 from deadrelu.gates import FailOn
+from deadrelu.sites import AxisOverride
 
 
 def file_path(value: str | Path) -> Path:
@@ -44,6 +45,22 @@ def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
             raise typer.BadParameter(f"expected a number {wanted}, got {text}")
         return value
     return parse
+
+
+def unit_axis(text: str | AxisOverride) -> AxisOverride:
+    """``--unit-axis GLOB=DIM`` (the last ``=`` splits: a glob may hold one)."""
+    if isinstance(text, AxisOverride):
+        return text
+    pattern, equals, dim = str(text).rpartition("=")
+    try:
+        number = int(dim)
+    except ValueError:
+        number = None
+    if not equals or not pattern or number is None:
+        raise typer.BadParameter(f"expected GLOB=DIM, e.g. 'blocks.*.act=2' or 'head=-1', got {text!r}")
+    if number == 0:
+        raise typer.BadParameter(f"{text}: dim 0 holds the samples; the units are on another dim")
+    return AxisOverride(pattern, number)
 
 
 FRACTION = number_in(0.0, 1.0)
@@ -94,6 +111,10 @@ MeanOpt = Annotated[Optional[str], typer.Option(
 StdOpt = Annotated[Optional[str], typer.Option(
     "--std", help="Image folders: normalisation std, a preset or numbers (default: the --mean preset's).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --data random.")]
+UnitAxisOpt = Annotated[Optional[list[AxisOverride]], typer.Option(
+    "--unit-axis", metavar="GLOB=DIM", parser=unit_axis,
+    help="The units of the sites matching GLOB are on DIM (negative: from the end), whatever their producer "
+         "suggests; repeatable, the first match wins. E.g. 'blocks.*.act=2'.")]
 WeightsKeyOpt = Annotated[Optional[str], typer.Option(
     "--weights-key", metavar="KEY", help="Checkpoint dict: the entry holding the weights to load, e.g. ema "
                                          "(default: the first of state_dict, model_state_dict, model, ...).")]

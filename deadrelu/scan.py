@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from deadrelu.load.torch_formats import refuse_meta
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_stream import StreamSettings, stream_torch
 from deadrelu.report import DataInfo, ModelInfo, ScanReport, site_report
+from deadrelu.sites import AxisOverride
 
 ProgressFn = Callable[[int], None]  # called with the number of samples just processed
 StartFn = Callable[[int | None], None]  # called once with the number of samples to expect (None: unknown)
@@ -52,6 +54,7 @@ class ScanOptions:
     compile: str = "auto"  # auto | on | off: torch.compile the model with its statistics; ONNX: deadrelu's kernel
     data: DataOptions = field(default_factory=DataOptions)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    unit_axes: tuple[AxisOverride, ...] = ()  # --unit-axis GLOB=DIM: the units of those sites, whatever runs
 
 
 def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | CalibrationSource | Iterable[Any],
@@ -94,7 +97,8 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
             on_start(total)
         inputs = model_batches(loaded, source, options)
         settings = StreamSettings(DTYPES.get(options.dtype or ""), notify, options.compile,
-                                  large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total)
+                                  large=(total or 0) >= COMPILE_REPAYS_AT_SAMPLES, expected_samples=total,
+                                  unit_axes=options.unit_axes)
         result = _stream(loaded, shard(inputs, ranks), device, progress, settings)
         result = gather(result, ranks)
     finally:
@@ -115,7 +119,7 @@ def scan(model: str | Path | torch.nn.Module | LoadedModel, data: str | Path | C
         thresholds=options.thresholds,
         device=str(device),
         partial=result.partial,
-        warnings=loaded.notes + _warnings(source, result, options.samples, inputs),
+        warnings=loaded.notes + _warnings(source, result, options, inputs),
         engine=result.engine,
     )
 
@@ -364,7 +368,7 @@ def _stream(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.de
     if loaded.format is ModelFormat.ONNX:
         from deadrelu.probe.onnx_probe import stream_onnx
 
-        return stream_onnx(loaded, batches, device, progress, settings.compile, settings.notify)
+        return stream_onnx(loaded, batches, device, progress, settings.compile, settings.notify, settings.unit_axes)
     return stream_torch(loaded, batches, device, progress, settings)
 
 
@@ -384,13 +388,17 @@ def _guessed_axes(sites: Sequence[SiteObservation]) -> str | None:
             "deadrelu knows comes before; dim 1 may hold positions rather than channels or features)")
 
 
-def _warnings(source: CalibrationSource, result: StreamResult, cap: int | None,
+def _warnings(source: CalibrationSource, result: StreamResult, options: ScanOptions,
               inputs: ExactBatches) -> tuple[str, ...]:
     """What the reader of the report should know about the data and the run."""
+    cap = options.samples
     warnings = list(result.notes)
     guessed = _guessed_axes(result.sites)
     if guessed:
         warnings.append(guessed)
+    for override in options.unit_axes:
+        if not any(fnmatch.fnmatchcase(o.name, override.pattern) for o in result.sites):
+            warnings.append(f"--unit-axis {override} matched no site that ran")
     if getattr(source, "is_random", False):
         warnings.append("random data: dead units on random inputs say little about a trained model on real data")
     if inputs.left_out:

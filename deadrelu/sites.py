@@ -17,12 +17,15 @@ three times is three sites. Names follow torchvision's feature-extraction node n
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+from deadrelu.errors import UsageError
 
 aten = torch.ops.aten
 
@@ -376,7 +379,7 @@ class AxisChoice:
     """The unit axis of a site and why it was chosen."""
 
     axis: int  # non-negative
-    source: str  # "conv", "linear", "recurrent", "default", or "scalar"
+    source: str  # "conv", "linear", "recurrent", "default", "scalar", or "user" (--unit-axis)
 
 
 @dataclass(frozen=True)
@@ -507,6 +510,36 @@ def choose_axis(ndim: int, origin: UnitOrigin | None) -> AxisChoice:
     if origin is not None and -ndim <= origin.axis_from_end < 0:
         return AxisChoice(origin.axis_from_end + ndim, origin.kind)
     return AxisChoice(1, "default")
+
+
+@dataclass(frozen=True)
+class AxisOverride:
+    """``--unit-axis GLOB=DIM``: the sites whose names match GLOB have their units on DIM
+    (negative: from the end), whatever their producer says."""
+
+    pattern: str
+    dim: int
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.dim}"
+
+
+def overridden_axis(overrides: Sequence[AxisOverride], name: str, ndim: int, guess: AxisChoice) -> AxisChoice:
+    """The unit axis the first ``--unit-axis`` matching site ``name`` gives it (source
+    ``user``), or ``guess``. A dim the pre-activation does not have, or dim 0 (the samples),
+    is a usage error naming the site."""
+    for override in overrides:
+        if not fnmatch.fnmatchcase(name, override.pattern):
+            continue
+        if ndim <= 1:
+            raise UsageError(f"--unit-axis {override}: site '{name}' has one value per sample (rank {ndim}): "
+                             "it is one unit, with no axis to choose")
+        axis = override.dim + ndim if override.dim < 0 else override.dim
+        if not 1 <= axis < ndim:
+            raise UsageError(f"--unit-axis {override}: site '{name}' has a rank-{ndim} pre-activation: expected "
+                             f"a dim from 1 to {ndim - 1} (or -1 to -{ndim - 1}); dim 0 holds the samples")
+        return AxisChoice(axis, "user")
+    return guess
 
 
 def permutation(op: str, args: tuple, ndim: int) -> list[int] | None:

@@ -783,6 +783,9 @@ def test_a_report_whose_only_positives_are_infinities_reads_back(runner: CliRunn
     (["scan", "m.pt", "--tau", "-0.5"], r"'--tau': expected a number >= 0, got -0.5"),
     (["fix", "m.pt", "--slope", "nan"], r"'--slope': expected a number in \[0, 1\], got nan"),
     (["fix", "m.pt", "--min-dead-fraction", "half"], r"'--min-dead-fraction': expected a number, got 'half'"),
+    (["scan", "m.pt", "--unit-axis", "layer1"], r"'--unit-axis': expected GLOB=DIM, e.g. 'blocks.\*.act=2'"),
+    (["scan", "m.pt", "--unit-axis", "=2"], r"'--unit-axis': expected GLOB=DIM"),
+    (["fix", "m.pt", "--unit-axis", "act=0"], r"'--unit-axis': act=0: dim 0 holds the samples"),
 ])
 def test_usage_errors_are_one_line(runner: CliRunner, args: list[str], pattern: str) -> None:
     result = runner.invoke(app, args, prog_name="deadrelu")

@@ -996,3 +996,33 @@ def test_an_unchanged_site_with_more_dead_units_after_the_fix_gets_a_note(tmp_pa
     assert [c.site for c in result.changes] == ["a2"]
     assert result.more_dead_elsewhere == (("a3", before, after),)
     assert any(n.startswith(f"a3 (not changed): {before} dead units before the fix, {after} after") for n in result.notes)
+
+
+class _InputFeatures(torch.nn.Module):
+    """A ReLU of the input's features: only --unit-axis says they are dim 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * 2.0)
+
+
+def test_fix_takes_the_unit_axis_the_user_gives(tmp_path: Path) -> None:
+    """fix --unit-axis: the plan, and the PReLU it writes, are per unit along that dim
+    (5 input features with feature 3 dead), not along the guessed dim 1 (3 rows)."""
+    x = torch.randn(16, 3, 5, generator=torch.Generator().manual_seed(2))
+    x[:, :, 3] = -x[:, :, 3].abs()
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.jit.save(torch.jit.trace(_InputFeatures(), (x,)), str(tmp_path / "m.ts.pt"))
+    out = tmp_path / "fixed.pt2"
+    result = CliRunner().invoke(app, ["fix", str(tmp_path / "m.ts.pt"), "--data", str(tmp_path / "x.npy"),
+                                      "--unit-axis", "relu=-1", "--to", "prelu", "--apply", "-o", str(out),
+                                      "--json", "-"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    (fix,) = doc["plan"]
+    assert (fix["unit_axis"], fix["units"], fix["dead_units"]) == (2, 5, [3])
+    fixed = torch.export.load(str(out)).module()
+    (prelu,) = [p for name, p in fixed.state_dict().items() if name.endswith("weight")]
+    assert prelu.shape == (5,)
+    with torch.no_grad():
+        want = torch.where(x > 0, 2.0 * x, 0.25 * 2.0 * x)
+        torch.testing.assert_close(fixed(x), want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -633,3 +634,75 @@ def test_sites_of_rank_three_with_the_default_axis_are_named_in_a_warning(flavou
     (note,) = [w for w in report.warnings if "unit axis unknown" in w]
     assert note.startswith(f"unit axis unknown at site '{first}': dim 1 taken as the units"), note
     assert not any(name in note for name in rest), note
+
+
+class Features(nn.Module):
+    """A ReLU of its input's features (no producer tells) and one behind a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * 2.0).sum() + torch.relu(self.fc(x)).sum()
+
+
+@pytest.mark.parametrize("flavour", ["eager", "torchscript", "onnx"])
+def test_a_unit_axis_given_by_the_user_replaces_the_guess(flavour: str, tmp_path) -> None:
+    """--unit-axis GLOB=DIM: the sites it matches have their units there (source 'user'),
+    negative dims from the end; the dead units and statistics along it are the brute
+    force's; the others keep their producer's axis."""
+    from reference import assert_site_stats, unit_stats
+
+    from deadrelu import AxisOverride
+
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 5, generator=g) for _ in range(2)]
+    for b in batches:
+        b[:, :, 3] = -b[:, :, 3].abs()  # feature 3 of the input never positive
+    model = Features().eval()
+    target: object = model
+    if flavour == "torchscript":
+        target = tmp_path / "features.ts.pt"
+        torch.jit.save(torch.jit.trace(model, (batches[0],)), str(target))
+    elif flavour == "onnx":
+        target = tmp_path / "features.onnx"
+        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+    guessed = scan(target, batches, ScanOptions(device="cpu"))
+    first = guessed.sites[0].name
+    assert [(s.unit_axis, s.axis_source) for s in guessed.sites] == [(1, "default"), (2, "linear")]
+    assert any("unit axis unknown" in w for w in guessed.warnings)
+    given = scan(target, batches, ScanOptions(device="cpu", unit_axes=(AxisOverride(first, -1),
+                                                                       AxisOverride("*", 1))))
+    assert [(s.unit_axis, s.axis_source) for s in given.sites] == [(2, "user"), (1, "user")]
+    assert not any("unit axis unknown" in w for w in given.warnings)
+    values = np.concatenate([(b * 2.0).numpy() for b in batches])
+    ref = unit_stats(values, 2)
+    assert tuple(given.sites[0].verdict.dead) == (3,) == tuple(np.flatnonzero(ref["positive"] == 0))
+    assert_site_stats(given.sites[0], ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        hidden = np.concatenate([model.fc(b).numpy() for b in batches])
+    assert_site_stats(given.sites[1], unit_stats(hidden, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_unit_axis_the_site_lacks_or_matching_nothing(tmp_path) -> None:
+    """A dim beyond the site's rank is a one-line usage error naming the site (exit 2); a
+    glob that matches no site that ran is a warning, not silence."""
+    from typer.testing import CliRunner
+
+    from deadrelu.cli import app
+
+    x = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.jit.save(torch.jit.trace(Features().eval(), (x,)), str(tmp_path / "m.ts.pt"))
+    runner = CliRunner()
+    base = ["scan", str(tmp_path / "m.ts.pt"), "--data", str(tmp_path / "x.npy")]
+    wrong = runner.invoke(app, [*base, "--unit-axis", "relu=3"])
+    assert wrong.exit_code == 2, wrong.output
+    assert wrong.stderr.strip() == ("deadrelu: error: --unit-axis relu=3: site 'relu' has a rank-3 pre-activation: "
+                                    "expected a dim from 1 to 2 (or -1 to -2); dim 0 holds the samples"), wrong.stderr
+    unmatched = runner.invoke(app, [*base, "--unit-axis", "encoder.*=2", "-f", "json"])
+    assert unmatched.exit_code == 0, unmatched.output
+    assert "--unit-axis encoder.*=2 matched no site that ran" in json.loads(unmatched.stdout)["warnings"]

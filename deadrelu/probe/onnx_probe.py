@@ -41,7 +41,7 @@ here the scanner that runs them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from deadrelu.data import ModelInput
 from deadrelu.errors import ModelRunError, UsageError
 from deadrelu.load import LoadedModel
 from deadrelu.load.onnx_format import OnnxModel
-from deadrelu.onnx_sites import Survey, survey
+from deadrelu.onnx_sites import AxisTrace, OnnxSite, Survey, survey
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.kernel import kernel_library
 from deadrelu.probe.onnx_emit import (COUNT, EXACT_FLOAT_COUNT, FAST_ROWS, INF, M2, MASKED_ROWS, MAXIMUM, MEAN,
@@ -63,6 +63,7 @@ from deadrelu.probe.onnx_emit import (COUNT, EXACT_FLOAT_COUNT, FAST_ROWS, INF, 
 from deadrelu.probe.onnx_feed import Feeder, input_specs
 from deadrelu.probe.onnx_graph import Exposure, Rewriter, exposed_names
 from deadrelu.probe.onnx_session import SessionFactory, error_line
+from deadrelu.sites import AxisChoice, AxisOverride, overridden_axis
 from deadrelu.stats import UnitSummary
 
 ProgressFn = Callable[[int], None]
@@ -73,14 +74,16 @@ ProgressFn = Callable[[int], None]
 
 def stream_onnx(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
                 progress: ProgressFn | None, compile_mode: str = "auto",
-                notify: Callable[[str], None] | None = None) -> StreamResult:
+                notify: Callable[[str], None] | None = None,
+                unit_axes: Sequence[AxisOverride] = ()) -> StreamResult:
     """Run every batch through the ONNX model with in-graph reductions at each ReLU site.
 
     ``compile_mode`` (``--compile``) decides about deadrelu's one-pass kernel on CPU:
     "auto" uses it when it can be built here (else says so through ``notify`` and uses
     ONNX Runtime's operators), "on" requires it, "off" never builds it."""
     kernel = choose_kernel(device, compile_mode, notify)
-    result = scan_batches(loaded.module, batches, execution_providers(device), progress, kernel=kernel)
+    result = scan_batches(loaded.module, batches, execution_providers(device), progress, kernel=kernel,
+                          unit_axes=unit_axes)
     if device.type == "cpu" and _declares_half(loaded.module.proto):
         result = replace(result, notes=(*result.notes, HALF_ON_CPU_NOTE))
     return result
@@ -125,11 +128,11 @@ def choose_kernel(device: torch.device, compile_mode: str, notify: Callable[[str
 
 def scan_batches(model: OnnxModel, batches: Iterator[ModelInput], providers: list[Any],
                  progress: ProgressFn | None = None, *, optimise: bool = True,
-                 kernel: Path | None = None) -> StreamResult:
+                 kernel: Path | None = None, unit_axes: Sequence[AxisOverride] = ()) -> StreamResult:
     """`stream_onnx` with explicit providers; ``optimise=False`` turns every ORT graph
     optimisation off (the reference the tests compare against); ``kernel``: the library
     of deadrelu's one-pass kernel (None: ONNX Runtime's operators)."""
-    with OnnxScanner(model, survey(model.proto), providers, optimise, kernel) as scanner:
+    with OnnxScanner(model, survey(model.proto), providers, optimise, kernel, tuple(unit_axes)) as scanner:
         samples, partial = 0, False
         try:
             for batch in batches:
@@ -211,6 +214,7 @@ class OnnxScanner:
     providers: list[Any]
     optimise: bool = True
     kernel: Path | None = None  # deadrelu's one-pass kernel library (`kernel`), CPU only
+    unit_axes: tuple[AxisOverride, ...] = ()  # --unit-axis
     plans: list[SitePlan] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -253,10 +257,19 @@ class OnnxScanner:
                 self.skipped.append(f"site '{site.name}' ({site.op_type} in {site.where}) was found but not "
                                     f"scanned: {obstacle}")
                 continue
+            site = self._with_user_axis(site, rank)
             plan = SitePlan(len(self.plans), site, rank, site.axis.resolve(rank))
             self.plans.append(plan)
             self._accumulators[plan.id] = _Accumulator(plan)
         self._fast = self._session(self.emit)
+
+    def _with_user_axis(self, site: OnnxSite, rank: int) -> OnnxSite:
+        """The site with the unit axis a --unit-axis gives it, if one matches."""
+        guess = AxisChoice(site.axis.resolve(rank), site.axis.source)
+        chosen = overridden_axis(self.unit_axes, site.name, rank, guess)
+        if chosen is guess:
+            return site
+        return replace(site, axis=AxisTrace(chosen.axis, chosen.source, "given by --unit-axis", site.axis.normalised))
 
     def _session(self, emit: EmitFn) -> tuple[Any, dict[int, Exposure]]:
         head, exposures = Rewriter(self.model, self.plans, emit, statistics_only=True).head()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -194,9 +194,11 @@ class ReluProbe(TorchDispatchMode):
     supports_higher_order_operators = True
 
     def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None,
-                 sources: RuntimeSources | ArmSources | None = None) -> None:
+                 sources: RuntimeSources | ArmSources | None = None,
+                 unit_axes: Sequence[sites.AxisOverride] = ()) -> None:
         super().__init__()
         self.contexts = contexts
+        self.unit_axes = tuple(unit_axes)  # --unit-axis: the user's unit axes for some sites
         self._sources = sources  # which arm of a TorchScript branch a call is in
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
@@ -317,7 +319,7 @@ class ReluProbe(TorchDispatchMode):
                     f"while the batch held {self._samples}: the data's first axis is taken as the samples, "
                     "so each sample needs the model's full input shape (a batch of vectors is (N, features), "
                     "of images (N, C, H, W))")
-            axis = sites.choose_axis(ndim, origin)
+            axis = sites.overridden_axis(self.unit_axes, name, ndim, sites.choose_axis(ndim, origin))
             units = x.shape[axis.axis]
             tap = SiteTap(name, op, functional, axis, UnitStats(units, x.device), len(self.taps),
                           normalised=bool(self._normalised.get(args[0], False)), ndim=ndim)
@@ -390,7 +392,8 @@ def _is_weight(operand: Any) -> bool:
 
 
 @contextmanager
-def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
+def probing(model: Any, reducer: BatchReducer | None = None,
+            unit_axes: Sequence[sites.AxisOverride] = ()) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
     """A probe for a model of any PyTorch flavour; hooks are removed on exit."""
     stack: ModuleStack | None = None
     sources: RuntimeSources | None = None
@@ -407,7 +410,7 @@ def probing(model: Any, reducer: BatchReducer | None = None) -> Iterator[tuple[R
         stack = ModuleStack(model)
         contexts = stack
     try:
-        yield ReluProbe(contexts, reducer, sources), stack
+        yield ReluProbe(contexts, reducer, sources, unit_axes), stack
     finally:
         if stack is not None:
             stack.remove()

@@ -21,13 +21,14 @@ from typing import Any
 import torch
 
 from deadrelu.data import ModelInput
-from deadrelu.errors import DataError, ModelRunError, led_by
+from deadrelu.errors import DataError, ModelRunError, UsageError, led_by
 from deadrelu.load import LoadedModel
 from deadrelu.probe import SiteObservation, StreamResult
 from deadrelu.probe.torch_graph import CaptureError, GraphScan, capture
 from deadrelu.probe.torch_kernel import torch_kernel
 from deadrelu.probe.torch_probe import ModuleStack, ReluProbe, probing
 from deadrelu.reductions import BatchReducer
+from deadrelu.sites import AxisOverride
 
 ProgressFn = Callable[[int], None]
 
@@ -40,6 +41,7 @@ class StreamSettings:
     large: bool = False  # TorchScript, "auto": the data is large enough to repay compiling per-site reductions
     expected_samples: int | None = None  # samples the stream will hold, when known (for "auto")
     graph_mode: str = "auto"  # torch.compile mode of the whole-model program (auto: CUDA graphs on CUDA)
+    unit_axes: tuple[AxisOverride, ...] = ()  # --unit-axis
 
 
 def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: torch.device,
@@ -58,7 +60,7 @@ def stream_torch(loaded: LoadedModel, batches: Iterator[ModelInput], device: tor
     kernel = functools.partial(torch_kernel, settings.notify) if settings.compile != "off" else None
     reducer = BatchReducer("off" if capture_wanted else settings.compile, settings.large, settings.notify, kernel)
     with prepared(loaded.module, device, settings.dtype, loaded.owned) as module, \
-            probing(module, reducer) as (probe, stack):
+            probing(module, reducer, settings.unit_axes) as (probe, stack):
         dtype = settings.dtype or model_dtype(module)
         samples, partial = 0, False
         with torch.inference_mode(), _watching_interrupts():
@@ -269,7 +271,7 @@ class _Runner:
         except (KeyboardInterrupt, torch.cuda.OutOfMemoryError):
             probe.discard_pass()
             raise
-        except DataError:
+        except (DataError, UsageError):  # (ours: a site whose --unit-axis it does not have)
             probe.discard_pass()
             raise
         except Exception as exc:
@@ -279,7 +281,7 @@ class _Runner:
                 stack.reset()
             if _interrupted(exc):
                 raise KeyboardInterrupt from exc
-            if isinstance(probe.op_error, (DataError, ModelRunError)) and _TORCHSCRIPT_TRACEBACK in str(exc):
+            if isinstance(probe.op_error, (DataError, ModelRunError, UsageError)) and _TORCHSCRIPT_TRACEBACK in str(exc):
                 raise probe.op_error from exc  # ours, raised inside TorchScript (no try/except there): as it was
             raise ModelRunError(describe_failure(module, inputs, exc, where, probe.op_error)) from exc
         probe.commit_pass()
