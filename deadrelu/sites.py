@@ -367,7 +367,7 @@ ELEMENTWISE = frozenset(
 # Reshapes keep the last dim as features when the input came from a linear op.
 RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten", "expand"})
 # Ops that reorder dims; the units follow (see `permutation`).
-PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "mT"})
+PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "mT", "movedim", "moveaxis"})
 # Reductions over some dims (`reduced_dims`): the units follow when their dim is not reduced.
 REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "nansum", "nanmean"})
 # Every op whose output's unit axis follows its input's (see `UnitOrigin`).
@@ -524,6 +524,11 @@ class AxisOverride:
         return f"{self.pattern}={self.dim}"
 
 
+def literal_glob(name: str) -> str:
+    """A glob matching ``name`` alone (its ``*``, ``?`` and ``[`` as themselves)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def overridden_axis(overrides: Sequence[AxisOverride], name: str, ndim: int, guess: AxisChoice) -> AxisChoice:
     """The unit axis the first ``--unit-axis`` matching site ``name`` gives it (source
     ``user``), or ``guess``. A dim the pre-activation does not have, or dim 0 (the samples),
@@ -554,9 +559,25 @@ def permutation(op: str, args: tuple, ndim: int) -> list[int] | None:
             return order
         if op in ("t", "numpy_T", "mT") and ndim == 2:
             return [1, 0]
+        if op in ("movedim", "moveaxis"):
+            return _moved_order(args[1], args[2], ndim)
     except (IndexError, TypeError, ValueError, ZeroDivisionError):
         return None
     return None
+
+
+def _moved_order(source: Any, destination: Any, ndim: int) -> list[int] | None:
+    """The dim order of ``movedim(x, source, destination)`` (ints or sequences of them):
+    the moved dims land where they are sent, the others keep their order."""
+    sources = [int(d) % ndim for d in (source if isinstance(source, (list, tuple)) else [source])]
+    targets = [int(d) % ndim for d in (destination if isinstance(destination, (list, tuple)) else [destination])]
+    if len(sources) != len(targets) or len(set(sources)) != len(sources) or len(set(targets)) != len(targets):
+        return None
+    order: list[int | None] = [None] * ndim
+    for src, dst in zip(sources, targets):
+        order[dst] = src
+    rest = iter(d for d in range(ndim) if d not in sources)
+    return [d if d is not None else next(rest) for d in order]
 
 
 def scalar_view(x: torch.Tensor) -> torch.Tensor:

@@ -1026,3 +1026,49 @@ def test_fix_takes_the_unit_axis_the_user_gives(tmp_path: Path) -> None:
     with torch.no_grad():
         want = torch.where(x > 0, 2.0 * x, 0.25 * 2.0 * x)
         torch.testing.assert_close(fixed(x), want)
+
+
+class _Sequence(torch.nn.Module):
+    """(N, T, F) features through two ReLUs, the second fed by a LayerNorm of the first:
+    a BatchNorm revived at the first changes what the second sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc2, self.a2 = torch.nn.Linear(6, 6), torch.nn.ReLU()
+        self.ln, self.a3, self.out = torch.nn.LayerNorm(6), torch.nn.ReLU(), torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.a3(self.ln(self.a2(self.fc2(x))) - 0.3))
+
+
+@pytest.mark.parametrize("rules", ["follow movedim", "lose the units at movedim"])
+def test_a_revived_batchnorm_downstream_of_a_change_is_measured_per_feature(rules: str, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """fix --to bn --bn-init revive on (N, T, F) sequences: the second BatchNorm's statistics
+    are re-measured on the model with the first inserted (which moves the features to dim 1
+    and back), per feature, as a manual fix computes them -- also when the axis rules could
+    not follow the units through that model (the plan's axis is kept). QA round 7: they were
+    per position (T == F: silently wrong; T != F: exit 2 at export)."""
+    from deadrelu import sites
+
+    if rules != "follow movedim":
+        monkeypatch.setattr(sites, "AXIS_FOLLOWING", sites.AXIS_FOLLOWING - {"movedim"})
+        monkeypatch.setattr(sites, "PERMUTES", sites.PERMUTES - {"movedim"})
+    model = _Sequence().eval()
+    x = torch.randn(32, 5, 6, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "x.npy", x.numpy())
+    exported = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("n", min=1, max=1024)},))
+    torch.export.save(exported, str(tmp_path / "m.pt2"))
+    out = tmp_path / "fixed.pt2"
+    result = CliRunner().invoke(app, ["fix", str(tmp_path / "m.pt2"), "--data", str(tmp_path / "x.npy"), "--to", "bn",
+                                      "--bn-init", "revive", "--sites", "*", "--apply", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+
+    def revive(z: torch.Tensor) -> torch.Tensor:  # per feature over samples and positions
+        mean, var = z.mean((0, 1), keepdim=True), z.var((0, 1), unbiased=False, keepdim=True)
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    with torch.no_grad():
+        want = model.out(torch.relu(revive(model.ln(torch.relu(revive(model.fc2(x)))) - 0.3)))
+        torch.testing.assert_close(torch.export.load(str(out)).module()(x), want, rtol=1e-4, atol=1e-4)

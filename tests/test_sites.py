@@ -706,3 +706,13 @@ def test_a_unit_axis_the_site_lacks_or_matching_nothing(tmp_path) -> None:
     unmatched = runner.invoke(app, [*base, "--unit-axis", "encoder.*=2", "-f", "json"])
     assert unmatched.exit_code == 0, unmatched.output
     assert "--unit-axis encoder.*=2 matched no site that ran" in json.loads(unmatched.stdout)["warnings"]
+
+
+@pytest.mark.parametrize(("source", "destination", "ndim"), [(2, 1, 3), (1, -1, 4), ([0, 3], [2, 1], 5), (-1, 0, 4)])
+def test_the_units_follow_movedim(source, destination, ndim: int) -> None:
+    """movedim's dim order (output dim i is input dim order[i]) is torch's own."""
+    from deadrelu.sites import permutation
+
+    x = torch.empty(*range(2, 2 + ndim))
+    order = permutation("movedim", (x, source, destination), ndim)
+    assert [x.shape[d] for d in order] == list(torch.movedim(x, source, destination).shape)

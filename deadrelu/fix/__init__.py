@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, is_stream, read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, model_batches, open_source, scan
+from deadrelu.sites import AxisOverride, literal_glob
 from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
@@ -391,7 +392,14 @@ def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMo
     for position, fix in enumerate(plan):
         if fix.change == "bn" and altered:
             label = f"measuring what the BatchNorm at {fix.site} will see"
-            site = whole_scan(partial(plan[:position], moments), data, scan_options, stage=stage, label=label).sites[fix.index]
+            model = partial(plan[:position], moments)
+            site = whole_scan(model, data, scan_options, stage=stage, label=label).sites[fix.index]
+            if (site.unit_axis, site.units) != (fix.unit_axis, fix.units):
+                # the earlier changes hid this site's units from the axis rules: measure them
+                # where the plan has them, as the BatchNorm will normalise them
+                pin = AxisOverride(literal_glob(site.name), fix.unit_axis)
+                pinned = replace(scan_options, unit_axes=(pin, *scan_options.unit_axes))
+                site = whole_scan(model, data, pinned, stage=stage, label=label).sites[fix.index]
             moments[fix.index] = UnitMoments(site.stats.mean, site.stats.std ** 2)
         altered = altered or changes_outputs(fix, options)
     return moments
