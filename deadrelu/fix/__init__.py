@@ -30,7 +30,6 @@ from deadrelu.outputs import check_target, is_stream, read_paths
 from deadrelu.report import ScanReport
 from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, model_batches, open_source, scan
 from deadrelu.sites import AxisOverride, literal_glob
-from deadrelu.stats import UnitSummary
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
 
@@ -139,22 +138,22 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     staging = _staging_folder(output)  # OUT and its side files are written and verified here, then moved
     try:
         staged = staging / output.name
-        lines, weights = writer(loaded, report, plan, moments, options, scan_options, data, staged, stage)
+        written = writer(loaded, report, plan, moments, options, scan_options, data, staged, stage)
         after = whole_scan(staged, data, _of_written(scan_options), stage=stage, label="verifying: scanning the fixed model")
         if from_report:
             _check_same_samples(report, options.report, after)
-        zero_variance = {f.index: _constant_throughout(moments[f.index], after.sites[f.index].stats)
+        zero_variance = {f.index: _constant_units(written.moments[f.index])
                          for f in plan if f.change == "bn" and options.rewrite.bn_init == "revive"}
         changes = site_changes(plan, report, after, zero_variance)
         elsewhere = more_dead_elsewhere(plan, report, after)
         deviation = _deviation(loaded, staged, data, scan_options, stage, after.data.samples)
-        for written in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
-            os.replace(written, output.parent / written.name)
+        for path in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
+            os.replace(path, output.parent / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    weights = str(state_dict_path(output)) if weights is not None else None
+    weights = str(state_dict_path(output)) if written.weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
-                     deviation, lines, weights, bn_init=options.rewrite.bn_init,
+                     deviation, written.lines, weights, bn_init=options.rewrite.bn_init,
                      leaky_slope=options.rewrite.leaky_slope(), more_dead_elsewhere=elsewhere)
 
 
@@ -170,12 +169,12 @@ def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,
     return report
 
 
-def _constant_throughout(before: UnitMoments, after: UnitSummary) -> tuple[int, ...]:
-    """Units constant before the fix and still constant at the fixed site: BatchNorm maps a
-    constant to a constant, of whatever sign rounding gives it. (A unit constant before
-    that a fix upstream made vary is not among them: the BatchNorm could centre it.)"""
-    still = _constant(before) & _constant(UnitMoments(after.mean, after.std ** 2))
-    return tuple(int(u) for u in np.flatnonzero(still))
+def _constant_units(seen: UnitMoments) -> tuple[int, ...]:
+    """The units constant in what an inserted BatchNorm normalises (its input, measured with
+    every change upstream applied: a unit an upstream fix made vary is not among them).
+    BatchNorm revive cannot centre them: it maps their rounding noise, amplified by
+    1/sqrt(eps), to either sign."""
+    return tuple(int(u) for u in np.flatnonzero(_constant(seen)))
 
 
 def _constant(moments: UnitMoments) -> np.ndarray:
@@ -337,9 +336,18 @@ def _example(loaded: LoadedModel, data: str, scan_options: ScanOptions) -> Model
     raise UsageError(f"--data {data}: no samples")
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a writer put in the staging folder, and from what."""
+
+    lines: tuple[str, ...]  # class changes for the user's own code (state_dict/pickle models)
+    weights: str | None  # the state_dict written beside the program, if any
+    moments: dict[int, UnitMoments]  # per BatchNorm inserted (site index): the input it normalises
+
+
 def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
                  options: FixOptions, scan_options: ScanOptions, data: str, output: Path,
-                 stage: Stage | None = None) -> tuple[tuple[str, ...], str | None]:
+                 stage: Stage | None = None) -> Written:
     from deadrelu import sites
     from deadrelu.fix import instructions as how
     from deadrelu.fix.torch_rewrite import rewrite_graph, rewrite_program, save_program, to_program
@@ -360,7 +368,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     rewritten, added = rewrite_program(program, plan, moments, options.rewrite, example, scanned)
     save_program(rewritten, output)
     if loaded.format not in REWRITTEN_BY_EXPORT:
-        return (), None
+        return Written((), None, moments)
     types = how.module_types(loaded.module)
     ndims = {f.index: int(report.sites[f.index].extra.get("preact_ndim", 4)) for f in plan}
     shared = how.shared_modules([site.name for site in report.sites], types)
@@ -372,7 +380,7 @@ def _write_torch(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, .
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(target, buffer.getvalue())
-    return lines, str(target)
+    return Written(lines, str(target), moments)
 
 
 def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMoments]], Any], plan: tuple[SiteFix, ...],
@@ -407,13 +415,13 @@ def _downstream_moments(partial: Callable[[tuple[SiteFix, ...], dict[int, UnitMo
 
 def _write_onnx(loaded: LoadedModel, report: ScanReport, plan: tuple[SiteFix, ...], moments: dict[int, UnitMoments],
                 options: FixOptions, scan_options: ScanOptions, data: str, output: Path,
-                stage: Stage | None = None) -> tuple[tuple[str, ...], str | None]:
+                stage: Stage | None = None) -> Written:
     from deadrelu.fix.onnx_rewrite import rewrite_onnx, rewritten_loaded
 
     moments = _downstream_moments(lambda fixes, known: rewritten_loaded(loaded, fixes, known, options.rewrite),
                                   plan, moments, options.rewrite, data, scan_options, stage)
     rewrite_onnx(loaded, plan, moments, options.rewrite, output)
-    return (), None
+    return Written((), None, moments)
 
 
 def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanOptions, stage: Stage | None,
