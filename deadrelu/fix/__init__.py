@@ -28,7 +28,7 @@ from deadrelu.load import LoadedModel, load_model
 from deadrelu.load.detect import ModelFormat
 from deadrelu.outputs import check_target, is_stream, read_paths
 from deadrelu.report import ScanReport
-from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, model_batches, open_source, scan
+from deadrelu.scan import ProgressFn, ScanOptions, Stage, StartFn, fixed_batch_size, model_batches, open_source, scan
 from deadrelu.sites import AxisOverride, literal_glob
 
 __all__ = ["FixOptions", "FixReport", "PlanOptions", "RewriteOptions", "run_fix"]
@@ -64,6 +64,7 @@ class FixReport:
     bn_init: str = "identity"  # how inserted BatchNorms were initialised (RewriteOptions.bn_init)
     leaky_slope: float = 0.01  # the negative slope of the LeakyReLU swaps (RewriteOptions.leaky_slope())
     more_dead_elsewhere: tuple[tuple[str, int, int], ...] = ()  # unchanged sites: (site, dead before, after)
+    fixed_batch: int | None = None  # the one batch size the written program takes, where the original took any
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -86,6 +87,11 @@ class FixReport:
                          "a changed site before it now passes on other values (a swap's slope lets negative "
                          "pre-activations through); fine-tune the fixed model, or try a smaller --slope or "
                          "another --to")
+        if self.fixed_batch is not None:
+            notes.append(f"{self.output}: takes batches of exactly {self.fixed_batch} samples, where the original "
+                         "took any: torch.export could not keep its batch dimension dynamic (the model branches on "
+                         "or specialises to the batch size); pad the last batch, or export the fixed model's code "
+                         "yourself")
         for change in self.changes:
             if change.zero_variance_units:
                 notes.append(f"{change.site}: zero-variance units {list(change.zero_variance_units)} stay constant "
@@ -147,6 +153,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
         changes = site_changes(plan, report, after, zero_variance)
         elsewhere = more_dead_elsewhere(plan, report, after)
         deviation = _deviation(loaded, staged, data, scan_options, stage, after.data.samples)
+        narrowed = fixed_batch_size(load_model(staged)) if fixed_batch_size(loaded) is None else None
         for path in sorted(staging.iterdir(), key=lambda p: p == staged):  # the model file last
             os.replace(path, output.parent / path.name)
     finally:
@@ -154,7 +161,7 @@ def run_fix(model: str | Path, data: str | None, options: FixOptions, scan_optio
     weights = str(state_dict_path(output)) if written.weights is not None else None
     return FixReport(loaded.path, loaded.format.value, loaded.sha256, plan, report, True, str(output), changes,
                      deviation, written.lines, weights, bn_init=options.rewrite.bn_init,
-                     leaky_slope=options.rewrite.leaky_slope(), more_dead_elsewhere=elsewhere)
+                     leaky_slope=options.rewrite.leaky_slope(), more_dead_elsewhere=elsewhere, fixed_batch=narrowed)
 
 
 def whole_scan(model: LoadedModel | Path, data: str, options: ScanOptions,
@@ -429,10 +436,11 @@ def _deviation(loaded: LoadedModel, output: Path, data: str, scan_options: ScanO
     """The fixed model's outputs against the original's, over the `samples` the scans saw."""
     from deadrelu.fix.outputs import output_function
 
-    original = output_function(loaded)
-    rewritten = output_function(load_model(output))
+    written = load_model(output)
+    original, rewritten = output_function(loaded), output_function(written)
     options = _of_written(scan_options)
-    batches = model_batches(loaded, open_source(data, options, loaded), options)
+    # batched as the written model takes them (it may take one batch size where the original took any)
+    batches = model_batches(written, open_source(data, options, written), options)
     if stage is not None:
         batches = _counted(batches, *stage("verifying: comparing outputs"), samples)
     return output_deviation(batches, original, rewritten)

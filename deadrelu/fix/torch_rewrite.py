@@ -147,6 +147,7 @@ def _restore_input_names(graph_module: torch.fx.GraphModule, script_module: Any)
 
 
 def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
+    _drop_custom_meta(module)
     example = _as_called(module, example)
     shapes = tuple({0: torch.export.Dim.AUTO} for _ in example.args) if dynamic else None
     kw_shapes = {k: {0: torch.export.Dim.AUTO} for k in example.kwargs} if dynamic else None
@@ -162,6 +163,16 @@ def _export(module: Any, example: ModelInput, dynamic: bool) -> Any:
         hint = ("; a Python if/else or loop on tensor values cannot be exported (torch.cond can hold a branch)"
                 if "data-dependent" in str(exc) else "")
         raise RewriteError(f"cannot export the model with torch.export: {_line(exc)}{hint}") from exc
+
+
+def _drop_custom_meta(module: Any) -> None:
+    """Re-exporting a graph module that came from an exported program (one converted from
+    TorchScript, or with a site rewritten) trips torch.export over the ``custom`` metadata
+    torch left on its nodes (torch 2.13: "Mismatch in custom metadata for key
+    _torchdynamo_disable_method"); nothing of deadrelu's lives there, so it goes."""
+    if isinstance(module, torch.fx.GraphModule):
+        for node in module.graph.nodes:
+            node.meta.pop("custom", None)
 
 
 def _as_called(module: Any, example: ModelInput) -> ModelInput:
