@@ -18,6 +18,7 @@ three times is three sites. Names follow torchvision's feature-extraction node n
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -412,7 +413,9 @@ class UnitOrigin:
     def reshaped(self, before: tuple[int, ...], after: tuple[int, ...]) -> UnitOrigin | None:
         """After a reshape, when the dims up to the unit axis (``flatten(2)`` of a
         convolution's output) or from it on (a linear op's ``(N, T, F)`` flattened to
-        ``(N*T, F)``) are unchanged; None when the unit axis is merged or split."""
+        ``(N*T, F)``) are unchanged. Last-dim features split into heads (``view(N, T, h, d)``,
+        ``unflatten(-1, (h, d))``) keep the last dim, as ONNX does: a unit there is feature j
+        of every head. None when the unit axis is merged, or split otherwise."""
         axis = self.axis_from_end + len(before)
         if not 0 <= axis < len(before):
             return None
@@ -420,6 +423,9 @@ class UnitOrigin:
             return replace(self, axis_from_end=axis - len(after))
         tail = len(before) - axis
         if len(after) >= tail and before[axis:] == after[len(after) - tail:]:
+            return self
+        if axis == len(before) - 1 and len(after) > len(before) and before[:axis] == after[:axis] \
+                and math.prod(after[axis:]) == before[axis]:
             return self
         return None
 

@@ -533,6 +533,18 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
         with torch.no_grad():  # every value's feature 1 of both heads negative: so is their average
             m.q.bias[[1, 5]] = -30.0
         return m, torch.randn(16, 5, 4, generator=g)
+    if case == "heads split":  # (N, heads, T, head features): a feature dead in every head
+        m = Producer(lambda m, x: m.q(x).view(x.shape[0], x.shape[1], 2, 4).permute(0, 2, 1, 3), 3, (1,))
+        m.q = nn.Linear(4, 8)
+        with torch.no_grad():
+            m.q.bias[[1, 5]] = -30.0
+        return m, torch.randn(16, 5, 4, generator=g)
+    if case == "gru final state":  # h_n: (layers, N, H)
+        m = Producer(lambda m, x: m.rnn(x)[1], 2, (2,))
+        m.rnn = nn.GRU(4, 5, num_layers=2, batch_first=True)
+        with torch.no_grad():
+            m.rnn.bias_ih_l0[2 * 5 + 2] = m.rnn.bias_ih_l1[2 * 5 + 2] = -30.0
+        return m, torch.randn(16, 6, 4, generator=g)
     if case == "attention":
         m = Producer(_attention, 2, (3,))
         m.attn = nn.MultiheadAttention(6, 2, batch_first=True)
@@ -554,7 +566,7 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
 
 PRODUCER_CASES = ["embedding", "einsum btf,fg->btg", "einsum btg,gk->bkt", "einsum oc,bchw->bohw",
                   "einsum ...f,fg->...g", "einsum bi,ij", "bilinear", "tensordot", "scaled dot-product attention",
-                  "attention", "lstm batch first", "gru"]
+                  "heads split", "attention", "lstm batch first", "gru", "gru final state"]
 
 
 @pytest.mark.parametrize("flavour", ["eager", "torchscript", "pt2", "onnx"])
@@ -585,7 +597,7 @@ def test_unit_axis_of_embeddings_einsums_attention_and_recurrent_layers(case: st
     report = scan(target, batches, ScanOptions(device="cpu"))
     (site,) = report.sites
     assert site.unit_axis == model.axis, (site.unit_axis, site.axis_source)
-    assert site.axis_source == ("recurrent" if case in ("lstm batch first", "gru") else "linear")
+    assert site.axis_source == ("recurrent" if case.startswith(("lstm", "gru")) else "linear")
     with torch.no_grad():
         values = np.concatenate([model.preact(b).numpy() for b in batches])
     ref = unit_stats(values, model.axis)

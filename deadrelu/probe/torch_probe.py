@@ -376,7 +376,8 @@ class ReluProbe(TorchDispatchMode):
         origin = self._origin(op_name, args, kwargs, first)
         if origin is not None:
             self._producers[first] = origin
-            if op_name in sites.SPLITS or op_name == "unbind":  # every piece, not only the first
+            # every piece, not only the first; a recurrent layer's final states (h_n, c_n) too
+            if op_name in sites.SPLITS or op_name == "unbind" or op_name in sites.RECURRENT_PRODUCERS:
                 for piece in out if isinstance(out, (tuple, list)) else ():
                     if isinstance(piece, torch.Tensor):
                         self._producers[piece] = origin
