@@ -343,7 +343,7 @@ LAYOUT_PRESERVING = frozenset(
         "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
         "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bicubic2d",
         "upsample_trilinear3d", "_upsample_nearest_exact1d", "_upsample_nearest_exact2d",
-        "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "cat", "concat", "index_select",
+        "_upsample_nearest_exact3d", "_upsample_bilinear2d_aa", "cat", "concat", "index_select", "flip", "roll",
     }
 )
 # Ops that split a tensor into several of its rank: every piece keeps the unit axis.
@@ -371,8 +371,12 @@ RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "unflatten",
 PERMUTES = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "numpy_T", "mT", "movedim", "moveaxis"})
 # Reductions over some dims (`reduced_dims`): the units follow when their dim is not reduced.
 REDUCTIONS = frozenset({"mean", "sum", "amax", "amin", "nansum", "nanmean"})
+# Ops whose output's dims map to the input's in their own way (`UnitOrigin.after_indexing`,
+# `UnitOrigin.after_unfold`): advanced indexing by one vector (``h[:, idx]``), sliding windows.
+REINDEXING = frozenset({"index", "unfold"})
 # Every op whose output's unit axis follows its input's (see `UnitOrigin`).
-AXIS_FOLLOWING = LAYOUT_PRESERVING | SPLITS | DIM_REMOVING | DIM_INSERTING | REDUCTIONS | RESHAPES | PERMUTES
+AXIS_FOLLOWING = (LAYOUT_PRESERVING | SPLITS | DIM_REMOVING | DIM_INSERTING | REDUCTIONS | RESHAPES | PERMUTES
+                  | REINDEXING)
 
 
 @dataclass(frozen=True)
@@ -429,6 +433,27 @@ class UnitOrigin:
             return self
         return None
 
+
+    def after_indexing(self, ndim: int, indices: Any, ndim_out: int) -> UnitOrigin | None:
+        """After ``x[..., idx, ...]`` with one 1-D index tensor and full slices elsewhere
+        (``aten.index``): the rank is kept, and so are the units (a subset of them when
+        ``idx`` indexes their own dim); None for any other advanced indexing."""
+        given = [i for i, index in enumerate(indices or ()) if index is not None]
+        if len(given) != 1 or ndim_out != ndim or getattr(indices[given[0]], "ndim", None) != 1:
+            return None
+        return self if -ndim <= self.axis_from_end < 0 else None
+
+    def after_unfold(self, ndim: int, dim: Any) -> UnitOrigin | None:
+        """After ``x.unfold(dim, size, step)``: windows along ``dim``, a window dim appended.
+        The units keep their place (counted from the front); lost when they are ``dim``."""
+        axis = self.axis_from_end + ndim
+        try:
+            unfolded = int(dim) % ndim
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
+        if not 0 <= axis < ndim or axis == unfolded:
+            return None
+        return replace(self, axis_from_end=self.axis_from_end - 1)
 
     def without(self, ndim: int, removed: frozenset[int]) -> UnitOrigin | None:
         """After dims ``removed`` (input dims) of an ``ndim`` tensor are dropped; None when

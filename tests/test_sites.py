@@ -533,6 +533,21 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
         with torch.no_grad():  # every value's feature 1 of both heads negative: so is their average
             m.q.bias[[1, 5]] = -30.0
         return m, torch.randn(16, 5, 4, generator=g)
+    through = {  # a linear layer's (N, T, F) features through an op that keeps them on dim 2
+        "flip": lambda h: torch.flip(h, [1]), "roll": lambda h: torch.roll(h, 1, 1),
+        "indexed by a vector": lambda h: h[:, torch.tensor([0, 2, 3])], "unfold": lambda h: h.unfold(1, 2, 1),
+    }
+    if case in through:
+        m = Producer(lambda m, x, op=through[case]: op(m.fc(x)), 2, (2,))
+        m.fc = nn.Linear(4, 6)
+        with torch.no_grad():
+            m.fc.bias[2] = -30.0
+        return m, torch.randn(16, 5, 4, generator=g)
+    if case == "einsum weight buffer":  # a frozen projection held in a buffer (ONNX: a constant)
+        m = Producer(lambda m, x: torch.einsum("gk,btg->bkt", m.wb, x) + m.b, 1, (3,))
+        m.register_buffer("wb", torch.randn(4, 7) * 0.3)
+        m.register_buffer("b", torch.tensor([0.0, 0, 0, -30, 0, 0, 0]).reshape(7, 1))
+        return m, torch.randn(16, 5, 4, generator=g)
     if case == "heads split":  # (N, heads, T, head features): a feature dead in every head
         m = Producer(lambda m, x: m.q(x).view(x.shape[0], x.shape[1], 2, 4).permute(0, 2, 1, 3), 3, (1,))
         m.q = nn.Linear(4, 8)
@@ -566,7 +581,8 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
 
 PRODUCER_CASES = ["embedding", "einsum btf,fg->btg", "einsum btg,gk->bkt", "einsum oc,bchw->bohw",
                   "einsum ...f,fg->...g", "einsum bi,ij", "bilinear", "tensordot", "scaled dot-product attention",
-                  "heads split", "attention", "lstm batch first", "gru", "gru final state"]
+                  "heads split", "flip", "roll", "indexed by a vector", "unfold", "einsum weight buffer",
+                  "attention", "lstm batch first", "gru", "gru final state"]
 
 
 @pytest.mark.parametrize("flavour", ["eager", "torchscript", "pt2", "onnx"])

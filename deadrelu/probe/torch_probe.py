@@ -199,6 +199,7 @@ class ReluProbe(TorchDispatchMode):
         super().__init__()
         self.contexts = contexts
         self.unit_axes = tuple(unit_axes)  # --unit-axis: the user's unit axes for some sites
+        self.weights: frozenset[int] = frozenset()  # data pointers of the model's parameters and buffers
         self._sources = sources  # which arm of a TorchScript branch a call is in
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
@@ -334,7 +335,7 @@ class ReluProbe(TorchDispatchMode):
     def _origin(self, op_name: str, args: tuple, kwargs: dict, out: torch.Tensor) -> sites.UnitOrigin | None:
         """Where the units of an op's output are, if it made them or passed them on."""
         if op_name == "einsum" and len(args) > 1 and isinstance(args[0], str):
-            weights = [_is_weight(t) for t in args[1]]
+            weights = [self._is_weight(t) for t in args[1]]
             return sites.UnitOrigin("linear", sites.einsum_unit_axis(args[0], weights, out.ndim))
         kind = sites.producer_kind(op_name)
         if kind is not None:
@@ -356,6 +357,10 @@ class ReluProbe(TorchDispatchMode):
             if reduced is None or (upstream.axis_from_end + source.ndim) in reduced[0]:
                 return None
             return upstream if reduced[1] else upstream.without(source.ndim, reduced[0])
+        if op_name == "index":
+            return upstream.after_indexing(source.ndim, args[1] if len(args) > 1 else None, out.ndim)
+        if op_name == "unfold":
+            return upstream.after_unfold(source.ndim, args[1] if len(args) > 1 else None)
         if op_name in sites.DIM_REMOVING:
             removed = sites.removed_dims(op_name, args, tuple(source.shape))
             return upstream.without(source.ndim, removed) if removed is not None else None
@@ -363,6 +368,14 @@ class ReluProbe(TorchDispatchMode):
             inserted = sites.inserted_dims(op_name, args, out.ndim)
             return upstream.with_inserted(out.ndim, inserted) if inserted is not None else None
         return upstream  # layout-preserving ops and splits
+
+    def _is_weight(self, operand: Any) -> bool:
+        """Whether an operand is one of the model's weights: a parameter or buffer of it (as
+        ONNX's constants are), or a tensor that needs a gradient (the data, and what the
+        probe computes from it under inference mode, do not)."""
+        if isinstance(operand, torch.nn.Parameter) or bool(getattr(operand, "requires_grad", False)):
+            return True
+        return isinstance(operand, torch.Tensor) and operand.numel() > 0 and operand.data_ptr() in self.weights
 
     def _tracked_input(self, args: tuple) -> torch.Tensor | None:
         """The first input whose units are known (a list's, for cat and stack)."""
@@ -386,12 +399,6 @@ class ReluProbe(TorchDispatchMode):
             self._normalised[first] = True
 
 
-def _is_weight(operand: Any) -> bool:
-    """Whether an operand is a model's weight: a parameter, or a tensor that needs a gradient
-    (the data and what the probe computes from it under inference mode do not)."""
-    return isinstance(operand, torch.nn.Parameter) or bool(getattr(operand, "requires_grad", False))
-
-
 @contextmanager
 def probing(model: Any, reducer: BatchReducer | None = None,
             unit_axes: Sequence[sites.AxisOverride] = ()) -> Iterator[tuple[ReluProbe, ModuleStack | None]]:
@@ -411,10 +418,21 @@ def probing(model: Any, reducer: BatchReducer | None = None,
         stack = ModuleStack(model)
         contexts = stack
     try:
-        yield ReluProbe(contexts, reducer, sources, unit_axes), stack
+        probe = ReluProbe(contexts, reducer, sources, unit_axes)
+        probe.weights = _weight_pointers(model)
+        yield probe, stack
     finally:
         if stack is not None:
             stack.remove()
+
+
+def _weight_pointers(model: Any) -> frozenset[int]:
+    """Where the model's parameters and buffers live (an einsum's weight operand is one)."""
+    try:
+        tensors = [*model.parameters(), *model.buffers()]
+    except (AttributeError, RuntimeError):
+        return frozenset()
+    return frozenset(t.data_ptr() for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 0)
 
 
 def _is_exported(model: torch.fx.GraphModule) -> bool:
