@@ -195,11 +195,11 @@ class ReluProbe(TorchDispatchMode):
 
     def __init__(self, contexts: ContextSource, reducer: BatchReducer | None = None,
                  sources: RuntimeSources | ArmSources | None = None,
-                 unit_axes: Sequence[sites.AxisOverride] = ()) -> None:
+                 unit_axes: Sequence[sites.AxisOverride] = (), weights: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.contexts = contexts
         self.unit_axes = tuple(unit_axes)  # --unit-axis: the user's unit axes for some sites
-        self.weights: frozenset[int] = frozenset()  # data pointers of the model's parameters and buffers
+        self.weights = weights  # data pointers of the model's parameters and buffers
         self._sources = sources  # which arm of a TorchScript branch a call is in
         self.taps: dict[str, SiteTap] = {}
         self._namer = sites.SiteNamer()
@@ -418,9 +418,7 @@ def probing(model: Any, reducer: BatchReducer | None = None,
         stack = ModuleStack(model)
         contexts = stack
     try:
-        probe = ReluProbe(contexts, reducer, sources, unit_axes)
-        probe.weights = _weight_pointers(model)
-        yield probe, stack
+        yield ReluProbe(contexts, reducer, sources, unit_axes, _weight_pointers(model)), stack
     finally:
         if stack is not None:
             stack.remove()
