@@ -579,6 +579,22 @@ def _producer(case: str) -> tuple[Producer, torch.Tensor]:
     return m, torch.randn(*((16, 6, 4) if batch_first else (6, 16, 4)), generator=g)
 
 
+def _saved_as(flavour: str, model: nn.Module, example: torch.Tensor, folder) -> object:
+    """The model itself ("eager") or saved in that format, its input named x with a dynamic
+    first dim (ONNX)."""
+    if flavour == "torchscript":
+        torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), str(folder / "m.ts.pt"))
+        return folder / "m.ts.pt"
+    if flavour == "pt2":
+        torch.export.save(torch.export.export(model, (example,)), str(folder / "m.pt2"))
+        return folder / "m.pt2"
+    if flavour == "onnx":
+        torch.onnx.export(model, (example,), str(folder / "m.onnx"), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "n"}})
+        return folder / "m.onnx"
+    return model
+
+
 PRODUCER_CASES = ["embedding", "einsum btf,fg->btg", "einsum btg,gk->bkt", "einsum oc,bchw->bohw",
                   "einsum ...f,fg->...g", "einsum bi,ij", "bilinear", "tensordot", "scaled dot-product attention",
                   "heads split", "flip", "roll", "indexed by a vector", "unfold", "einsum weight buffer",
@@ -599,18 +615,7 @@ def test_unit_axis_of_embeddings_einsums_attention_and_recurrent_layers(case: st
     model.eval()
     # a sequence-first GRU's data is (T, N, F): the batches split its samples, dim 1
     batches = [x[:, :8], x[:, 8:]] if case == "gru" else [x[:8], x[8:]]
-    target: object = model
-    if flavour == "torchscript":
-        target = tmp_path / "m.ts.pt"
-        torch.jit.save(torch.jit.trace(model, (batches[0],), check_trace=False), str(target))
-    elif flavour == "pt2":
-        target = tmp_path / "m.pt2"
-        torch.export.save(torch.export.export(model, (batches[0],)), str(target))
-    elif flavour == "onnx":
-        target = tmp_path / "m.onnx"
-        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}})
-    report = scan(target, batches, ScanOptions(device="cpu"))
+    report = scan(_saved_as(flavour, model, batches[0], tmp_path), batches, ScanOptions(device="cpu"))
     (site,) = report.sites
     assert site.unit_axis == model.axis, (site.unit_axis, site.axis_source)
     assert site.axis_source == ("recurrent" if case.startswith(("lstm", "gru")) else "linear")
@@ -690,14 +695,7 @@ def test_a_unit_axis_given_by_the_user_replaces_the_guess(flavour: str, tmp_path
     for b in batches:
         b[:, :, 3] = -b[:, :, 3].abs()  # feature 3 of the input never positive
     model = Features().eval()
-    target: object = model
-    if flavour == "torchscript":
-        target = tmp_path / "features.ts.pt"
-        torch.jit.save(torch.jit.trace(model, (batches[0],)), str(target))
-    elif flavour == "onnx":
-        target = tmp_path / "features.onnx"
-        torch.onnx.export(model, (batches[0],), str(target), dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "n"}})
+    target = _saved_as(flavour, model, batches[0], tmp_path)
     guessed = scan(target, batches, ScanOptions(device="cpu"))
     first = guessed.sites[0].name
     assert [(s.unit_axis, s.axis_source) for s in guessed.sites] == [(1, "default"), (2, "linear")]
